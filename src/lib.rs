@@ -4,3 +4,9 @@
 pub mod error;
 pub mod ids;
 pub mod store;
+pub mod argv;
+pub mod kernel;
+pub mod mountinfo;
+pub mod opts;
+pub mod sys;
+pub mod utab;

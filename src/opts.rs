@@ -1,0 +1,577 @@
+//! The fstab-style option string (`-o`) and the configuration file, parsed
+//! into `MountOptions`. Pure code: no I/O.
+//!
+//! Syntax as util-linux has it: comma-separated `key` or `key=value`; a
+//! value may be double-quoted to hold commas (`loopback_root="/a,b"`).
+
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::ids::{LayerRef, Name};
+use crate::store::FsType;
+
+pub const DEFAULT_UPPER_SIZE: u64 = 10 << 30;
+
+/// Where the writable layer comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpperSpec {
+    /// `uppers/<name>.img` in the store, created on first use.
+    Named(Name),
+    /// An image file anywhere, created on first use.
+    Path(PathBuf),
+    /// A throw-away tmpfs, gone at umount.
+    Tmpfs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MountApi {
+    Auto,
+    /// fsopen + `lowerdir+` with each layer a detached mount fd (6.13+).
+    Fd,
+    /// fsopen + `lowerdir+` with paths to layer mounts in a private dir (6.8+).
+    Path,
+    /// mount(2) with relative lower paths, length checked (any kernel).
+    Legacy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopApi {
+    Auto,
+    Configure,
+    SetFd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Atime {
+    Relatime,
+    Noatime,
+    Strictatime,
+}
+
+/// The generic VFS flags; `None` means "not said".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Flags {
+    pub ro: Option<bool>,
+    pub nosuid: Option<bool>,
+    pub nodev: Option<bool>,
+    pub noexec: Option<bool>,
+    pub nosymfollow: Option<bool>,
+    pub atime: Option<Atime>,
+    pub nodiratime: Option<bool>,
+    pub sync: Option<bool>,
+    pub dirsync: Option<bool>,
+    pub lazytime: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MountOptions {
+    pub loopback_root: Option<PathBuf>,
+    pub loopback_fallback: Option<PathBuf>,
+    pub override_kernel_check: bool,
+    pub layers: Option<Vec<LayerRef>>,
+    /// `Some(None)`: `upper=none` said explicitly (read-only).
+    pub upper: Option<Option<UpperSpec>>,
+    pub upper_size: Option<u64>,
+    pub upper_fstype: Option<FsType>,
+    pub direct_io: Option<bool>,
+    pub mount_api: Option<MountApi>,
+    pub loop_api: Option<LoopApi>,
+    /// overlayfs options passed through, values already validated.
+    pub overlay: Vec<(String, Option<String>)>,
+    pub flags: Flags,
+    /// Options mount(8) keeps for itself (`_netdev`, `nofail`, `x-*`...):
+    /// accepted, recorded in utab, not acted on.
+    pub userspace: Vec<String>,
+}
+
+/// Where an option string comes from: the config file takes only defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    CommandLine,
+    Config,
+}
+
+/// Split an option string on commas outside double quotes; strip the quotes.
+pub fn split_options(s: &str) -> Result<Vec<(String, Option<String>)>> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_q = false;
+    let mut quoted_any = false;
+    let push = |cur: &mut String, out: &mut Vec<(String, Option<String>)>| {
+        if !cur.is_empty() {
+            let item = std::mem::take(cur);
+            match item.split_once('=') {
+                Some((k, v)) => out.push((k.to_string(), Some(v.to_string()))),
+                None => out.push((item, None)),
+            }
+        }
+    };
+    for c in s.chars() {
+        match c {
+            '"' => {
+                in_q = !in_q;
+                quoted_any = true;
+            }
+            ',' if !in_q => push(&mut cur, &mut out),
+            _ => cur.push(c),
+        }
+    }
+    if in_q {
+        return Err(Error::Usage(format!("option string {s:?}: unbalanced double quote")));
+    }
+    let _ = quoted_any;
+    push(&mut cur, &mut out);
+    Ok(out)
+}
+
+/// `layers=` is ':'-separated like lowerdir, and each element may carry a
+/// `sha256:` prefix of its own.
+fn split_layer_list(list: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = list.split(':');
+    while let Some(t) = it.next() {
+        if t == "sha256" {
+            out.push(format!("sha256:{}", it.next().unwrap_or("")));
+        } else {
+            out.push(t.to_string());
+        }
+    }
+    out
+}
+
+fn abs_path(key: &str, v: &str) -> Result<PathBuf> {
+    let p = Path::new(v);
+    if !p.is_absolute() {
+        return Err(Error::Usage(format!("{key}={v}: must be an absolute path")));
+    }
+    if p.components().any(|c| c == Component::ParentDir) {
+        return Err(Error::Usage(format!("{key}={v}: '..' is not allowed")));
+    }
+    Ok(p.to_path_buf())
+}
+
+/// "10G", "512M", "1048576", "64k" (powers of 1024).
+pub fn parse_size(key: &str, v: &str) -> Result<u64> {
+    let bad = || Error::Usage(format!("{key}={v}: not a size (digits with an optional K, M, G or T)"));
+    let v2 = v.trim();
+    let (digits, mult) = match v2.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(bad()),
+            };
+            (&v2[..i], m)
+        }
+        _ => (v2, 1),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(mult).filter(|&s| s > 0).ok_or_else(bad)
+}
+
+fn on_off(key: &str, v: Option<&str>) -> Result<bool> {
+    match v {
+        Some("on") | Some("1") | Some("yes") | None => Ok(true),
+        Some("off") | Some("0") | Some("no") => Ok(false),
+        Some(x) => Err(Error::Usage(format!("{key}={x}: want on or off"))),
+    }
+}
+
+fn one_of(key: &str, v: Option<&str>, allowed: &[&str]) -> Result<String> {
+    match v {
+        Some(x) if allowed.contains(&x) => Ok(x.to_string()),
+        Some(x) => Err(Error::Usage(format!("{key}={x}: want one of {}", allowed.join(", ")))),
+        None => Err(Error::Usage(format!("{key}: needs a value ({})", allowed.join(", ")))),
+    }
+}
+
+fn need<'a>(key: &str, v: Option<&'a str>) -> Result<&'a str> {
+    match v {
+        Some(x) if !x.is_empty() => Ok(x),
+        _ => Err(Error::Usage(format!("{key}: needs a value"))),
+    }
+}
+
+fn no_value(key: &str, v: Option<&str>) -> Result<()> {
+    match v {
+        None => Ok(()),
+        Some(_) => Err(Error::Usage(format!("{key}: takes no value"))),
+    }
+}
+
+/// mount(8)'s own options: it acts on them, or stores them in utab.
+fn is_userspace(key: &str) -> bool {
+    matches!(
+        key,
+        "_netdev" | "nofail" | "user" | "users" | "owner" | "group" | "noauto" | "auto" | "defaults" | "helper" | "comment" | "nouser"
+    ) || key.starts_with("x-")
+}
+
+impl MountOptions {
+    /// Parse an option string. Unknown options are an error naming them;
+    /// with `sloppy` they are returned as warnings instead.
+    pub fn parse(s: &str, origin: Origin, sloppy: bool) -> Result<(MountOptions, Vec<String>)> {
+        let mut o = MountOptions::default();
+        let mut warnings = Vec::new();
+        for (key, val) in split_options(s)? {
+            let v = val.as_deref();
+            let config_ok = matches!(
+                key.as_str(),
+                "loopback_root"
+                    | "loopback_fallback"
+                    | "override_kernel_check"
+                    | "upper_size"
+                    | "upper_fstype"
+                    | "direct_io"
+                    | "mount_api"
+                    | "loop_api"
+                    | "metacopy"
+                    | "redirect_dir"
+                    | "index"
+                    | "xino"
+            );
+            if origin == Origin::Config && !config_ok {
+                return Err(Error::Usage(format!(
+                    "{key}: not allowed in the configuration file (only defaults such as loopback_root, upper_size, direct_io)"
+                )));
+            }
+            match key.as_str() {
+                "loopback_root" => o.loopback_root = Some(abs_path(&key, need(&key, v)?)?),
+                "loopback_fallback" => o.loopback_fallback = Some(abs_path(&key, need(&key, v)?)?),
+                "override_kernel_check" => {
+                    no_value(&key, v)?;
+                    o.override_kernel_check = true
+                }
+                "layers" => {
+                    let list = need(&key, v)?;
+                    let refs = split_layer_list(list)
+                        .iter()
+                        .map(|s| LayerRef::parse_id(s))
+                        .collect::<Result<Vec<_>>>()
+                        .map_err(|e| Error::Usage(format!("layers=: {e}")))?;
+                    o.layers = Some(refs);
+                }
+                "upper" => {
+                    let u = need(&key, v)?;
+                    o.upper = Some(match u {
+                        "none" => None,
+                        "tmpfs" => Some(UpperSpec::Tmpfs),
+                        p if p.starts_with('/') => {
+                            let path = abs_path(&key, p)?;
+                            if p.ends_with('/') {
+                                return Err(Error::Usage(format!("upper={p}: names a directory, want an image file")));
+                            }
+                            Some(UpperSpec::Path(path))
+                        }
+                        n => Some(UpperSpec::Named(
+                            Name::parse(n).map_err(|e| Error::Usage(format!("upper=: {e}")))?,
+                        )),
+                    })
+                }
+                "upper_size" => o.upper_size = Some(parse_size(&key, need(&key, v)?)?),
+                "upper_fstype" => {
+                    o.upper_fstype = Some(match need(&key, v)? {
+                        "ext4" => FsType::Ext4,
+                        "xfs" => FsType::Xfs,
+                        x => return Err(Error::Usage(format!("upper_fstype={x}: want ext4 or xfs"))),
+                    })
+                }
+                "direct_io" => o.direct_io = Some(on_off(&key, v)?),
+                "mount_api" => {
+                    o.mount_api = Some(match one_of(&key, v, &["auto", "fd", "path", "legacy"])?.as_str() {
+                        "fd" => MountApi::Fd,
+                        "path" => MountApi::Path,
+                        "legacy" => MountApi::Legacy,
+                        _ => MountApi::Auto,
+                    })
+                }
+                "loop_api" => {
+                    o.loop_api = Some(match one_of(&key, v, &["auto", "configure", "setfd"])?.as_str() {
+                        "configure" => LoopApi::Configure,
+                        "setfd" => LoopApi::SetFd,
+                        _ => LoopApi::Auto,
+                    })
+                }
+                "metacopy" | "index" | "nfs_export" => {
+                    let x = one_of(&key, v, &["on", "off"])?;
+                    o.set_overlay(&key, Some(x));
+                }
+                "redirect_dir" => {
+                    let x = one_of(&key, v, &["on", "off", "follow", "nofollow"])?;
+                    o.set_overlay(&key, Some(x));
+                }
+                "xino" => {
+                    let x = one_of(&key, v, &["on", "off", "auto"])?;
+                    o.set_overlay(&key, Some(x));
+                }
+                "volatile" => {
+                    no_value(&key, v)?;
+                    o.set_overlay(&key, None);
+                }
+                "ro" | "rw" => {
+                    no_value(&key, v)?;
+                    o.flags.ro = Some(key == "ro")
+                }
+                "nosuid" | "suid" => {
+                    no_value(&key, v)?;
+                    o.flags.nosuid = Some(key == "nosuid")
+                }
+                "nodev" | "dev" => {
+                    no_value(&key, v)?;
+                    o.flags.nodev = Some(key == "nodev")
+                }
+                "noexec" | "exec" => {
+                    no_value(&key, v)?;
+                    o.flags.noexec = Some(key == "noexec")
+                }
+                "nosymfollow" | "symfollow" => {
+                    no_value(&key, v)?;
+                    o.flags.nosymfollow = Some(key == "nosymfollow")
+                }
+                "noatime" | "atime" | "relatime" | "norelatime" | "strictatime" | "nostrictatime" => {
+                    no_value(&key, v)?;
+                    o.flags.atime = Some(match key.as_str() {
+                        "noatime" => Atime::Noatime,
+                        "strictatime" | "norelatime" | "atime" => Atime::Strictatime,
+                        _ => Atime::Relatime,
+                    })
+                }
+                "nodiratime" | "diratime" => {
+                    no_value(&key, v)?;
+                    o.flags.nodiratime = Some(key == "nodiratime")
+                }
+                "sync" | "async" => {
+                    no_value(&key, v)?;
+                    o.flags.sync = Some(key == "sync")
+                }
+                "dirsync" => {
+                    no_value(&key, v)?;
+                    o.flags.dirsync = Some(true)
+                }
+                "lazytime" | "nolazytime" => {
+                    no_value(&key, v)?;
+                    o.flags.lazytime = Some(key == "lazytime")
+                }
+                k if is_userspace(k) => o.userspace.push(match v {
+                    Some(v) => format!("{k}={v}"),
+                    None => k.to_string(),
+                }),
+                _ => {
+                    let shown = match v {
+                        Some(v) => format!("{key}={v}"),
+                        None => key.clone(),
+                    };
+                    if sloppy {
+                        warnings.push(format!("ignoring unknown option {shown:?}"));
+                    } else {
+                        return Err(Error::Usage(format!("unknown option {shown:?}")));
+                    }
+                }
+            }
+        }
+        Ok((o, warnings))
+    }
+
+    fn set_overlay(&mut self, key: &str, v: Option<String>) {
+        self.overlay.retain(|(k, _)| k != key);
+        self.overlay.push((key.to_string(), v));
+    }
+
+    /// `self` over `defaults`: what the command line says wins.
+    pub fn over(self, defaults: MountOptions) -> MountOptions {
+        let mut overlay = defaults.overlay;
+        for (k, v) in self.overlay {
+            overlay.retain(|(dk, _)| *dk != k);
+            overlay.push((k, v));
+        }
+        MountOptions {
+            loopback_root: self.loopback_root.or(defaults.loopback_root),
+            loopback_fallback: self.loopback_fallback.or(defaults.loopback_fallback),
+            override_kernel_check: self.override_kernel_check || defaults.override_kernel_check,
+            layers: self.layers,
+            upper: self.upper,
+            upper_size: self.upper_size.or(defaults.upper_size),
+            upper_fstype: self.upper_fstype.or(defaults.upper_fstype),
+            direct_io: self.direct_io.or(defaults.direct_io),
+            mount_api: self.mount_api.or(defaults.mount_api),
+            loop_api: self.loop_api.or(defaults.loop_api),
+            overlay,
+            flags: self.flags,
+            userspace: self.userspace,
+        }
+    }
+
+    /// Checks across options, after merging.
+    pub fn check(&self) -> Result<()> {
+        let upper = self.upper.clone().flatten();
+        if upper.is_none() && self.overlay.iter().any(|(k, _)| k == "volatile") {
+            return Err(Error::Usage("volatile: needs a writable upper (upper=)".into()));
+        }
+        if upper.is_some() && self.flags.ro == Some(true) {
+            // Allowed: the overlay is mounted read-only, the upper still locked
+            // so nobody else writes it meanwhile.
+        }
+        if matches!(upper, Some(UpperSpec::Tmpfs)) && self.upper_fstype.is_some() {
+            return Err(Error::Usage("upper_fstype: not used with upper=tmpfs".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> std::result::Result<MountOptions, String> {
+        MountOptions::parse(s, Origin::CommandLine, false)
+            .map(|(o, _)| o)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn split_handles_quotes() {
+        let cases: &[(&str, Vec<(&str, Option<&str>)>)] = &[
+            ("a,b=c", vec![("a", None), ("b", Some("c"))]),
+            ("loopback_root=\"/x,y\",ro", vec![("loopback_root", Some("/x,y")), ("ro", None)]),
+            (",,a,,", vec![("a", None)]),
+            ("", vec![]),
+            ("k=v=w", vec![("k", Some("v=w"))]),
+        ];
+        for (s, want) in cases {
+            let got = split_options(s).unwrap();
+            let want: Vec<(String, Option<String>)> =
+                want.iter().map(|(k, v)| (k.to_string(), v.map(|v| v.to_string()))).collect();
+            assert_eq!(got, want, "{s:?}");
+        }
+        assert!(split_options("a=\"b").is_err());
+    }
+
+    #[test]
+    fn accepted_options() {
+        let o = parse("loopback_root=/srv/store,loopback_fallback=/var/lib/sl,upper=work1,upper_size=2G,upper_fstype=xfs,direct_io=off,metacopy=on,redirect_dir=follow,index=off,xino=auto,volatile,ro,nosuid,nodev,noexec,noatime,override_kernel_check,mount_api=legacy,loop_api=setfd").unwrap();
+        assert_eq!(o.loopback_root.as_deref(), Some(Path::new("/srv/store")));
+        assert_eq!(o.loopback_fallback.as_deref(), Some(Path::new("/var/lib/sl")));
+        assert_eq!(o.upper, Some(Some(UpperSpec::Named(Name::parse("work1").unwrap()))));
+        assert_eq!(o.upper_size, Some(2 << 30));
+        assert_eq!(o.upper_fstype, Some(FsType::Xfs));
+        assert_eq!(o.direct_io, Some(false));
+        assert_eq!(o.mount_api, Some(MountApi::Legacy));
+        assert_eq!(o.loop_api, Some(LoopApi::SetFd));
+        assert!(o.override_kernel_check);
+        assert_eq!(
+            o.overlay,
+            vec![
+                ("metacopy".into(), Some("on".into())),
+                ("redirect_dir".into(), Some("follow".into())),
+                ("index".into(), Some("off".into())),
+                ("xino".into(), Some("auto".into())),
+                ("volatile".into(), None)
+            ]
+        );
+        assert_eq!(o.flags.ro, Some(true));
+        assert_eq!(o.flags.nosuid, Some(true));
+        assert_eq!(o.flags.nodev, Some(true));
+        assert_eq!(o.flags.noexec, Some(true));
+        assert_eq!(o.flags.atime, Some(Atime::Noatime));
+    }
+
+    #[test]
+    fn upper_forms() {
+        let cases: &[(&str, std::result::Result<Option<Option<UpperSpec>>, &str>)] = &[
+            ("upper=tmpfs", Ok(Some(Some(UpperSpec::Tmpfs)))),
+            ("upper=none", Ok(Some(None))),
+            ("upper=/srv/u/a.img", Ok(Some(Some(UpperSpec::Path("/srv/u/a.img".into()))))),
+            ("", Ok(None)),
+            ("upper=../x", Err("invalid name")),
+            ("upper=a/../../x", Err("invalid name")),
+            ("upper=/srv/../etc/x.img", Err("'..' is not allowed")),
+            ("upper=/srv/dir/", Err("names a directory")),
+            ("upper=", Err("needs a value")),
+            ("upper=a b", Err("not allowed")),
+        ];
+        for (s, want) in cases {
+            let got = parse(s).map(|o| o.upper);
+            match (want, &got) {
+                (Ok(w), Ok(g)) => assert_eq!(g, w, "{s:?}"),
+                (Err(frag), Err(msg)) => assert!(msg.contains(frag), "{s:?}: {msg}"),
+                _ => panic!("{s:?}: got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn rejected_options() {
+        let cases = [
+            ("bogus", "unknown option \"bogus\""),
+            ("bogus=1", "unknown option \"bogus=1\""),
+            ("loopback_root=relative/dir", "must be an absolute path"),
+            ("loopback_root=/a/../b", "'..' is not allowed"),
+            ("loopback_root", "needs a value"),
+            ("metacopy=maybe", "want one of on, off"),
+            ("xino", "needs a value"),
+            ("ro=1", "takes no value"),
+            ("upper_size=10X", "not a size"),
+            ("upper_size=0", "not a size"),
+            ("upper_size=99999999999T", "not a size"),
+            ("upper_fstype=btrfs", "want ext4 or xfs"),
+            ("layers=abc", "at least 12 hex digits"),
+            ("layers=debian:12", "a layer ID is sha256:"),
+            ("mount_api=new", "want one of auto, fd, path, legacy"),
+            ("override_kernel_check=yes", "takes no value"),
+        ];
+        for (s, frag) in cases {
+            let e = parse(s).unwrap_err();
+            assert!(e.contains(frag), "{s:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn userspace_and_sloppy() {
+        let o = parse("_netdev,nofail,x-systemd.requires-mounts-for=/srv,helper=sharedloop,user,comment=x").unwrap();
+        assert_eq!(
+            o.userspace,
+            vec!["_netdev", "nofail", "x-systemd.requires-mounts-for=/srv", "helper=sharedloop", "user", "comment=x"]
+        );
+        let (o, w) = MountOptions::parse("ro,bogus,also=1", Origin::CommandLine, true).unwrap();
+        assert_eq!(o.flags.ro, Some(true));
+        assert_eq!(w, vec!["ignoring unknown option \"bogus\"", "ignoring unknown option \"also=1\""]);
+    }
+
+    #[test]
+    fn layers_list() {
+        let a = "a".repeat(64);
+        let want = vec![
+            LayerRef::Id(crate::ids::Digest::from_hex(&a).unwrap()),
+            LayerRef::Prefix("bbbbbbbbbbbbb".into()),
+        ];
+        assert_eq!(parse(&format!("layers=sha256:{a}:bbbbbbbbbbbbb")).unwrap().layers.unwrap(), want);
+        assert_eq!(parse(&format!("layers={a}:sha256:bbbbbbbbbbbbb")).unwrap().layers.unwrap(), want);
+        assert!(parse("layers=sha256:").is_err());
+        assert!(parse(&format!("layers={a}::{a}")).is_err());
+    }
+
+    #[test]
+    fn config_and_merge() {
+        let (cfg, _) = MountOptions::parse("loopback_root=/srv/s,upper_size=1G,direct_io=off,metacopy=on", Origin::Config, false).unwrap();
+        assert!(MountOptions::parse("upper=x", Origin::Config, false).is_err());
+        assert!(MountOptions::parse("ro", Origin::Config, false).is_err());
+        let cli = parse("upper_size=2G,metacopy=off").unwrap();
+        let m = cli.over(cfg);
+        assert_eq!(m.loopback_root.as_deref(), Some(Path::new("/srv/s")));
+        assert_eq!(m.upper_size, Some(2 << 30));
+        assert_eq!(m.direct_io, Some(false));
+        assert_eq!(m.overlay, vec![("metacopy".to_string(), Some("off".to_string()))]);
+    }
+
+    #[test]
+    fn cross_checks() {
+        assert!(parse("volatile").unwrap().check().is_err());
+        assert!(parse("volatile,upper=tmpfs").unwrap().check().is_ok());
+        assert!(parse("upper=tmpfs,upper_fstype=xfs").unwrap().check().is_err());
+    }
+}

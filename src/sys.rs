@@ -1,0 +1,216 @@
+//! Every `unsafe` block of the crate lives here: the loop driver's ioctls
+//! (rustix wraps none of them) and open-file-description locks (rustix's
+//! `fcntl_lock` takes process-owned POSIX locks, which would die with the
+//! helper; ours must live as long as the loop device that holds the file).
+//!
+//! The API is safe: fds in as `AsFd`, plain Rust values out, errno as
+//! `rustix::io::Errno`.
+
+use std::os::fd::{AsFd, AsRawFd};
+
+use rustix::io::Errno;
+
+// <linux/loop.h>
+const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+
+pub const LO_FLAGS_READ_ONLY: u32 = 1;
+pub const LO_FLAGS_AUTOCLEAR: u32 = 4;
+pub const LO_FLAGS_DIRECT_IO: u32 = 16;
+
+const LO_NAME_SIZE: usize = 64;
+const LO_KEY_SIZE: usize = 32;
+
+/// `struct loop_info64`, laid out as the kernel's uapi header does.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LoopInfo64 {
+    pub lo_device: u64,
+    pub lo_inode: u64,
+    pub lo_rdevice: u64,
+    pub lo_offset: u64,
+    pub lo_sizelimit: u64,
+    pub lo_number: u32,
+    pub lo_encrypt_type: u32,
+    pub lo_encrypt_key_size: u32,
+    pub lo_flags: u32,
+    pub lo_file_name: [u8; LO_NAME_SIZE],
+    pub lo_crypt_name: [u8; LO_NAME_SIZE],
+    pub lo_encrypt_key: [u8; LO_KEY_SIZE],
+    pub lo_init: [u64; 2],
+}
+
+impl Default for LoopInfo64 {
+    fn default() -> Self {
+        LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: 0,
+            lo_file_name: [0; LO_NAME_SIZE],
+            lo_crypt_name: [0; LO_NAME_SIZE],
+            lo_encrypt_key: [0; LO_KEY_SIZE],
+            lo_init: [0; 2],
+        }
+    }
+}
+
+impl LoopInfo64 {
+    /// The name shown by losetup; informational only (truncated at 63 bytes).
+    pub fn set_file_name(&mut self, name: &[u8]) {
+        let n = name.len().min(LO_NAME_SIZE - 1);
+        self.lo_file_name[..n].copy_from_slice(&name[..n]);
+    }
+}
+
+/// `struct loop_config` (LOOP_CONFIGURE, Linux 5.8).
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+fn check(ret: libc::c_int) -> Result<libc::c_int, Errno> {
+    if ret < 0 {
+        Err(Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)))
+    } else {
+        Ok(ret)
+    }
+}
+
+/// LOOP_CTL_GET_FREE on /dev/loop-control: the number of a free device,
+/// created if needed.
+pub fn loop_ctl_get_free(ctl: impl AsFd) -> Result<u32, Errno> {
+    // SAFETY: LOOP_CTL_GET_FREE takes no argument; the fd is borrowed and
+    // valid for the duration of the call.
+    let n = check(unsafe { libc::ioctl(ctl.as_fd().as_raw_fd(), LOOP_CTL_GET_FREE) })?;
+    Ok(n as u32)
+}
+
+/// LOOP_CONFIGURE: bind `backing` and set every flag in one atomic call.
+pub fn loop_configure(dev: impl AsFd, backing: impl AsFd, info: &LoopInfo64) -> Result<(), Errno> {
+    let cfg = LoopConfig {
+        fd: backing.as_fd().as_raw_fd() as u32,
+        block_size: 0,
+        info: *info,
+        reserved: [0; 8],
+    };
+    // SAFETY: `cfg` is a properly laid out `struct loop_config` that lives
+    // across the call; the kernel only reads it. Both fds are borrowed.
+    check(unsafe { libc::ioctl(dev.as_fd().as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) })?;
+    Ok(())
+}
+
+/// LOOP_SET_FD, the pre-5.8 first half of attaching.
+pub fn loop_set_fd(dev: impl AsFd, backing: impl AsFd) -> Result<(), Errno> {
+    // SAFETY: LOOP_SET_FD takes the backing fd as an integer argument; both
+    // fds are borrowed and valid.
+    check(unsafe {
+        libc::ioctl(
+            dev.as_fd().as_raw_fd(),
+            LOOP_SET_FD,
+            backing.as_fd().as_raw_fd() as libc::c_ulong,
+        )
+    })?;
+    Ok(())
+}
+
+/// LOOP_SET_STATUS64, the pre-5.8 second half of attaching.
+pub fn loop_set_status64(dev: impl AsFd, info: &LoopInfo64) -> Result<(), Errno> {
+    // SAFETY: `info` is a valid `struct loop_info64` the kernel only reads.
+    check(unsafe {
+        libc::ioctl(dev.as_fd().as_raw_fd(), LOOP_SET_STATUS64, info as *const LoopInfo64)
+    })?;
+    Ok(())
+}
+
+/// LOOP_GET_STATUS64: what the device is bound to (ENXIO if nothing).
+pub fn loop_get_status64(dev: impl AsFd) -> Result<LoopInfo64, Errno> {
+    let mut info = LoopInfo64::default();
+    // SAFETY: `info` is a writable `struct loop_info64` the kernel fills;
+    // it outlives the call.
+    check(unsafe {
+        libc::ioctl(dev.as_fd().as_raw_fd(), LOOP_GET_STATUS64, &mut info as *mut LoopInfo64)
+    })?;
+    Ok(info)
+}
+
+/// LOOP_CLR_FD: only used to undo a half-done LOOP_SET_FD attach.
+pub fn loop_clr_fd(dev: impl AsFd) -> Result<(), Errno> {
+    // SAFETY: LOOP_CLR_FD takes no argument; the fd is borrowed.
+    check(unsafe { libc::ioctl(dev.as_fd().as_raw_fd(), LOOP_CLR_FD, 0 as libc::c_ulong) })?;
+    Ok(())
+}
+
+/// Try to take a whole-file write lock owned by the open file description
+/// (F_OFD_SETLK). Such a lock lives as long as the description does: when
+/// that description is the loop device's backing file, exactly as long as
+/// the device stays attached, on this node and (over NFSv4/Lustre/GPFS
+/// locking) across nodes. EAGAIN/EACCES: someone else holds it.
+pub fn ofd_try_write_lock(fd: impl AsFd) -> Result<(), Errno> {
+    let mut fl: libc::flock = flock_whole_file(libc::F_WRLCK);
+    // SAFETY: `fl` is a valid `struct flock` for the call's duration; with
+    // F_OFD_SETLK the kernel reads it (and requires l_pid == 0).
+    check(unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), libc::F_OFD_SETLK, &mut fl as *mut libc::flock) })?;
+    Ok(())
+}
+
+/// Would a write lock be granted? Returns false if another description
+/// holds a conflicting lock (F_OFD_GETLK).
+pub fn ofd_write_lock_free(fd: impl AsFd) -> Result<bool, Errno> {
+    let mut fl: libc::flock = flock_whole_file(libc::F_WRLCK);
+    // SAFETY: as above; F_OFD_GETLK writes the conflicting lock (if any)
+    // back into `fl`, which we own.
+    check(unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), libc::F_OFD_GETLK, &mut fl as *mut libc::flock) })?;
+    Ok(fl.l_type == libc::F_UNLCK as libc::c_short)
+}
+
+fn flock_whole_file(ty: libc::c_int) -> libc::flock {
+    // SAFETY: `struct flock` is plain data; all-zero is a valid value
+    // (l_start = l_len = 0 means the whole file, l_pid must be 0 for OFD).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = ty as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn struct_sizes_match_uapi() {
+        // sizeof(struct loop_info64) == 232, sizeof(struct loop_config) == 304
+        assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
+        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    }
+
+    #[test]
+    fn ofd_lock_conflicts_between_descriptions() {
+        let dir = std::env::temp_dir().join(format!("sl-ofd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f");
+        std::fs::write(&p, b"x").unwrap();
+        let a = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let b = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        ofd_try_write_lock(&a).unwrap();
+        // Same process, other description: refused (POSIX locks would allow it).
+        assert_eq!(ofd_try_write_lock(&b), Err(Errno::AGAIN));
+        assert!(!ofd_write_lock_free(&b).unwrap());
+        drop(a);
+        assert!(ofd_write_lock_free(&b).unwrap());
+        ofd_try_write_lock(&b).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
