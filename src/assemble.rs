@@ -1,0 +1,488 @@
+//! Putting a chain together: layer mounts, the upper, one overlay mount.
+//!
+//! Three ways to hand the layers to overlayfs, chosen by kernel version
+//! (or `mount_api=` for tests and odd kernels):
+//! - fd (6.13+): each layer is a detached mount, passed by fd as
+//!   `lowerdir+`. Nothing but the overlay ever appears in mountinfo.
+//! - path (6.8+): layers are mounted in a private tmpfs under the state
+//!   directory and passed by path as `lowerdir+`; the tmpfs is detached
+//!   right after, overlayfs keeps its own references.
+//! - legacy (any): mount(2) with `lowerdir=0:1:2...` relative to that tmpfs
+//!   (as docker's overlay2 shortens its paths), refused before the call if
+//!   the option string would not fit in a page: mount(2) would cut it short
+//!   silently and mount fewer layers.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use rustix::mount::{MountAttrFlags, MountFlags, UnmountFlags};
+
+use crate::error::{Error, Result};
+use crate::interrupt::step;
+use crate::kernel::Version;
+use crate::loopdev::{self, AttachOptions, LoopDevice, LoopIndex};
+use crate::mountapi::{FsContext, attach_at};
+use crate::opts::{Atime, Flags, MountApi, UpperSpec};
+use crate::state::{LayerRecord, LoopRecord, UpperRecord};
+use crate::store::{FsType, Layer, Store, unique_suffix};
+use crate::upper::{self, CreateOptions};
+
+/// Everything decided before anything is acquired.
+pub struct Plan {
+    pub source: String,
+    pub target: PathBuf,
+    pub layers: Vec<Layer>,
+    pub upper: Option<UpperSpec>,
+    pub upper_create: CreateOptions,
+    pub api: MountApi,
+    pub loop_configure: bool,
+    pub direct_io: bool,
+    pub erofs_from_file: bool,
+    pub overlay_opts: Vec<(String, Option<String>)>,
+    pub flags: Flags,
+    pub store: Store,
+    pub state_dir: PathBuf,
+}
+
+/// Page size minus the NUL: mount(2) copies at most one page of options.
+pub const LEGACY_OPTS_MAX: usize = 4095;
+
+pub fn resolve_api(requested: MountApi, k: Version) -> MountApi {
+    match requested {
+        MountApi::Auto if k.has_layer_fds() => MountApi::Fd,
+        MountApi::Auto if k.has_lowerdir_add() => MountApi::Path,
+        MountApi::Auto => MountApi::Legacy,
+        other => other,
+    }
+}
+
+pub fn api_name(a: MountApi) -> &'static str {
+    match a {
+        MountApi::Auto => "auto",
+        MountApi::Fd => "fd",
+        MountApi::Path => "path",
+        MountApi::Legacy => "legacy",
+    }
+}
+
+/// A private tmpfs holding layer mounts for the path and legacy ways;
+/// dropping it detaches the whole subtree and removes the directory.
+struct Scratch {
+    path: PathBuf,
+    mounted: bool,
+}
+
+impl Scratch {
+    fn new(state_dir: &Path) -> Result<Scratch> {
+        let parent = state_dir.join("scratch");
+        crate::store::mkdir_p(&parent)?;
+        let path = parent.join(unique_suffix());
+        std::fs::create_dir(&path).map_err(|e| Error::io("create scratch directory", &path, &e))?;
+        let mut s = Scratch { path, mounted: false };
+        rustix::mount::mount("sharedloop", &s.path, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, c"mode=0700,size=64k")
+            .map_err(|e| Error::sys("mount scratch tmpfs", &s.path, e))?;
+        s.mounted = true;
+        // Private: layer mounts made below must not propagate to peers.
+        rustix::mount::mount_change(&s.path, rustix::mount::MountPropagationFlags::PRIVATE)
+            .map_err(|e| Error::sys("make scratch private", &s.path, e))?;
+        Ok(s)
+    }
+
+    fn sub(&self, name: &str) -> Result<PathBuf> {
+        let p = self.path.join(name);
+        std::fs::create_dir(&p).map_err(|e| Error::io("create scratch directory", &p, &e))?;
+        Ok(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = rustix::mount::unmount(&self.path, UnmountFlags::DETACH);
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// An overlay attached at the target but not yet committed (state and
+/// utab still to write): dropped, it is unmounted again.
+pub struct Mounted {
+    pub target: PathBuf,
+    armed: bool,
+}
+
+impl Mounted {
+    pub fn commit(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = rustix::mount::unmount(&self.target, UnmountFlags::DETACH);
+        }
+    }
+}
+
+/// One layer made ready for overlayfs.
+struct LayerReady {
+    record: LayerRecord,
+    /// fd and path ways: the layer's detached mount.
+    mnt: Option<OwnedFd>,
+}
+
+pub struct Outcome {
+    pub mounted: Mounted,
+    pub layers: Vec<LayerRecord>,
+    pub upper: Option<UpperRecord>,
+}
+
+fn loop_record(dev: &LoopDevice) -> LoopRecord {
+    LoopRecord {
+        number: dev.number,
+        backing: loopdev::backing_file(dev.number).unwrap_or_default(),
+        reused: dev.reused,
+    }
+}
+
+fn attrs_for_layer() -> MountAttrFlags {
+    MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOSUID
+}
+
+impl Plan {
+    fn layer_loop(&self, idx: &LoopIndex, layer: &Layer, i: usize) -> Result<LoopDevice> {
+        step("layer-attach", Some(i))?;
+        if let Some(dev) = idx.find(&layer.image)? {
+            log::debug!("layer {}: reusing /dev/loop{}", layer.meta.chain_id.short(), dev.number);
+            return Ok(dev);
+        }
+        let dev = loopdev::attach(
+            &layer.image,
+            &layer.image_path,
+            AttachOptions { read_only: true, direct_io: self.direct_io, configure: self.loop_configure },
+        )
+        .map_err(|e| e.context(&format!("layer {}", layer.meta.chain_id)))?;
+        log::debug!("layer {}: attached /dev/loop{}", layer.meta.chain_id.short(), dev.number);
+        Ok(dev)
+    }
+
+    /// Layer `i` as a detached read-only mount (fd and path ways).
+    fn layer_detached(&self, idx: &LoopIndex, layer: &Layer, i: usize) -> Result<LayerReady> {
+        let what = format!("layer {}", layer.meta.chain_id);
+        let fstype = layer.meta.fstype.as_str();
+        let (ctx, dev) = if layer.meta.fstype == FsType::Erofs && self.erofs_from_file {
+            // erofs reads the image file itself (6.12+): no loop device.
+            step("layer-attach", Some(i))?;
+            let src = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&layer.image));
+            let ctx = FsContext::open(fstype, &what, &layer.image_path)?;
+            ctx.set_string("source", &src)?;
+            (ctx, None)
+        } else {
+            let dev = self.layer_loop(idx, layer, i)?;
+            let ctx = FsContext::open(fstype, &what, dev.path())?;
+            ctx.set_string("source", &dev.path().to_string_lossy())?;
+            (ctx, Some(dev))
+        };
+        step("layer-mount", Some(i))?;
+        ctx.set_flag("ro")?;
+        ctx.create()?;
+        let mnt = ctx.mount(attrs_for_layer())?;
+        Ok(LayerReady {
+            record: LayerRecord {
+                chain_id: layer.meta.chain_id,
+                image: layer.image_path.clone(),
+                store: layer.which,
+                fstype: fstype.to_string(),
+                loop_dev: dev.as_ref().map(loop_record),
+            },
+            mnt: Some(mnt),
+        })
+        // `dev` closes here: the mount now holds the device.
+    }
+
+    /// Layer `i` mounted with mount(2) at `dir` (legacy way).
+    fn layer_legacy(&self, idx: &LoopIndex, layer: &Layer, i: usize, dir: &Path) -> Result<LayerReady> {
+        let dev = self.layer_loop(idx, layer, i)?;
+        step("layer-mount", Some(i))?;
+        rustix::mount::mount(
+            dev.path(),
+            dir,
+            layer.meta.fstype.as_str(),
+            MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
+            c"",
+        )
+        .map_err(|e| Error::sys(format!("layer {}: mount {}", layer.meta.chain_id, layer.meta.fstype), dev.path(), e))?;
+        Ok(LayerReady {
+            record: LayerRecord {
+                chain_id: layer.meta.chain_id,
+                image: layer.image_path.clone(),
+                store: layer.which,
+                fstype: layer.meta.fstype.as_str().to_string(),
+                loop_dev: Some(loop_record(&dev)),
+            },
+            mnt: None,
+        })
+    }
+
+    pub fn run(&self) -> Result<Outcome> {
+        let idx = LoopIndex::scan();
+        match self.api {
+            MountApi::Fd | MountApi::Auto => self.run_fd(&idx),
+            MountApi::Path => self.run_path(&idx),
+            MountApi::Legacy => self.run_legacy(&idx),
+        }
+    }
+
+    fn run_fd(&self, idx: &LoopIndex) -> Result<Outcome> {
+        let mut ready = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            ready.push(self.layer_detached(idx, l, i)?);
+        }
+        let upper = self.prepare_upper()?;
+        step("overlay", None)?;
+        let ctx = self.overlay_ctx()?;
+        for (r, l) in ready.iter().zip(&self.layers) {
+            ctx.set_fd("lowerdir+", r.mnt.as_ref().expect("detached"))
+                .map_err(|e| e.context(&format!("layer {}", l.meta.chain_id)))?;
+        }
+        if let Some(u) = &upper {
+            ctx.set_fd("upperdir", &u.upper_dir)?;
+            ctx.set_fd("workdir", &u.work_dir)?;
+        }
+        let mounted = self.finish_overlay(&ctx, upper.is_none())?;
+        Ok(Outcome { mounted, layers: ready.into_iter().map(|r| r.record).collect(), upper: upper.map(|u| u.record) })
+    }
+
+    fn run_path(&self, idx: &LoopIndex) -> Result<Outcome> {
+        let scratch = Scratch::new(&self.state_dir)?;
+        let mut ready = Vec::with_capacity(self.layers.len());
+        let mut dirs = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let r = self.layer_detached(idx, l, i)?;
+            let d = scratch.sub(&i.to_string())?;
+            attach_at(r.mnt.as_ref().expect("detached"), &d)?;
+            dirs.push(d);
+            ready.push(r);
+        }
+        let upper = self.prepare_upper()?;
+        step("overlay", None)?;
+        let ctx = self.overlay_ctx()?;
+        for d in &dirs {
+            ctx.set_string("lowerdir+", &d.to_string_lossy())?;
+        }
+        if let Some(u) = &upper {
+            let ud = scratch.sub("u")?;
+            attach_at(&u.mnt, &ud)?;
+            ctx.set_string("upperdir", &ud.join("upper").to_string_lossy())?;
+            ctx.set_string("workdir", &ud.join("work").to_string_lossy())?;
+        }
+        let mounted = self.finish_overlay(&ctx, upper.is_none())?;
+        drop(scratch);
+        Ok(Outcome { mounted, layers: ready.into_iter().map(|r| r.record).collect(), upper: upper.map(|u| u.record) })
+    }
+
+    fn run_legacy(&self, idx: &LoopIndex) -> Result<Outcome> {
+        let scratch = Scratch::new(&self.state_dir)?;
+        let mut ready = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let d = scratch.sub(&i.to_string())?;
+            ready.push(self.layer_legacy(idx, l, i, &d)?);
+        }
+        let upper = self.prepare_upper()?;
+        step("overlay", None)?;
+        let lower: Vec<String> = (0..self.layers.len()).map(|i| i.to_string()).collect();
+        let mut data = format!("lowerdir={}", lower.join(":"));
+        if let Some(u) = &upper {
+            let ud = scratch.sub("u")?;
+            attach_at(&u.mnt, &ud)?;
+            data.push_str(",upperdir=u/upper,workdir=u/work");
+        }
+        for (k, v) in &self.overlay_opts {
+            match v {
+                Some(v) => data.push_str(&format!(",{k}={v}")),
+                None => data.push_str(&format!(",{k}")),
+            }
+        }
+        if data.len() > LEGACY_OPTS_MAX {
+            return Err(Error::Store(format!(
+                "overlay options would be {} bytes, more than the {LEGACY_OPTS_MAX} that mount(2) takes without cutting them short; use a kernel with lowerdir+ (6.8+) or fewer layers",
+                data.len()
+            )));
+        }
+        let mut flags = legacy_flags(&self.flags);
+        if upper.is_none() {
+            flags |= MountFlags::RDONLY;
+        }
+        let data_c = std::ffi::CString::new(data).map_err(|_| Error::Internal("NUL in overlay options".into()))?;
+        // Relative lowerdirs resolve against our cwd: the scratch tmpfs.
+        let cwd = CwdGuard::enter(&scratch.path)?;
+        let r = rustix::mount::mount(self.source.as_str(), &self.target, "overlay", flags, data_c.as_c_str());
+        drop(cwd);
+        r.map_err(|e| Error::sys("mount overlay", &self.target, e))?;
+        let mounted = Mounted { target: self.target.clone(), armed: true };
+        drop(scratch);
+        Ok(Outcome { mounted, layers: ready.into_iter().map(|r| r.record).collect(), upper: upper.map(|u| u.record) })
+    }
+
+    fn overlay_ctx(&self) -> Result<FsContext> {
+        let ctx = FsContext::open("overlay", "overlay", &self.target)?;
+        ctx.set_string("source", &self.source)?;
+        for (k, v) in &self.overlay_opts {
+            match v {
+                Some(v) => ctx.set_string(k, v)?,
+                None => ctx.set_flag(k)?,
+            }
+        }
+        for (on, key) in [
+            (self.flags.sync == Some(true), "sync"),
+            (self.flags.dirsync == Some(true), "dirsync"),
+            (self.flags.lazytime == Some(true), "lazytime"),
+        ] {
+            if on {
+                ctx.set_flag(key)?;
+            }
+        }
+        Ok(ctx)
+    }
+
+    fn finish_overlay(&self, ctx: &FsContext, read_only: bool) -> Result<Mounted> {
+        if read_only {
+            ctx.set_flag("ro")?;
+        }
+        ctx.create()?;
+        let mnt = ctx.mount(mount_attrs(&self.flags, read_only))?;
+        attach_at(&mnt, &self.target)?;
+        Ok(Mounted { target: self.target.clone(), armed: true })
+    }
+
+    fn prepare_upper(&self) -> Result<Option<UpperReady>> {
+        let Some(spec) = &self.upper else { return Ok(None) };
+        match spec {
+            UpperSpec::Tmpfs => {
+                step("upper-mount", None)?;
+                let ctx = FsContext::open("tmpfs", "tmpfs upper", &self.target)?;
+                ctx.set_string("source", "sharedloop-upper")?;
+                ctx.set_string("size", &self.upper_create.size.to_string())?;
+                ctx.set_string("mode", "0755")?;
+                ctx.create()?;
+                let mnt = ctx.mount(MountAttrFlags::empty())?;
+                let (upper_dir, work_dir) = upper::ensure_dirs(&mnt, Path::new("tmpfs upper"))?;
+                Ok(Some(UpperReady {
+                    mnt,
+                    upper_dir,
+                    work_dir,
+                    record: UpperRecord { kind: "tmpfs".into(), image: None, fstype: "tmpfs".into(), loop_dev: None },
+                }))
+            }
+            UpperSpec::Named(n) => self.upper_image(upper::open_named(&self.store, n, &self.upper_create)?).map(Some),
+            UpperSpec::Path(p) => self.upper_image(upper::open_path(p, &self.upper_create)?).map(Some),
+        }
+    }
+
+    fn upper_image(&self, img: upper::UpperImage) -> Result<UpperReady> {
+        upper::lock(&img)?;
+        step("upper-attach", None)?;
+        let dev = loopdev::attach(
+            &img.fd,
+            &img.path,
+            AttachOptions { read_only: false, direct_io: self.direct_io, configure: self.loop_configure },
+        )
+        .map_err(|e| e.context("upper"))?;
+        step("upper-mount", None)?;
+        let what = format!("upper {}", img.path.display());
+        let ctx = FsContext::open(img.fstype.as_str(), &what, dev.path())?;
+        ctx.set_string("source", &dev.path().to_string_lossy())?;
+        ctx.create()?;
+        let mnt = ctx.mount(MountAttrFlags::MOUNT_ATTR_NODEV)?;
+        let (upper_dir, work_dir) = upper::ensure_dirs(&mnt, &img.path)?;
+        let record = UpperRecord {
+            kind: "image".into(),
+            image: Some(img.path.clone()),
+            fstype: img.fstype.as_str().into(),
+            loop_dev: Some(loop_record(&dev)),
+        };
+        Ok(UpperReady { mnt, upper_dir, work_dir, record })
+    }
+}
+
+struct UpperReady {
+    mnt: OwnedFd,
+    upper_dir: OwnedFd,
+    work_dir: OwnedFd,
+    record: UpperRecord,
+}
+
+/// chdir for the legacy mount call, back to / afterwards whatever happens.
+struct CwdGuard(PathBuf);
+
+impl CwdGuard {
+    fn enter(dir: &Path) -> Result<CwdGuard> {
+        let old = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        std::env::set_current_dir(dir).map_err(|e| Error::io("chdir", dir, &e))?;
+        Ok(CwdGuard(old))
+    }
+}
+
+impl Drop for CwdGuard {
+    fn drop(&mut self) {
+        if std::env::set_current_dir(&self.0).is_err() {
+            let _ = std::env::set_current_dir("/");
+        }
+    }
+}
+
+fn mount_attrs(f: &Flags, read_only: bool) -> MountAttrFlags {
+    let mut a = MountAttrFlags::empty();
+    let on = |o: Option<bool>| o == Some(true);
+    if read_only || on(f.ro) {
+        a |= MountAttrFlags::MOUNT_ATTR_RDONLY;
+    }
+    if on(f.nosuid) {
+        a |= MountAttrFlags::MOUNT_ATTR_NOSUID;
+    }
+    if on(f.nodev) {
+        a |= MountAttrFlags::MOUNT_ATTR_NODEV;
+    }
+    if on(f.noexec) {
+        a |= MountAttrFlags::MOUNT_ATTR_NOEXEC;
+    }
+    if on(f.nosymfollow) {
+        a |= MountAttrFlags::MOUNT_ATTR_NOSYMFOLLOW;
+    }
+    if on(f.nodiratime) {
+        a |= MountAttrFlags::MOUNT_ATTR_NODIRATIME;
+    }
+    match f.atime {
+        Some(Atime::Noatime) => a |= MountAttrFlags::MOUNT_ATTR_NOATIME,
+        Some(Atime::Strictatime) => a |= MountAttrFlags::MOUNT_ATTR_STRICTATIME,
+        Some(Atime::Relatime) | None => a |= MountAttrFlags::MOUNT_ATTR_RELATIME,
+    }
+    a
+}
+
+fn legacy_flags(f: &Flags) -> MountFlags {
+    let mut m = MountFlags::empty();
+    let on = |o: Option<bool>| o == Some(true);
+    for (set, flag) in [
+        (on(f.ro), MountFlags::RDONLY),
+        (on(f.nosuid), MountFlags::NOSUID),
+        (on(f.nodev), MountFlags::NODEV),
+        (on(f.noexec), MountFlags::NOEXEC),
+        (on(f.nosymfollow), MountFlags::NOSYMFOLLOW),
+        (on(f.nodiratime), MountFlags::NODIRATIME),
+        (on(f.sync), MountFlags::SYNCHRONOUS),
+        (on(f.dirsync), MountFlags::DIRSYNC),
+        (on(f.lazytime), MountFlags::LAZYTIME),
+    ] {
+        if set {
+            m |= flag;
+        }
+    }
+    match f.atime {
+        Some(Atime::Noatime) => m |= MountFlags::NOATIME,
+        Some(Atime::Strictatime) => m |= MountFlags::STRICTATIME,
+        _ => {}
+    }
+    m
+}

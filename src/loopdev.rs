@@ -1,0 +1,212 @@
+//! Loop devices: attach a backing file, or find the device that already
+//! has it so that every mount of a layer shares one device and one
+//! superblock (one page cache).
+//!
+//! Every device we attach has LO_FLAGS_AUTOCLEAR, so the kernel detaches it
+//! when its last user goes: our fd while we set up, then the mount. Dropping
+//! a `LoopDevice` before anything mounted it therefore undoes the attach,
+//! even if we are killed. The only window without that guarantee is the
+//! pre-5.8 LOOP_SET_FD path, between SET_FD and SET_STATUS64.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+
+use crate::error::{Error, Result};
+use crate::sys::{self, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY, LoopInfo64};
+
+const LOOP_CONTROL: &str = "/dev/loop-control";
+/// LOOP_CTL_GET_FREE hands the same device to racing processes; the loser
+/// gets EBUSY and asks again. Bounded so a broken system cannot spin us.
+const MAX_ATTACH_TRIES: u32 = 64;
+
+#[derive(Debug)]
+pub struct LoopDevice {
+    pub number: u32,
+    /// Held until the device is mounted; its close may autoclear the device.
+    pub fd: OwnedFd,
+    pub reused: bool,
+    pub direct_io: bool,
+}
+
+impl LoopDevice {
+    pub fn path(&self) -> PathBuf {
+        dev_path(self.number)
+    }
+}
+
+pub fn dev_path(n: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/loop{n}"))
+}
+
+fn sys_dir(n: u32) -> PathBuf {
+    PathBuf::from(format!("/sys/block/loop{n}/loop"))
+}
+
+/// The backing file path the kernel shows for an attached device.
+pub fn backing_file(n: u32) -> Option<String> {
+    std::fs::read_to_string(sys_dir(n).join("backing_file")).ok().map(|s| s.trim_end_matches('\n').to_string())
+}
+
+/// The kernel's name for the file behind `fd`, as sysfs would print it.
+pub fn fd_path(fd: impl AsFd) -> Result<String> {
+    let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()));
+    std::fs::read_link(&link)
+        .map(|p| p.to_string_lossy().into_owned())
+        .map_err(|e| Error::io("readlink", link, &e))
+}
+
+/// Attached loop devices by backing file path, read once per mount from
+/// sysfs. Only a hint: a candidate is confirmed with LOOP_GET_STATUS64 on
+/// an fd we hold.
+#[derive(Debug, Default)]
+pub struct LoopIndex {
+    by_path: HashMap<String, Vec<u32>>,
+}
+
+impl LoopIndex {
+    pub fn scan() -> LoopIndex {
+        let mut idx = LoopIndex::default();
+        let Ok(rd) = std::fs::read_dir("/sys/block") else { return idx };
+        for ent in rd.flatten() {
+            let name = ent.file_name();
+            let Some(n) = name.to_str().and_then(|s| s.strip_prefix("loop")).and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some(p) = backing_file(n) {
+                idx.by_path.entry(p).or_default().push(n);
+            }
+        }
+        idx
+    }
+
+    /// An attached read-only autoclear device backed by exactly this file
+    /// (same st_dev/st_ino, whole file), opened and re-checked.
+    pub fn find(&self, backing: impl AsFd) -> Result<Option<LoopDevice>> {
+        let path = fd_path(&backing)?;
+        let Some(cands) = self.by_path.get(&path) else { return Ok(None) };
+        let st = rustix::fs::fstat(&backing).map_err(|e| Error::sys("stat", &path, e))?;
+        for &n in cands {
+            // ENOENT/ENXIO: gone since the scan; not an error.
+            let Ok(fd) = rustix::fs::open(dev_path(n), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) else {
+                continue;
+            };
+            // Holding `fd` pins the device: autoclear waits for our close.
+            let Ok(info) = sys::loop_get_status64(&fd) else { continue };
+            let want = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
+            if info.lo_device == st.st_dev
+                && info.lo_inode == st.st_ino
+                && info.lo_offset == 0
+                && info.lo_sizelimit == 0
+                && info.lo_flags & want == want
+            {
+                return Ok(Some(LoopDevice {
+                    number: n,
+                    fd,
+                    reused: true,
+                    direct_io: info.lo_flags & LO_FLAGS_DIRECT_IO != 0,
+                }));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct AttachOptions {
+    pub read_only: bool,
+    pub direct_io: bool,
+    /// LOOP_CONFIGURE (5.8+) or the LOOP_SET_FD + LOOP_SET_STATUS64 pair.
+    pub configure: bool,
+}
+
+/// Attach `backing` to a free loop device with AUTOCLEAR set.
+pub fn attach(backing: impl AsFd, backing_path: &Path, opts: AttachOptions) -> Result<LoopDevice> {
+    let ctl = rustix::fs::open(LOOP_CONTROL, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| Error::sys("open loop control", LOOP_CONTROL, e))?;
+    let mut dio = opts.direct_io;
+    let mut last = Errno::BUSY;
+    for _ in 0..MAX_ATTACH_TRIES {
+        let n = sys::loop_ctl_get_free(&ctl).map_err(|e| Error::sys("find a free loop device", LOOP_CONTROL, e))?;
+        let path = dev_path(n);
+        let mode = if opts.read_only { OFlags::RDONLY } else { OFlags::RDWR };
+        let fd = match rustix::fs::open(&path, mode | OFlags::CLOEXEC, Mode::empty()) {
+            Ok(fd) => fd,
+            // Removed by someone between GET_FREE and open: ask again.
+            Err(Errno::NOENT) | Err(Errno::NXIO) => continue,
+            Err(e) => return Err(Error::sys("open loop device", &path, e)),
+        };
+        let mut info = LoopInfo64::default();
+        info.lo_flags = LO_FLAGS_AUTOCLEAR
+            | if opts.read_only { LO_FLAGS_READ_ONLY } else { 0 }
+            | if dio { LO_FLAGS_DIRECT_IO } else { 0 };
+        info.set_file_name(backing_path.as_os_str().as_encoded_bytes());
+        let r = if opts.configure {
+            sys::loop_configure(&fd, &backing, &info)
+        } else {
+            attach_set_fd(&fd, &backing, &info)
+        };
+        match r {
+            Ok(()) => {
+                let direct_io = dio && dio_active(n);
+                return Ok(LoopDevice { number: n, fd, reused: false, direct_io });
+            }
+            Err(Errno::BUSY) => {
+                last = Errno::BUSY;
+                continue;
+            }
+            // A backing filesystem without O_DIRECT: buffered I/O still works.
+            Err(Errno::INVAL) if dio => {
+                log::info!("{}: direct I/O refused, attaching with buffered I/O", backing_path.display());
+                dio = false;
+                continue;
+            }
+            Err(e) => return Err(Error::sys("attach loop device", &path, e).context(&format!("{}", backing_path.display()))),
+        }
+    }
+    Err(Error::sys(
+        format!("attach loop device (gave up after {MAX_ATTACH_TRIES} tries)"),
+        backing_path,
+        last,
+    ))
+}
+
+/// The pre-5.8 way. If SET_STATUS64 fails the half-attached device is
+/// cleared again here.
+fn attach_set_fd(dev: &OwnedFd, backing: impl AsFd, info: &LoopInfo64) -> std::result::Result<(), Errno> {
+    sys::loop_set_fd(dev, &backing)?;
+    if let Err(e) = sys::loop_set_status64(dev, info) {
+        let _ = sys::loop_clr_fd(dev);
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn dio_active(n: u32) -> bool {
+    std::fs::read_to_string(sys_dir(n).join("dio")).map(|s| s.trim() == "1").unwrap_or(false)
+}
+
+/// Wait until device `n` no longer has `backing` (the path sysfs showed
+/// when we attached it) behind it. Autoclear runs when the last user goes,
+/// which can be after umount(2) returns (overlayfs drops its private layer
+/// mounts from a workqueue). Returns false on timeout.
+pub fn wait_detached(n: u32, backing: &str, timeout: Duration) -> bool {
+    let start = Instant::now();
+    let mut pause = Duration::from_micros(200);
+    loop {
+        match backing_file(n) {
+            None => return true,
+            Some(p) if p != backing => return true,
+            Some(_) => {}
+        }
+        if start.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
