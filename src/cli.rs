@@ -1,0 +1,79 @@
+//! The admin CLI, `sharedloop`: everything that is not a mount.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::helper::{effective_options, store_of};
+use crate::store::FsType;
+
+#[derive(Parser)]
+#[command(name = "sharedloop", version, about = "Layered images from filesystem image files, mounted with loop devices and overlayfs")]
+struct Cli {
+    /// Store root (default from the configuration file, else /var/lib/sharedloop/root)
+    #[arg(long, global = true)]
+    loopback_root: Option<PathBuf>,
+    /// Fallback store (default from the configuration file, else /var/lib/sharedloop/private)
+    #[arg(long, global = true)]
+    loopback_fallback: Option<PathBuf>,
+    /// Print each step
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Turn a directory into a layer image and store it; prints the chain ID
+    Add {
+        dir: PathBuf,
+        /// Chain ID (or unique prefix, or name) of the parent layer
+        #[arg(long)]
+        parent: Option<String>,
+        /// Name to record for the new top layer (e.g. debian:12)
+        #[arg(long)]
+        name: Option<String>,
+        /// Filesystem of the layer image
+        #[arg(long, default_value = "ext4", value_parser = ["ext4", "xfs", "erofs"])]
+        fstype: String,
+    },
+}
+
+pub fn main(args: &[String]) -> Result<()> {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            if usage {
+                return Err(Error::Usage("bad command line (see sharedloop --help)".into()));
+            }
+            std::process::exit(0);
+        }
+    };
+    crate::logging::init("sharedloop", cli.verbose);
+    let mut o = String::new();
+    if let Some(r) = &cli.loopback_root {
+        o.push_str(&format!("loopback_root=\"{}\",", r.display()));
+    }
+    if let Some(f) = &cli.loopback_fallback {
+        o.push_str(&format!("loopback_fallback=\"{}\"", f.display()));
+    }
+    let (opts, _) = effective_options(&o, false)?;
+    let store = store_of(&opts);
+    match cli.cmd {
+        Cmd::Add { dir, parent, name, fstype } => {
+            let parent = parent.map(|p| store.resolve(&crate::ids::LayerRef::parse(&p)?)).transpose()?;
+            let name = name.map(|n| crate::ids::Name::parse(&n)).transpose()?;
+            let fstype = FsType::parse(&fstype)?;
+            let id = crate::layer_build::add_layer(
+                &store,
+                &crate::layer_build::AddOptions { dir: &dir, parent, name: name.as_ref(), fstype, quiet: !cli.verbose },
+            )?;
+            println!("{id}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! Test harness: every test gets its own private mount namespace, store,
+//! state directory and utab, and checks at its end that nothing of its own
+//! is still attached or mounted.
+//!
+//! The namespace is held by a child `sleep` started under `unshare -m
+//! --propagation private`; commands run in it through `nsenter`. In it, a
+//! read-only overlay over /usr/sbin adds mount.sharedloop and
+//! umount.sharedloop (links to the binary under test) where mount(8) looks,
+//! and a tmpfs over /run/mount gives a private utab. Dropping the `Env`
+//! kills the holder, so a panicking test cannot leave mounts on the host;
+//! its loop devices then go by autoclear.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sharedloop");
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub struct Env {
+    pub dir: PathBuf,
+    pub root: PathBuf,
+    pub fallback: PathBuf,
+    pub state: PathBuf,
+    holder: Child,
+    pub pid: u32,
+    /// Extra environment for every command (SHAREDLOOP_CONFIG, ...).
+    pub envs: Vec<(String, String)>,
+}
+
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    #[track_caller]
+    pub fn ok(&self) -> &Run {
+        assert_eq!(self.code, 0, "command failed: stdout={} stderr={}", self.stdout, self.stderr);
+        self
+    }
+
+    #[track_caller]
+    pub fn fails(&self, code: i32, msg: &str) -> &Run {
+        assert_eq!(self.code, code, "want exit {code}: stdout={} stderr={}", self.stdout, self.stderr);
+        assert!(self.stderr.contains(msg), "stderr lacks {msg:?}: {}", self.stderr);
+        self
+    }
+}
+
+/// What to put in a layer directory.
+pub enum E<'a> {
+    File(&'a str),
+    Dir,
+    /// overlay whiteout: char device 0/0
+    Whiteout,
+    /// directory with trusted.overlay.opaque=y
+    Opaque,
+    Symlink(&'a str),
+}
+
+fn sbin() -> PathBuf {
+    std::fs::canonicalize("/sbin").unwrap_or_else(|_| PathBuf::from("/usr/sbin"))
+}
+
+impl Env {
+    pub fn new(name: &str) -> Env {
+        let dir = std::env::temp_dir().join(format!(
+            "sl-test-{name}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = dir.join("root");
+        let fallback = dir.join("fallback");
+        let state = dir.join("state");
+        let helpers = dir.join("helpers");
+        std::fs::create_dir_all(&helpers).unwrap();
+        for n in ["mount.sharedloop", "umount.sharedloop", "sharedloop"] {
+            std::os::unix::fs::symlink(BIN, helpers.join(n)).unwrap();
+        }
+        let script = format!(
+            "set -e; mount -t tmpfs tmpfs /run/mount 2>/dev/null || {{ mkdir -p /run/mount; mount -t tmpfs tmpfs /run/mount; }}; \
+             mount -t overlay sl-test-sbin -o lowerdir={}:{} {}; echo ready; exec sleep 100000",
+            helpers.display(),
+            sbin().display(),
+            sbin().display()
+        );
+        let mut holder = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "--", "sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn unshare");
+        let mut line = String::new();
+        BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "namespace holder did not start");
+        let pid = holder.id();
+        Env { dir, root, fallback, state, holder, pid, envs: vec![] }
+    }
+
+    pub fn store_opts(&self) -> String {
+        format!("loopback_root={},loopback_fallback={}", self.root.display(), self.fallback.display())
+    }
+
+    /// Run a command inside the test's namespace.
+    pub fn run(&self, args: &[&str]) -> Run {
+        self.run_env(args, &[])
+    }
+
+    pub fn run_env(&self, args: &[&str], extra: &[(&str, &str)]) -> Run {
+        let mut c = self.command(args);
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        Run::from(c.output().expect("run command"))
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &self.pid.to_string(), "-m", "--"]).args(args);
+        c.env("SHAREDLOOP_STATE_DIR", &self.state);
+        c.env("SHAREDLOOP_CONFIG", self.dir.join("no-config"));
+        c.env_remove("SHAREDLOOP_FAILPOINT");
+        for (k, v) in &self.envs {
+            c.env(k, v);
+        }
+        c.stdin(Stdio::null());
+        c
+    }
+
+    pub fn sh(&self, script: &str) -> Run {
+        self.run(&["sh", "-c", script])
+    }
+
+    /// `sharedloop add` with this test's store; returns the chain ID.
+    pub fn add(&self, parent: Option<&str>, name: Option<&str>, entries: &[(&str, E)]) -> String {
+        self.add_with(parent, name, entries, &[])
+    }
+
+    pub fn add_with(&self, parent: Option<&str>, name: Option<&str>, entries: &[(&str, E)], extra: &[&str]) -> String {
+        let src = self.dir.join(format!("src-{}", SEQ.fetch_add(1, Ordering::SeqCst)));
+        make_tree(&src, entries);
+        let mut args: Vec<String> = vec![
+            BIN.into(),
+            "add".into(),
+            src.to_string_lossy().into(),
+            "--loopback-root".into(),
+            self.root.to_string_lossy().into(),
+            "--loopback-fallback".into(),
+            self.fallback.to_string_lossy().into(),
+        ];
+        if let Some(p) = parent {
+            args.extend(["--parent".into(), p.into()]);
+        }
+        if let Some(n) = name {
+            args.extend(["--name".into(), n.into()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let r = self.run(&argv);
+        r.ok();
+        let _ = std::fs::remove_dir_all(&src);
+        let id = r.stdout.trim().to_string();
+        assert!(id.starts_with("sha256:") && id.len() == 71, "add printed {id:?}");
+        id
+    }
+
+    /// A directory to mount on.
+    pub fn mnt(&self, name: &str) -> PathBuf {
+        let p = self.dir.join("mnt").join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    pub fn mountinfo(&self) -> Vec<String> {
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", self.pid))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    /// mountinfo lines of mounts this test made (not the harness's own).
+    pub fn my_mounts(&self) -> Vec<String> {
+        let d = self.dir.to_string_lossy().to_string();
+        self.mountinfo()
+            .into_iter()
+            .filter(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                let (mp, rest) = (f[4], l.split(" - ").nth(1).unwrap_or(""));
+                mp.starts_with(&d) || (rest.starts_with("overlay ") && !rest.starts_with("overlay sl-test-sbin"))
+            })
+            .collect()
+    }
+
+    /// The overlay mount at `target`: (source, super options).
+    pub fn overlay_at(&self, target: &Path) -> Option<(String, String)> {
+        let t = target.to_string_lossy();
+        self.mountinfo().into_iter().rev().find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let right: Vec<&str> = l.split(" - ").nth(1)?.splitn(3, ' ').collect();
+            (f[4] == t && right[0] == "overlay").then(|| (right[1].to_string(), right.get(2).unwrap_or(&"").to_string()))
+        })
+    }
+
+    /// Loop devices whose backing file is under this test's directory.
+    pub fn my_loops(&self) -> Vec<(u32, String)> {
+        loops_under(&self.dir)
+    }
+
+    pub fn utab(&self) -> String {
+        self.sh("cat /run/mount/utab 2>/dev/null").stdout
+    }
+
+    /// Nothing of this test is mounted or attached, no scratch directory or
+    /// temporary file is left. Waits for autoclear (asynchronous).
+    #[track_caller]
+    pub fn assert_clean(&self) {
+        let m = self.my_mounts();
+        assert!(m.is_empty(), "mounts left: {m:#?}");
+        assert!(wait_no_loops(&self.dir, Duration::from_secs(10)), "loop devices left: {:?}", self.my_loops());
+        let scratch = self.state.join("scratch");
+        let left: Vec<_> = std::fs::read_dir(&scratch).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "scratch left: {left:?}");
+        let tmp = leftovers(&self.dir);
+        assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+        wait_no_loops(&self.dir, Duration::from_secs(10));
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Staging directories, half-made uppers and name records.
+pub fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let parent = d.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            if (parent == "tmp" && (d.starts_with(dir.join("root")) || d.starts_with(dir.join("fallback"))))
+                || name.contains(".tmp.")
+                || (parent == "names" && name.starts_with('.'))
+            {
+                out.push(p.clone());
+            }
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) && !p.starts_with(dir.join("mnt")) {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
+pub fn loops_under(dir: &Path) -> Vec<(u32, String)> {
+    let d = dir.to_string_lossy().to_string();
+    let mut out = vec![];
+    for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(n) = name.strip_prefix("loop").and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if let Ok(b) = std::fs::read_to_string(format!("/sys/block/loop{n}/loop/backing_file")) {
+            if b.starts_with(&d) {
+                out.push((n, b.trim().to_string()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn wait_no_loops(dir: &Path, t: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < t {
+        if loops_under(dir).is_empty() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    loops_under(dir).is_empty()
+}
+
+pub fn make_tree(root: &Path, entries: &[(&str, E)]) {
+    std::fs::create_dir_all(root).unwrap();
+    for (path, e) in entries {
+        let p = root.join(path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        match e {
+            E::File(c) => std::fs::write(&p, c).unwrap(),
+            E::Dir => std::fs::create_dir_all(&p).unwrap(),
+            E::Whiteout => {
+                let st = Command::new("mknod").arg(&p).args(["c", "0", "0"]).status().unwrap();
+                assert!(st.success());
+            }
+            E::Opaque => {
+                std::fs::create_dir_all(&p).unwrap();
+                let st = Command::new("setfattr").args(["-n", "trusted.overlay.opaque", "-v", "y"]).arg(&p).status().unwrap();
+                assert!(st.success());
+            }
+            E::Symlink(t) => std::os::unix::fs::symlink(t, &p).unwrap(),
+        }
+        let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755));
+    }
+}
+
+/// Read a file of a mounted tree (mounts live in the namespace: read via
+/// /proc/PID/root so the host view is not needed).
+pub fn read_in(env: &Env, path: &Path) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{}/root{}", env.pid, path.display())).ok()
+}
+
+pub fn list_in(env: &Env, path: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{}/root{}", env.pid, path.display()))
+        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
