@@ -226,25 +226,32 @@ impl Plan {
     }
 
     pub fn run(&self) -> Result<Outcome> {
-        let idx = LoopIndex::scan();
         match self.api {
-            MountApi::Fd | MountApi::Auto => self.run_fd(&idx),
-            MountApi::Path => self.run_path(&idx),
-            MountApi::Legacy => self.run_legacy(&idx),
+            MountApi::Fd | MountApi::Auto => self.run_fd(),
+            MountApi::Path => self.run_path(),
+            MountApi::Legacy => self.run_legacy(),
         }
     }
 
-    fn run_fd(&self, idx: &LoopIndex) -> Result<Outcome> {
+    fn run_fd(&self) -> Result<Outcome> {
+        let lock = AttachLock::take(&self.state_dir)?;
+        let idx = LoopIndex::scan();
         let mut ready = Vec::with_capacity(self.layers.len());
         for (i, l) in self.layers.iter().enumerate() {
-            ready.push(self.layer_detached(idx, l, i)?);
+            ready.push(self.layer_detached(&idx, l, i)?);
         }
+        drop(lock);
         let upper = self.prepare_upper()?;
         step("overlay", None)?;
         let ctx = self.overlay_ctx()?;
         for (r, l) in ready.iter().zip(&self.layers) {
             ctx.set_fd("lowerdir+", r.mnt.as_ref().expect("detached"))
                 .map_err(|e| e.context(&format!("layer {}", l.meta.chain_id)))?;
+        }
+        // Must outlive create(): closing a detached mount's last fd dissolves it.
+        let empty = if self.needs_empty_lower(upper.is_some()) { Some(empty_lower()?) } else { None };
+        if let Some(e) = &empty {
+            ctx.set_fd("lowerdir+", e)?;
         }
         if let Some(u) = &upper {
             ctx.set_fd("upperdir", &u.upper_dir)?;
@@ -254,18 +261,24 @@ impl Plan {
         Ok(Outcome { mounted, layers: ready.into_iter().map(|r| r.record).collect(), upper: upper.map(|u| u.record) })
     }
 
-    fn run_path(&self, idx: &LoopIndex) -> Result<Outcome> {
+    fn run_path(&self) -> Result<Outcome> {
         let scratch = Scratch::new(&self.state_dir)?;
+        let lock = AttachLock::take(&self.state_dir)?;
+        let idx = LoopIndex::scan();
         let mut ready = Vec::with_capacity(self.layers.len());
         let mut dirs = Vec::with_capacity(self.layers.len());
         for (i, l) in self.layers.iter().enumerate() {
-            let r = self.layer_detached(idx, l, i)?;
+            let r = self.layer_detached(&idx, l, i)?;
             let d = scratch.sub(&i.to_string())?;
             attach_at(r.mnt.as_ref().expect("detached"), &d)?;
             dirs.push(d);
             ready.push(r);
         }
+        drop(lock);
         let upper = self.prepare_upper()?;
+        if self.needs_empty_lower(upper.is_some()) {
+            dirs.push(scratch.sub("empty")?);
+        }
         step("overlay", None)?;
         let ctx = self.overlay_ctx()?;
         for d in &dirs {
@@ -282,34 +295,29 @@ impl Plan {
         Ok(Outcome { mounted, layers: ready.into_iter().map(|r| r.record).collect(), upper: upper.map(|u| u.record) })
     }
 
-    fn run_legacy(&self, idx: &LoopIndex) -> Result<Outcome> {
+    fn run_legacy(&self) -> Result<Outcome> {
         let scratch = Scratch::new(&self.state_dir)?;
+        let lock = AttachLock::take(&self.state_dir)?;
+        let idx = LoopIndex::scan();
         let mut ready = Vec::with_capacity(self.layers.len());
         for (i, l) in self.layers.iter().enumerate() {
             let d = scratch.sub(&i.to_string())?;
-            ready.push(self.layer_legacy(idx, l, i, &d)?);
+            ready.push(self.layer_legacy(&idx, l, i, &d)?);
         }
+        drop(lock);
         let upper = self.prepare_upper()?;
+        let mut lowers = self.layers.len();
+        if self.needs_empty_lower(upper.is_some()) {
+            // Named like the layers so the option string stays 0:1:...:N.
+            scratch.sub(&lowers.to_string())?;
+            lowers += 1;
+        }
         step("overlay", None)?;
-        let lower: Vec<String> = (0..self.layers.len()).map(|i| i.to_string()).collect();
-        let mut data = format!("lowerdir={}", lower.join(":"));
         if let Some(u) = &upper {
             let ud = scratch.sub("u")?;
             attach_at(&u.mnt, &ud)?;
-            data.push_str(",upperdir=u/upper,workdir=u/work");
         }
-        for (k, v) in &self.overlay_opts {
-            match v {
-                Some(v) => data.push_str(&format!(",{k}={v}")),
-                None => data.push_str(&format!(",{k}")),
-            }
-        }
-        if data.len() > LEGACY_OPTS_MAX {
-            return Err(Error::Store(format!(
-                "overlay options would be {} bytes, more than the {LEGACY_OPTS_MAX} that mount(2) takes without cutting them short; use a kernel with lowerdir+ (6.8+) or fewer layers",
-                data.len()
-            )));
-        }
+        let data = legacy_data(lowers, upper.is_some(), &self.overlay_opts)?;
         let mut flags = legacy_flags(&self.flags);
         if upper.is_none() {
             flags |= MountFlags::RDONLY;
@@ -323,6 +331,12 @@ impl Plan {
         let mounted = Mounted { target: self.target.clone(), armed: true };
         drop(scratch);
         Ok(Outcome { mounted, layers: ready.into_iter().map(|r| r.record).collect(), upper: upper.map(|u| u.record) })
+    }
+
+    /// overlayfs wants two lowers when there is no upper: a one-layer
+    /// read-only image gets an empty one below it.
+    fn needs_empty_lower(&self, has_upper: bool) -> bool {
+        !has_upper && self.layers.len() == 1
     }
 
     fn overlay_ctx(&self) -> Result<FsContext> {
@@ -406,6 +420,46 @@ impl Plan {
     }
 }
 
+/// An empty read-only directory as a detached mount.
+fn empty_lower() -> Result<OwnedFd> {
+    let ctx = FsContext::open("tmpfs", "empty lower layer", "tmpfs")?;
+    ctx.set_string("source", "sharedloop-empty")?;
+    ctx.set_string("size", "4k")?;
+    ctx.set_string("mode", "0755")?;
+    ctx.create()?;
+    ctx.mount(MountAttrFlags::MOUNT_ATTR_RDONLY)
+}
+
+/// Serialises "find or attach, then mount" of layers on this node, so
+/// that concurrent mounts of one chain find each other's devices instead
+/// of all attaching their own. Held until every layer is mounted (and so
+/// visible to the next holder's scan); an flock, so it dies with us.
+struct AttachLock(#[allow(dead_code)] OwnedFd);
+
+impl AttachLock {
+    fn take(state_dir: &Path) -> Result<AttachLock> {
+        crate::store::mkdir_p(state_dir)?;
+        let p = state_dir.join("attach.lock");
+        let fd = rustix::fs::open(
+            &p,
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CREATE | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| Error::sys("open lock", &p, e))?;
+        loop {
+            match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(AttachLock(fd)),
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    // Poll so a signal can still interrupt us.
+                    step("layer-attach", None)?;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => return Err(Error::sys("lock", &p, e)),
+            }
+        }
+    }
+}
+
 struct UpperReady {
     mnt: OwnedFd,
     upper_dir: OwnedFd,
@@ -430,6 +484,30 @@ impl Drop for CwdGuard {
             let _ = std::env::set_current_dir("/");
         }
     }
+}
+
+/// The option string for the legacy overlay mount: lowers named 0..N-1
+/// relative to the scratch directory, upper at u/. Refused, never cut,
+/// when it would not fit in the page mount(2) copies.
+pub fn legacy_data(layers: usize, has_upper: bool, overlay_opts: &[(String, Option<String>)]) -> Result<String> {
+    let lower: Vec<String> = (0..layers).map(|i| i.to_string()).collect();
+    let mut data = format!("lowerdir={}", lower.join(":"));
+    if has_upper {
+        data.push_str(",upperdir=u/upper,workdir=u/work");
+    }
+    for (k, v) in overlay_opts {
+        match v {
+            Some(v) => data.push_str(&format!(",{k}={v}")),
+            None => data.push_str(&format!(",{k}")),
+        }
+    }
+    if data.len() > LEGACY_OPTS_MAX {
+        return Err(Error::Store(format!(
+            "overlay options would be {} bytes, more than the {LEGACY_OPTS_MAX} that mount(2) takes without cutting them short; use a kernel with lowerdir+ (6.8+) or fewer layers",
+            data.len()
+        )));
+    }
+    Ok(data)
 }
 
 fn mount_attrs(f: &Flags, read_only: bool) -> MountAttrFlags {
@@ -485,4 +563,30 @@ fn legacy_flags(f: &Flags) -> MountFlags {
         _ => {}
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_options_never_cut() {
+        let d = legacy_data(3, true, &[("metacopy".into(), Some("on".into())), ("volatile".into(), None)]).unwrap();
+        assert_eq!(d, "lowerdir=0:1:2,upperdir=u/upper,workdir=u/work,metacopy=on,volatile");
+        // 500 layers (overlayfs' maximum) fit with relative names...
+        let d = legacy_data(500, true, &[]).unwrap();
+        assert_eq!(d.matches(':').count(), 499);
+        assert!(d.len() <= LEGACY_OPTS_MAX);
+        // ...and a string past a page is refused, not truncated.
+        let e = legacy_data(1100, false, &[]).unwrap_err().to_string();
+        assert!(e.contains("more than the 4095"), "{e}");
+    }
+
+    #[test]
+    fn api_by_kernel() {
+        assert_eq!(resolve_api(MountApi::Auto, Version(6, 18, 0)), MountApi::Fd);
+        assert_eq!(resolve_api(MountApi::Auto, Version(6, 8, 0)), MountApi::Path);
+        assert_eq!(resolve_api(MountApi::Auto, Version(5, 15, 0)), MountApi::Legacy);
+        assert_eq!(resolve_api(MountApi::Legacy, Version(6, 18, 0)), MountApi::Legacy);
+    }
 }

@@ -51,6 +51,7 @@ pub fn build_image(dir: &Path, fstype: FsType, out: &Path) -> Result<u64> {
     build_image_with(dir, fstype, out, &plan)
 }
 
+/// What `sharedloop add` was asked: DIR, its parent layer, an optional name.
 pub struct AddOptions<'a> {
     pub dir: &'a Path,
     pub parent: Option<Digest>,
@@ -59,7 +60,10 @@ pub struct AddOptions<'a> {
     pub quiet: bool,
 }
 
-/// The whole of `sharedloop add`. Returns the chain ID.
+/// The whole of `sharedloop add`: check DIR and the parent, compute the
+/// diff ID and chain ID, build and publish the image unless either store has
+/// that chain ID already, and record `name` (also for an existing layer) in
+/// the store directory the layer lives in. Returns the chain ID.
 pub fn add_layer(store: &Store, opts: &AddOptions) -> Result<Digest> {
     check_dir(opts.dir)?;
     if let Some(p) = &opts.parent {
@@ -68,7 +72,13 @@ pub fn add_layer(store: &Store, opts: &AddOptions) -> Result<Digest> {
     let diff_id = diff_id_of_dir(opts.dir)?;
     let chain = chain_id(opts.parent.as_ref(), &diff_id);
     if let Some(which) = store.has_layer(&chain)? {
-        say(opts, format_args!("layer {chain} is already in the {which} store {}", store.dir(which).display()));
+        say(
+            opts,
+            format_args!(
+                "layer {chain} is already in the {which} store {}",
+                store.dir(which).display()
+            ),
+        );
         // Asking for a name on an existing layer still means "name it".
         return name_layer(store.dir(which), opts, &chain);
     }
@@ -85,7 +95,14 @@ pub fn add_layer(store: &Store, opts: &AddOptions) -> Result<Digest> {
         created: store::now_secs(),
     };
     let dest = staging.publish_layer(&meta)?;
-    say(opts, format_args!("added layer {chain} ({}, {size} bytes) at {}", opts.fstype, dest.display()));
+    say(
+        opts,
+        format_args!(
+            "added layer {chain} ({}, {size} bytes) at {}",
+            opts.fstype,
+            dest.display()
+        ),
+    );
     name_layer(&store_dir, opts, &chain)
 }
 
@@ -113,7 +130,10 @@ fn check_parent(store: &Store, parent: &Digest) -> Result<()> {
 fn name_layer(store_dir: &Path, opts: &AddOptions, chain: &Digest) -> Result<Digest> {
     if let Some(name) = opts.name {
         store::write_name(store_dir, name, chain)?;
-        say(opts, format_args!("named {chain} {name} in {}", store_dir.display()));
+        say(
+            opts,
+            format_args!("named {chain} {name} in {}", store_dir.display()),
+        );
     }
     Ok(*chain)
 }
@@ -148,7 +168,11 @@ impl Entry<'_> {
     }
     fn refuse_socket(&self) -> Result<()> {
         if self.meta.file_type().is_socket() {
-            return Err(Error::sys("refusing socket (a layer cannot hold one)", self.path, Errno::OPNOTSUPP));
+            return Err(Error::sys(
+                "refusing socket (a layer cannot hold one)",
+                self.path,
+                Errno::OPNOTSUPP,
+            ));
         }
         Ok(())
     }
@@ -161,15 +185,28 @@ fn walk(dir: &Path, mut visit: impl FnMut(&Entry) -> Result<()>) -> Result<()> {
     check_dir(dir)?;
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        let path = if rel.as_os_str().is_empty() { dir.to_path_buf() } else { dir.join(&rel) };
+        let path = if rel.as_os_str().is_empty() {
+            dir.to_path_buf()
+        } else {
+            dir.join(&rel)
+        };
         let meta = if rel.as_os_str().is_empty() {
             std::fs::metadata(&path)
         } else {
             std::fs::symlink_metadata(&path)
         }
         .map_err(|e| Error::io("stat", &path, &e))?;
-        let children = if meta.is_dir() { sorted_children(&path)? } else { Vec::new() };
-        visit(&Entry { rel: &rel, path: &path, meta: &meta, children: &children })?;
+        let children = if meta.is_dir() {
+            sorted_children(&path)?
+        } else {
+            Vec::new()
+        };
+        visit(&Entry {
+            rel: &rel,
+            path: &path,
+            meta: &meta,
+            children: &children,
+        })?;
         stack.extend(children.iter().rev().map(|c| rel.join(c)));
     }
     Ok(())
@@ -275,9 +312,13 @@ impl Write for HashWriter {
 
 /// Write the deterministic tar of `dir` into `out` and give `out` back.
 fn write_tar<W: Write>(dir: &Path, out: W) -> Result<W> {
-    let mut tw = TarWriter { b: Builder::new(out), links: HashMap::new() };
+    let mut tw = TarWriter {
+        b: Builder::new(out),
+        links: HashMap::new(),
+    };
     walk(dir, |e| tw.entry(e))?;
-    tw.b.into_inner().map_err(|e| Error::io("finish layer tar", dir, &e))
+    tw.b.into_inner()
+        .map_err(|e| Error::io("finish layer tar", dir, &e))
 }
 
 struct TarWriter<W: Write> {
@@ -292,7 +333,11 @@ impl<W: Write> TarWriter<W> {
         if e.is_root() {
             // The top directory has no entry of its own, but can be opaque.
             let x = read_xattrs(e.path)?;
-            return if is_opaque(&x) { self.opaque_marker(e) } else { Ok(()) };
+            return if is_opaque(&x) {
+                self.opaque_marker(e)
+            } else {
+                Ok(())
+            };
         }
         if e.is_whiteout() {
             return self.whiteout(e);
@@ -343,17 +388,32 @@ impl<W: Write> TarWriter<W> {
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(e.path)
             .map_err(|err| Error::io("open", e.path, &err))?;
-        let now = f.metadata().map_err(|err| Error::io("stat", e.path, &err))?;
+        let now = f
+            .metadata()
+            .map_err(|err| Error::io("stat", e.path, &err))?;
         if now.ino() != e.meta.ino() || now.dev() != e.meta.dev() {
-            return Err(Error::sys("file replaced while reading the layer", e.path, Errno::AGAIN));
+            return Err(Error::sys(
+                "file replaced while reading the layer",
+                e.path,
+                Errno::AGAIN,
+            ));
         }
         let mut h = header(e.meta, EntryType::Regular);
         h.set_size(e.meta.len());
-        self.append(e, &mut h, e.rel, Exact { inner: f, left: e.meta.len() })
+        self.append(
+            e,
+            &mut h,
+            e.rel,
+            Exact {
+                inner: f,
+                left: e.meta.len(),
+            },
+        )
     }
 
     fn symlink(&mut self, e: &Entry) -> Result<()> {
-        let target = std::fs::read_link(e.path).map_err(|err| Error::io("read symlink", e.path, &err))?;
+        let target =
+            std::fs::read_link(e.path).map_err(|err| Error::io("read symlink", e.path, &err))?;
         let mut h = header(e.meta, EntryType::Symlink);
         self.link_name(e, &mut h, target.as_os_str().as_bytes())?;
         self.append(e, &mut h, e.rel, io::empty())
@@ -378,8 +438,10 @@ impl<W: Write> TarWriter<W> {
         if kind != EntryType::Fifo {
             let rdev = e.meta.rdev();
             let io_err = |err: io::Error| Error::io("add to layer tar", e.path, &err);
-            h.set_device_major(rustix::fs::major(rdev)).map_err(io_err)?;
-            h.set_device_minor(rustix::fs::minor(rdev)).map_err(io_err)?;
+            h.set_device_major(rustix::fs::major(rdev))
+                .map_err(io_err)?;
+            h.set_device_minor(rustix::fs::minor(rdev))
+                .map_err(io_err)?;
         }
         self.append(e, &mut h, e.rel, io::empty())
     }
@@ -411,7 +473,8 @@ impl<W: Write> TarWriter<W> {
             let k = gnu_long_header(b'K', data.len() as u64);
             self.b.append(&k, &data[..]).map_err(io_err)?;
         }
-        h.set_link_name_literal(&target[..target.len().min(TAR_NAME_MAX)]).map_err(io_err)
+        h.set_link_name_literal(&target[..target.len().min(TAR_NAME_MAX)])
+            .map_err(io_err)
     }
 
     /// PAX records `SCHILY.xattr.NAME`, as GNU tar and docker write them.
@@ -432,7 +495,9 @@ impl<W: Write> TarWriter<W> {
         h.set_mtime(0);
         h.set_size(data.len() as u64);
         h.set_cksum();
-        self.b.append(&h, &data[..]).map_err(|err| Error::io("add to layer tar", e.path, &err))
+        self.b
+            .append(&h, &data[..])
+            .map_err(|err| Error::io("add to layer tar", e.path, &err))
     }
 
     fn append(&mut self, e: &Entry, h: &mut Header, name: &Path, data: impl Read) -> Result<()> {
@@ -496,10 +561,15 @@ impl<R: Read> Read for Exact<R> {
         if self.left == 0 {
             return Ok(0);
         }
-        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while reading"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while reading",
+            ));
         }
         self.left -= n as u64;
         Ok(n)
@@ -536,7 +606,12 @@ struct RootAttrs {
 
 impl Plan {
     fn doubled(&self) -> Plan {
-        Plan { bytes: self.bytes * 2, inodes: self.inodes * 2, content: self.content * 2, ..self.clone() }
+        Plan {
+            bytes: self.bytes * 2,
+            inodes: self.inodes * 2,
+            content: self.content * 2,
+            ..self.clone()
+        }
     }
 
     fn xfs_bytes(&self) -> u64 {
@@ -569,12 +644,19 @@ impl PlanAcc {
         self.entries += 1;
         self.newest = self.newest.max(m.mtime());
         if e.is_root() {
-            self.root = RootAttrs { mode: m.mode() & 0o7777, uid: m.uid(), gid: m.gid(), mtime: m.mtime() };
+            self.root = RootAttrs {
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                mtime: m.mtime(),
+            };
             self.has_lost_found = e.children.iter().any(|c| c == "lost+found");
         }
         let xattrs = read_xattrs(e.path)?;
         let target = if m.file_type().is_symlink() {
-            std::fs::read_link(e.path).map_err(|err| Error::io("read symlink", e.path, &err))?.into_os_string()
+            std::fs::read_link(e.path)
+                .map_err(|err| Error::io("read symlink", e.path, &err))?
+                .into_os_string()
         } else {
             OsString::new()
         };
@@ -593,7 +675,14 @@ impl PlanAcc {
             self.fp.update(b);
         };
         field(e.rel.as_os_str().as_bytes());
-        for n in [u64::from(m.mode()), u64::from(m.uid()), u64::from(m.gid()), m.len(), m.mtime() as u64, m.rdev()] {
+        for n in [
+            u64::from(m.mode()),
+            u64::from(m.uid()),
+            u64::from(m.gid()),
+            m.len(),
+            m.mtime() as u64,
+            m.rdev(),
+        ] {
             field(&n.to_le_bytes());
         }
         field(target.as_bytes());
@@ -633,7 +722,11 @@ fn data_bytes(e: &Entry, target_len: usize) -> u64 {
     }
     if m.is_dir() {
         let n = e.children.len() as u64;
-        let names: u64 = e.children.iter().map(|c| 8 + round_up(c.len() as u64, 4)).sum();
+        let names: u64 = e
+            .children
+            .iter()
+            .map(|c| 8 + round_up(c.len() as u64, 4))
+            .sum();
         let blocks = n.div_ceil(100).max((names * 4 / 3).div_ceil(BLOCK)).max(1);
         return BLOCK * if blocks > 1 { blocks + 1 } else { 1 };
     }
@@ -653,7 +746,11 @@ fn xattr_bytes(xattrs: &Xattrs) -> u64 {
         .iter()
         .map(|(n, v)| 16 + round_up(n.len() as u64, 4) + round_up(v.len() as u64, 4))
         .sum::<u64>();
-    if need <= 92 { 0 } else { round_up(need + 32, BLOCK) }
+    if need <= 92 {
+        0
+    } else {
+        round_up(need + 32, BLOCK)
+    }
 }
 
 // ---------------------------------------------------------------- building
@@ -665,7 +762,9 @@ fn build_image_with(dir: &Path, fstype: FsType, out: &Path, plan: &Plan) -> Resu
         FsType::Xfs => retry_on_no_space(plan, |p| build_xfs(dir, out, p))?,
         FsType::Erofs => build_erofs(dir, out, plan)?,
     }
-    let size = std::fs::metadata(out).map_err(|e| Error::io("stat image", out, &e))?.len();
+    let size = std::fs::metadata(out)
+        .map_err(|e| Error::io("stat image", out, &e))?
+        .len();
     guard.keep();
     Ok(size)
 }
@@ -682,7 +781,9 @@ fn is_no_space(e: &Error) -> bool {
     match e {
         Error::Command { stderr, .. } => {
             let s = stderr.to_ascii_lowercase();
-            ["could not allocate", "no space left", "no free space"].iter().any(|p| s.contains(p))
+            ["could not allocate", "no space left", "no free space"]
+                .iter()
+                .any(|p| s.contains(p))
         }
         _ => false,
     }
@@ -690,7 +791,10 @@ fn is_no_space(e: &Error) -> bool {
 
 /// A fresh sparse file of `size` bytes (an earlier attempt's blocks gone).
 fn set_size(out: &Path, size: u64) -> Result<()> {
-    let f = std::fs::OpenOptions::new().write(true).open(out).map_err(|e| Error::io("open image", out, &e))?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(out)
+        .map_err(|e| Error::io("open image", out, &e))?;
     f.set_len(0)
         .and_then(|_| f.set_len(size))
         .map_err(|e| Error::io("size image", out, &e))
@@ -701,17 +805,19 @@ fn build_ext4(dir: &Path, out: &Path, plan: &Plan) -> Result<()> {
     let uuid = uuid_from(&plan.fingerprint[..16]);
     let seed = uuid_from(&plan.fingerprint[16..]);
     let mut cmd = Command::new("mkfs.ext4");
-    cmd.args(["-q", "-F", "-L", LABEL, "-T", "default", "-m", "0", "-b", "4096", "-I", "256"])
-        // Read-only images never grow and never replay a journal.
-        .args(["-O", "^has_journal,^resize_inode", "-U", &uuid])
-        .arg("-E")
-        .arg(format!("root_owner=0:0,nodiscard,hash_seed={seed}"))
-        .arg("-N")
-        .arg(plan.inodes.to_string())
-        .arg("-d")
-        .arg(dir)
-        .arg(out)
-        .env("E2FSPROGS_FAKE_TIME", plan.newest.to_string());
+    cmd.args([
+        "-q", "-F", "-L", LABEL, "-T", "default", "-m", "0", "-b", "4096", "-I", "256",
+    ])
+    // Read-only images never grow and never replay a journal.
+    .args(["-O", "^has_journal,^resize_inode", "-U", &uuid])
+    .arg("-E")
+    .arg(format!("root_owner=0:0,nodiscard,hash_seed={seed}"))
+    .arg("-N")
+    .arg(plan.inodes.to_string())
+    .arg("-d")
+    .arg(dir)
+    .arg(out)
+    .env("E2FSPROGS_FAKE_TIME", plan.newest.to_string());
     run("build ext4 image", &mut cmd, None)?;
     fix_ext4_root(out, plan)
 }
@@ -733,11 +839,16 @@ fn fix_ext4_root(out: &Path, plan: &Plan) -> Result<()> {
         r.mtime.max(0)
     ));
     let mut cmd = Command::new("debugfs");
-    cmd.args(["-w", "-f", "-"]).arg(out).env("E2FSPROGS_FAKE_TIME", plan.newest.to_string());
+    cmd.args(["-w", "-f", "-"])
+        .arg(out)
+        .env("E2FSPROGS_FAKE_TIME", plan.newest.to_string());
     let stderr = run("fix ext4 image root", &mut cmd, Some(script.as_bytes()))?;
     // debugfs exits 0 even when a command fails; its only normal stderr
     // line is the version banner.
-    let errors: Vec<&str> = stderr.lines().filter(|l| !l.is_empty() && !l.starts_with("debugfs ")).collect();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with("debugfs "))
+        .collect();
     if !errors.is_empty() {
         return Err(Error::Command {
             what: "fix ext4 image root".into(),
@@ -756,7 +867,14 @@ fn uuid_from(b: &[u8]) -> String {
     u[6] = (u[6] & 0x0f) | 0x80;
     u[8] = (u[8] & 0x3f) | 0x80;
     let h = hex::encode(u);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 /// mkfs.xfs cannot populate, so the tree is copied in through a mount. The
@@ -768,16 +886,25 @@ fn uuid_from(b: &[u8]) -> String {
 fn build_xfs(dir: &Path, out: &Path, plan: &Plan) -> Result<()> {
     set_size(out, plan.xfs_bytes())?;
     let mut mkfs = Command::new("mkfs.xfs");
-    mkfs.args(["-q", "-f", "-m", "reflink=0", "-L", LABEL]).arg(out);
+    mkfs.args(["-q", "-f", "-m", "reflink=0", "-L", LABEL])
+        .arg(out);
     run("build xfs image", &mut mkfs, None)?;
     let mnt = TempDir::create("sharedloop-build")?;
     let src = std::path::absolute(dir).map_err(|e| Error::io("layer directory", dir, &e))?;
     let img = std::path::absolute(out).map_err(|e| Error::io("image", out, &e))?;
     let mut cp = Command::new("unshare");
-    cp.args(["-m", "--propagation", "private", "sh", "-c", XFS_COPY_SCRIPT, "sh"])
-        .arg(&img)
-        .arg(&mnt.0)
-        .arg(&src);
+    cp.args([
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        XFS_COPY_SCRIPT,
+        "sh",
+    ])
+    .arg(&img)
+    .arg(&mnt.0)
+    .arg(&src);
     run("copy layer into xfs image", &mut cp, None)?;
     Ok(())
 }
@@ -808,24 +935,42 @@ fn build_erofs(dir: &Path, out: &Path, plan: &Plan) -> Result<()> {
 /// the command line, status and last stderr lines on failure.
 fn run(what: &str, cmd: &mut Command, input: Option<&[u8]>) -> Result<String> {
     cmd.env("LC_ALL", "C")
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let program = PathBuf::from(cmd.get_program());
-    let mut child = cmd.spawn().map_err(|e| Error::io(format!("{what}: run"), &program, &e))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::io(format!("{what}: run"), &program, &e))?;
     if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin.write_all(data).map_err(|e| Error::io(format!("{what}: write to"), &program, &e))?;
+        stdin
+            .write_all(data)
+            .map_err(|e| Error::io(format!("{what}: write to"), &program, &e))?;
     }
-    let out = child.wait_with_output().map_err(|e| Error::io(format!("{what}: wait for"), &program, &e))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::io(format!("{what}: wait for"), &program, &e))?;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if out.status.success() {
         return Ok(stderr);
     }
     let status = match out.status.code() {
         Some(c) => format!("status {c}"),
-        None => format!("signal {}", std::os::unix::process::ExitStatusExt::signal(&out.status).unwrap_or(0)),
+        None => format!(
+            "signal {}",
+            std::os::unix::process::ExitStatusExt::signal(&out.status).unwrap_or(0)
+        ),
     };
-    Err(Error::Command { what: what.into(), cmd: render(cmd), status, stderr: tail(&stderr, 3) })
+    Err(Error::Command {
+        what: what.into(),
+        cmd: render(cmd),
+        status,
+        stderr: tail(&stderr, 3),
+    })
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -888,9 +1033,13 @@ struct TempDir(PathBuf);
 impl TempDir {
     fn create(tag: &str) -> Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        // Two builds in one process can start within the clock's resolution.
+        static SEQ: AtomicU64 = AtomicU64::new(0);
         let path = std::env::temp_dir().join(format!(
-            "{tag}.{}.{}",
+            "{tag}.{}.{}.{}",
             std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed),
             store::unique_suffix()
         ));
         std::fs::DirBuilder::new()
@@ -907,3 +1056,662 @@ impl Drop for TempDir {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::os::unix::fs::{PermissionsExt, lchown, symlink};
+    use std::process::Child;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use rustix::fs::{AtFlags, CWD, FileType, Mode, Timespec, Timestamps, XattrFlags};
+
+    use crate::store::Which;
+
+    const T: i64 = 1_600_000_000;
+
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+    /// A scratch directory, removed with everything in it on drop. Images
+    /// are only ever mounted in private namespaces, so nothing below it is a
+    /// mount point in ours.
+    struct TestDir(PathBuf);
+
+    impl TestDir {
+        fn new(tag: &str) -> Self {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let p = std::env::temp_dir().join(format!(
+                "sharedloop-lb-{tag}.{}.{n}.{}",
+                std::process::id(),
+                store::unique_suffix()
+            ));
+            std::fs::create_dir(&p).unwrap();
+            TestDir(p)
+        }
+        fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+            self.0.join(p)
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn write(p: &Path, data: &[u8]) {
+        std::fs::write(p, data).unwrap();
+    }
+
+    fn mknod(p: &Path, ft: FileType, dev: (u32, u32)) {
+        let mode = Mode::from_raw_mode(0o644);
+        rustix::fs::mknodat(CWD, p, ft, mode, rustix::fs::makedev(dev.0, dev.1)).unwrap();
+    }
+
+    fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+        rustix::fs::lsetxattr(p, name, value, XattrFlags::empty()).unwrap();
+    }
+
+    fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+        get_xattr(p, name.as_bytes()).unwrap()
+    }
+
+    fn set_mtimes(p: &Path, t: i64) {
+        let ts = Timespec {
+            tv_sec: t,
+            tv_nsec: 0,
+        };
+        let times = Timestamps {
+            last_access: ts,
+            last_modification: ts,
+        };
+        rustix::fs::utimensat(CWD, p, &times, AtFlags::SYMLINK_NOFOLLOW).unwrap();
+        if std::fs::symlink_metadata(p).unwrap().is_dir() {
+            for c in std::fs::read_dir(p).unwrap() {
+                set_mtimes(&c.unwrap().path(), t);
+            }
+        }
+    }
+
+    fn non_utf8() -> &'static OsStr {
+        OsStr::from_bytes(b"caf\xe9")
+    }
+
+    /// Every kind of entry a layer can hold, all mtimes T.
+    fn sample_tree(root: &Path) {
+        let a = root.join("a");
+        std::fs::create_dir_all(a.join("opq/sub")).unwrap();
+        write(&a.join("file.txt"), b"hello");
+        lchown(a.join("file.txt"), Some(1234), Some(5678)).unwrap();
+        // After chown, which clears set-user-ID.
+        std::fs::set_permissions(a.join("file.txt"), std::fs::Permissions::from_mode(0o4755))
+            .unwrap();
+        set_xattr(&a.join("file.txt"), "user.foo", b"bar");
+        std::fs::hard_link(a.join("file.txt"), a.join("hard")).unwrap();
+        mknod(&a.join("gone"), FileType::CharacterDevice, (0, 0));
+        set_xattr(&a.join("opq"), "trusted.overlay.opaque", b"y");
+        write(&a.join("opq/sub/inner"), b"inner");
+        symlink("../x//y", a.join("sym")).unwrap();
+        symlink("t".repeat(200), a.join("longsym")).unwrap();
+        mknod(&a.join("fifo"), FileType::Fifo, (0, 0));
+        mknod(&a.join("blk"), FileType::BlockDevice, (7, 200));
+        write(&root.join("l".repeat(150)), b"long");
+        write(&root.join(non_utf8()), b"x");
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o750)).unwrap();
+        set_mtimes(root, T);
+    }
+
+    struct TarEnt {
+        path: Vec<u8>,
+        kind: EntryType,
+        mode: u32,
+        uid: u64,
+        link: Option<Vec<u8>>,
+        data: Vec<u8>,
+        dev: (Option<u32>, Option<u32>),
+        xattrs: Vec<(String, Vec<u8>)>,
+        uname: Vec<u8>,
+    }
+
+    fn tar_of(dir: &Path) -> Vec<TarEnt> {
+        let bytes = write_tar(dir, Vec::new()).unwrap();
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let mut out = Vec::new();
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let xattrs = match e.pax_extensions().unwrap() {
+                Some(px) => px
+                    .map(|x| x.unwrap())
+                    .map(|x| (x.key().unwrap().to_string(), x.value_bytes().to_vec()))
+                    .collect(),
+                None => Vec::new(),
+            };
+            let h = e.header().clone();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            out.push(TarEnt {
+                path: e.path_bytes().to_vec(),
+                kind: h.entry_type(),
+                mode: h.mode().unwrap(),
+                uid: h.uid().unwrap(),
+                link: e.link_name_bytes().map(|l| l.to_vec()),
+                data,
+                dev: match h.entry_type() {
+                    EntryType::Block | EntryType::Char => {
+                        (h.device_major().unwrap(), h.device_minor().unwrap())
+                    }
+                    _ => (None, None),
+                },
+                xattrs,
+                uname: h.username_bytes().unwrap_or_default().to_vec(),
+            });
+        }
+        out
+    }
+
+    fn find<'a>(ents: &'a [TarEnt], path: &[u8]) -> &'a TarEnt {
+        ents.iter()
+            .find(|e| e.path == path)
+            .unwrap_or_else(|| panic!("no entry {}", String::from_utf8_lossy(path)))
+    }
+
+    #[test]
+    fn diff_id_is_deterministic_and_content_sensitive() {
+        let (a, b) = (TestDir::new("det-a"), TestDir::new("det-b"));
+        sample_tree(&a.0);
+        sample_tree(&b.0);
+        let id = diff_id_of_dir(&a.0).unwrap();
+        assert_eq!(id, diff_id_of_dir(&b.0).unwrap());
+        // The hashing writer sees exactly the tar stream.
+        assert_eq!(id, Digest::of_bytes(&write_tar(&a.0, Vec::new()).unwrap()));
+
+        write(&b.join("a/opq/sub/inner"), b"innes");
+        set_mtimes(&b.join("a/opq/sub/inner"), T);
+        let changed = diff_id_of_dir(&b.0).unwrap();
+        assert_ne!(id, changed);
+        set_mtimes(&b.join("a/opq/sub/inner"), T + 1);
+        assert_ne!(changed, diff_id_of_dir(&b.0).unwrap());
+    }
+
+    #[test]
+    fn tar_entries_order_names_and_types() {
+        let d = TestDir::new("tar");
+        sample_tree(&d.0);
+        let ents = tar_of(&d.0);
+        let long_name = "l".repeat(150);
+        let want: Vec<&[u8]> = vec![
+            b"a/",
+            b"a/blk",
+            b"a/fifo",
+            b"a/file.txt",
+            b"a/.wh.gone",
+            b"a/hard",
+            b"a/longsym",
+            b"a/opq/",
+            b"a/opq/.wh..wh..opq",
+            b"a/opq/sub/",
+            b"a/opq/sub/inner",
+            b"a/sym",
+            b"caf\xe9",
+            long_name.as_bytes(),
+        ];
+        assert_eq!(
+            ents.iter().map(|e| e.path.as_slice()).collect::<Vec<_>>(),
+            want
+        );
+        assert!(ents.iter().all(|e| e.uname.is_empty()));
+
+        let f = find(&ents, b"a/file.txt");
+        assert_eq!(
+            (f.kind, f.mode, f.uid, f.data.as_slice()),
+            (EntryType::Regular, 0o4755, 1234, &b"hello"[..])
+        );
+        assert_eq!(
+            f.xattrs,
+            vec![("SCHILY.xattr.user.foo".to_string(), b"bar".to_vec())]
+        );
+        let h = find(&ents, b"a/hard");
+        assert_eq!(
+            (h.kind, h.link.as_deref()),
+            (EntryType::Link, Some(&b"a/file.txt"[..]))
+        );
+        let s = find(&ents, b"a/sym");
+        assert_eq!(
+            (s.kind, s.link.as_deref()),
+            (EntryType::Symlink, Some(&b"../x//y"[..]))
+        );
+        let ls = find(&ents, b"a/longsym");
+        assert_eq!(ls.link.as_deref(), Some("t".repeat(200).as_bytes()));
+        let blk = find(&ents, b"a/blk");
+        assert_eq!(
+            (blk.kind, blk.dev),
+            (EntryType::Block, (Some(7), Some(200)))
+        );
+        assert_eq!(find(&ents, b"a/fifo").kind, EntryType::Fifo);
+        assert_eq!(find(&ents, b"caf\xe9").data, b"x");
+        assert_eq!(find(&ents, long_name.as_bytes()).data, b"long");
+        assert_eq!(find(&ents, b"a/").kind, EntryType::Directory);
+    }
+
+    #[test]
+    fn tar_translates_whiteouts_and_opaque_dirs() {
+        let d = TestDir::new("wh");
+        sample_tree(&d.0);
+        set_xattr(&d.0, "trusted.overlay.opaque", b"y");
+        set_mtimes(&d.0, T);
+        let ents = tar_of(&d.0);
+        // An opaque top directory has no entry, only its marker, first.
+        assert_eq!(ents[0].path, b".wh..wh..opq");
+        let wh = find(&ents, b"a/.wh.gone");
+        assert_eq!(
+            (wh.kind, wh.mode, wh.data.len()),
+            (EntryType::Regular, 0o600, 0)
+        );
+        let opq = find(&ents, b"a/opq/.wh..wh..opq");
+        assert_eq!(
+            (opq.kind, opq.mode, opq.data.len()),
+            (EntryType::Regular, 0o755, 0)
+        );
+        assert!(
+            ents.iter().all(|e| e.kind != EntryType::Char),
+            "no char 0/0 left"
+        );
+        assert!(
+            ents.iter()
+                .all(|e| e.xattrs.iter().all(|(k, _)| !k.contains("trusted.")))
+        );
+    }
+
+    #[test]
+    fn sockets_and_non_directories_are_refused() {
+        let d = TestDir::new("sock");
+        let sock = d.join("s");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let e = diff_id_of_dir(&d.0).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::OPNOTSUPP));
+        assert!(e.to_string().contains(&sock.display().to_string()), "{e}");
+        let e = build_image(&d.0, FsType::Ext4, &d.join("out.img")).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::OPNOTSUPP));
+        assert!(!d.join("out.img").exists());
+
+        let e = diff_id_of_dir(&sock).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::NOTDIR));
+        let e = diff_id_of_dir(&d.join("missing")).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::NOENT));
+    }
+
+    // ------------------------------------------------------------ mounts
+
+    /// An image mounted read-only in a private mount namespace, seen from
+    /// here through /proc/PID/root. Closing the shell's stdin unmounts; the
+    /// loop device has AUTOCLEAR.
+    struct Mounted {
+        child: Child,
+        view: PathBuf,
+        img: PathBuf,
+    }
+
+    const PROBE: &str = r#"mount -n -t "$3" -o ro,loop -- "$1" "$2" || exit 1
+echo ready
+read x
+umount -n -- "$2""#;
+
+    fn mount_ro(img: &Path, fstype: FsType, mnt: &Path) -> Mounted {
+        std::fs::create_dir(mnt).unwrap();
+        let mut child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", PROBE, "sh"])
+            .arg(img)
+            .arg(mnt)
+            .arg(fstype.as_str())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let view = PathBuf::from(format!("/proc/{}/root{}", child.id(), mnt.display()));
+        let m = Mounted {
+            child,
+            view,
+            img: img.to_path_buf(),
+        };
+        assert_eq!(line.trim(), "ready", "mount of {} failed", img.display());
+        m
+    }
+
+    impl Mounted {
+        fn unmount(mut self) {
+            drop(self.child.stdin.take());
+            assert!(self.child.wait().unwrap().success(), "umount failed");
+            assert_no_loop(&self.img);
+        }
+    }
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            drop(self.child.stdin.take());
+            let _ = self.child.wait();
+        }
+    }
+
+    /// AUTOCLEAR detaches after the last close, not always at once.
+    fn assert_no_loop(img: &Path) {
+        let start = Instant::now();
+        loop {
+            let out = Command::new("losetup").arg("-j").arg(img).output().unwrap();
+            if out.stdout.is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "loop device left: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn check_image_tree(view: &Path, src: &Path) {
+        let lstat = |p: &str| std::fs::symlink_metadata(view.join(p)).unwrap();
+        assert_eq!(std::fs::read(view.join("a/file.txt")).unwrap(), b"hello");
+        let f = lstat("a/file.txt");
+        assert_eq!(
+            (f.mode() & 0o7777, f.uid(), f.gid(), f.mtime(), f.nlink()),
+            (0o4755, 1234, 5678, T, 2)
+        );
+        assert_eq!(lstat("a/hard").ino(), f.ino());
+        let wh = lstat("a/gone");
+        assert!(
+            wh.file_type().is_char_device() && wh.rdev() == 0,
+            "whiteout kept as char 0/0"
+        );
+        assert_eq!(
+            xattr(&view.join("a/opq"), "trusted.overlay.opaque").as_deref(),
+            Some(&b"y"[..])
+        );
+        assert_eq!(
+            xattr(&view.join("a/file.txt"), "user.foo").as_deref(),
+            Some(&b"bar"[..])
+        );
+        assert_eq!(
+            std::fs::read_link(view.join("a/sym")).unwrap(),
+            Path::new("../x//y")
+        );
+        assert_eq!(
+            std::fs::read_link(view.join("a/longsym"))
+                .unwrap()
+                .as_os_str()
+                .len(),
+            200
+        );
+        let blk = lstat("a/blk");
+        assert!(blk.file_type().is_block_device());
+        assert_eq!(
+            (rustix::fs::major(blk.rdev()), rustix::fs::minor(blk.rdev())),
+            (7, 200)
+        );
+        assert!(lstat("a/fifo").file_type().is_fifo());
+        assert_eq!(std::fs::read(view.join(non_utf8())).unwrap(), b"x");
+        assert_eq!(std::fs::read(view.join("l".repeat(150))).unwrap(), b"long");
+        assert_eq!(
+            std::fs::read(view.join("a/opq/sub/inner")).unwrap(),
+            b"inner"
+        );
+        let root = std::fs::metadata(view).unwrap();
+        assert_eq!((root.mode() & 0o7777, root.uid()), (0o750, 0));
+        // Nothing added at the top, lost+found included.
+        assert_eq!(
+            sorted_children(view).unwrap(),
+            sorted_children(src).unwrap()
+        );
+    }
+
+    fn build_and_check(fstype: FsType) -> u64 {
+        let d = TestDir::new(fstype.as_str());
+        let src = d.join("src");
+        std::fs::create_dir(&src).unwrap();
+        sample_tree(&src);
+        let img = d.join("layer.img");
+        let size = build_image(&src, fstype, &img).unwrap();
+        assert_eq!(size, std::fs::metadata(&img).unwrap().len());
+        assert_no_loop(&img);
+        let m = mount_ro(&img, fstype, &d.join("mnt"));
+        check_image_tree(&m.view, &src);
+        m.unmount();
+        size
+    }
+
+    #[test]
+    fn ext4_image_keeps_files_whiteouts_and_opaque_dirs() {
+        let size = build_and_check(FsType::Ext4);
+        // Tiny tree: the 16 MiB floor plus the inode table, rounded to MiB.
+        assert_eq!(size, 17 * MIB);
+    }
+
+    #[test]
+    fn xfs_image_keeps_files_whiteouts_and_opaque_dirs() {
+        assert_eq!(build_and_check(FsType::Xfs), XFS_MIN);
+    }
+
+    #[test]
+    fn erofs_image_keeps_files_whiteouts_and_opaque_dirs() {
+        build_and_check(FsType::Erofs);
+    }
+
+    #[test]
+    fn ext4_and_erofs_images_are_reproducible() {
+        let d = TestDir::new("repro");
+        let src = d.join("src");
+        std::fs::create_dir(&src).unwrap();
+        sample_tree(&src);
+        // mke2fs copies atimes, and the first read of a file (relatime)
+        // moves its atime; add_layer reads everything for the diff ID first.
+        diff_id_of_dir(&src).unwrap();
+        for fs in [FsType::Ext4, FsType::Erofs] {
+            let one = d.join(format!("one.{fs}"));
+            let two = d.join(format!("two.{fs}"));
+            build_image(&src, fs, &one).unwrap();
+            std::thread::sleep(Duration::from_millis(1100));
+            build_image(&src, fs, &two).unwrap();
+            assert!(
+                std::fs::read(&one).unwrap() == std::fs::read(&two).unwrap(),
+                "{fs} images differ"
+            );
+        }
+    }
+
+    #[test]
+    fn ext4_retries_once_at_double_size_then_fails_cleanly() {
+        let d = TestDir::new("nospace");
+        let src = d.join("src");
+        std::fs::create_dir(&src).unwrap();
+        // Non-zero data: mke2fs skips all-zero blocks.
+        write(&src.join("big"), &vec![0xa5; 20 * MIB as usize]);
+        let mut p = plan(&src).unwrap();
+        assert!(p.bytes >= 20 * MIB + 16 * MIB, "plan {p:?}");
+
+        p.bytes = 16 * MIB;
+        let img = d.join("retry.img");
+        assert_eq!(
+            build_image_with(&src, FsType::Ext4, &img, &p).unwrap(),
+            32 * MIB
+        );
+
+        p.bytes = 8 * MIB;
+        let img = d.join("fail.img");
+        let e = build_image_with(&src, FsType::Ext4, &img, &p).unwrap_err();
+        match &e {
+            Error::Command {
+                cmd,
+                stderr,
+                status,
+                ..
+            } => {
+                assert!(cmd.starts_with("mkfs.ext4 -q -F"), "{cmd}");
+                assert!(stderr.contains("Could not allocate block"), "{stderr}");
+                assert_eq!(status, "status 1");
+            }
+            other => panic!("want Error::Command, got {other:?}"),
+        }
+        assert!(!img.exists(), "failed image removed");
+    }
+
+    #[test]
+    fn build_image_never_overwrites() {
+        let d = TestDir::new("exists");
+        let src = d.join("src");
+        std::fs::create_dir(&src).unwrap();
+        let out = d.join("layer.img");
+        write(&out, b"precious");
+        let e = build_image(&src, FsType::Ext4, &out).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::EXIST));
+        assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    }
+
+    // ------------------------------------------------------------ add_layer
+
+    fn opts<'a>(
+        dir: &'a Path,
+        parent: Option<Digest>,
+        name: Option<&'a Name>,
+        fstype: FsType,
+    ) -> AddOptions<'a> {
+        AddOptions {
+            dir,
+            parent,
+            name,
+            fstype,
+            quiet: true,
+        }
+    }
+
+    #[test]
+    fn add_layer_end_to_end() {
+        let t = TestDir::new("add");
+        let store = Store::new(t.join("root"), t.join("fallback"));
+        let base = t.join("base");
+        std::fs::create_dir(&base).unwrap();
+        sample_tree(&base);
+        let name = Name::parse("test/base:1").unwrap();
+
+        let id1 = add_layer(&store, &opts(&base, None, Some(&name), FsType::Ext4)).unwrap();
+        let diff1 = diff_id_of_dir(&base).unwrap();
+        assert_eq!(id1, chain_id(None, &diff1));
+        let layer_dir = t.join("root/layers").join(id1.hex());
+        let img_len = std::fs::metadata(layer_dir.join("layer.img"))
+            .unwrap()
+            .len();
+        let meta = Store::read_meta_in(&store.root, &id1).unwrap();
+        assert_eq!(
+            (meta.diff_id, meta.parent, meta.fstype, meta.size),
+            (diff1, None, FsType::Ext4, img_len)
+        );
+        assert!(meta.created > 0);
+        assert_eq!(store.read_name(&name).unwrap(), id1);
+        let name2 = Name::parse("test/base:latest").unwrap();
+        let again = add_layer(&store, &opts(&base, None, Some(&name2), FsType::Ext4)).unwrap();
+        assert_eq!(again, id1);
+        assert_eq!(store.read_name(&name2).unwrap(), id1);
+
+        let top = t.join("top");
+        std::fs::create_dir(&top).unwrap();
+        write(&top.join("new"), b"new");
+        mknod(&top.join("a"), FileType::CharacterDevice, (0, 0));
+        let o = opts(&top, Some(id1), None, FsType::Erofs);
+        let id2 = add_layer(&store, &o).unwrap();
+        assert_eq!(id2, chain_id(Some(&id1), &diff_id_of_dir(&top).unwrap()));
+        assert_eq!(
+            Store::read_meta_in(&store.root, &id2).unwrap().parent,
+            Some(id1)
+        );
+        assert!(
+            t.join("root/layers")
+                .join(id2.hex())
+                .join("layer.img")
+                .is_file()
+        );
+
+        // Again: same ID, nothing rebuilt, nothing left in tmp.
+        let before = std::fs::metadata(t.join("root/layers").join(id2.hex()).join("meta.json"))
+            .unwrap()
+            .ino();
+        assert_eq!(add_layer(&store, &o).unwrap(), id2);
+        let after = std::fs::metadata(t.join("root/layers").join(id2.hex()).join("meta.json"))
+            .unwrap()
+            .ino();
+        assert_eq!(before, after);
+        assert_eq!(std::fs::read_dir(t.join("root/tmp")).unwrap().count(), 0);
+        assert!(
+            !t.join("fallback").exists(),
+            "fallback untouched while root works"
+        );
+        assert_eq!(store.has_layer(&id2).unwrap(), Some(Which::Root));
+    }
+
+    #[test]
+    fn add_layer_validates_dir_and_parent() {
+        let t = TestDir::new("addval");
+        let store = Store::new(t.join("root"), t.join("fallback"));
+        let dir = t.join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        let missing = Digest::of_bytes(b"no such layer");
+        let e = add_layer(&store, &opts(&dir, Some(missing), None, FsType::Ext4)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "parent {missing}: not found in {} nor {}",
+                store.root.display(),
+                store.fallback.display()
+            )
+        );
+        let e = add_layer(&store, &opts(&t.join("nope"), None, None, FsType::Ext4)).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::NOENT));
+        write(&t.join("file"), b"");
+        let e = add_layer(&store, &opts(&t.join("file"), None, None, FsType::Ext4)).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::NOTDIR));
+        assert!(
+            e.to_string()
+                .contains(&t.join("file").display().to_string())
+        );
+        assert!(!t.join("root").exists() && !t.join("fallback").exists());
+    }
+
+    #[test]
+    fn add_layer_reports_enotdir_root_without_falling_back() {
+        let t = TestDir::new("enotdir");
+        write(&t.join("plain"), b"");
+        let store = Store::new(t.join("plain/root"), t.join("fallback"));
+        let dir = t.join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        let e = add_layer(&store, &opts(&dir, None, None, FsType::Ext4)).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::NOTDIR), "{e}");
+        assert!(
+            e.to_string().contains(&store.root.display().to_string()),
+            "{e}"
+        );
+        assert!(!t.join("fallback").exists());
+    }
+
+    #[test]
+    fn add_layer_creates_a_missing_root() {
+        let t = TestDir::new("newroot");
+        let store = Store::new(t.join("new/deeper/root"), t.join("fallback"));
+        let dir = t.join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        write(&dir.join("f"), b"f");
+        let id = add_layer(&store, &opts(&dir, None, None, FsType::Erofs)).unwrap();
+        assert!(
+            store
+                .root
+                .join("layers")
+                .join(id.hex())
+                .join("layer.img")
+                .is_file()
+        );
+        assert!(!t.join("fallback").exists());
+    }
+}

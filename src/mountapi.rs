@@ -44,7 +44,12 @@ impl FsContext {
     }
 
     fn fail(&self, op: &str, e: Errno) -> Error {
-        Error::Mount { what: format!("{}: {op}", self.what), path: self.path.clone(), errno: E(e), kmsg: self.messages() }
+        let mut kmsg = self.messages();
+        if kmsg.is_empty() && e == Errno::INVAL {
+            // Some refusals are only printk'd, not logged on the context.
+            kmsg.push("no reason logged on the mount context; see the kernel log (dmesg)".into());
+        }
+        Error::Mount { what: format!("{}: {op}", self.what), path: self.path.clone(), errno: E(e), kmsg }
     }
 
     pub fn set_string(&self, key: &str, value: &str) -> Result<()> {

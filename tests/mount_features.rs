@@ -1,0 +1,320 @@
+//! Features of mount.sharedloop through real mount(8)/umount(8).
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn chain(env: &Env, n: usize) -> (Vec<String>, String) {
+    let mut ids = Vec::new();
+    let mut parent: Option<String> = None;
+    for i in 0..n {
+        let f = format!("f{i}.txt");
+        let c = format!("layer {i}\n");
+        let id = env.add(parent.as_deref(), None, &[(f.as_str(), E::File(&c)), ("top.txt", E::File(&c))]);
+        parent = Some(id.clone());
+        ids.push(id);
+    }
+    let top = ids.last().unwrap().clone();
+    (ids, top)
+}
+
+fn mount(env: &Env, src: &str, target: &Path, extra: &str) -> Run {
+    let o = if extra.is_empty() { env.store_opts() } else { format!("{},{extra}", env.store_opts()) };
+    env.run(&["mount", "-t", "sharedloop", src, target.to_str().unwrap(), "-o", &o])
+}
+
+fn umount(env: &Env, target: &Path) {
+    env.run(&["umount", target.to_str().unwrap()]).ok();
+}
+
+/// The loop devices backing the image files of `ids`.
+fn loops_for(env: &Env, ids: &[String]) -> Vec<u32> {
+    let mut v: Vec<u32> = env
+        .my_loops()
+        .into_iter()
+        .filter(|(_, b)| ids.iter().any(|id| b.contains(&id[7..])))
+        .map(|(n, _)| n)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn writes_persist_in_named_and_path_uppers() {
+    let env = Env::new("persist");
+    let (_, top) = chain(&env, 2);
+    let m = env.mnt("m");
+    let abs = env.dir.join("abs-upper.img");
+    for upper in ["upper=work1,upper_size=64M".to_string(), format!("upper={},upper_size=64M", abs.display())] {
+        mount(&env, &top, &m, &upper).ok();
+        let (_, sopts) = env.overlay_at(&m).unwrap();
+        assert!(sopts.starts_with("rw,"), "{sopts}");
+        env.sh(&format!("echo written > {0}/new.txt && rm {0}/f0.txt && mkdir {0}/d && echo x > {0}/d/x", m.display())).ok();
+        umount(&env, &m);
+        env.assert_clean();
+        mount(&env, &top, &m, &upper).ok();
+        assert_eq!(read_in(&env, &m.join("new.txt")).as_deref(), Some("written\n"));
+        assert_eq!(read_in(&env, &m.join("f0.txt")), None, "deletion must persist");
+        assert_eq!(read_in(&env, &m.join("d/x")).as_deref(), Some("x\n"));
+        assert_eq!(read_in(&env, &m.join("top.txt")).as_deref(), Some("layer 1\n"));
+        umount(&env, &m);
+    }
+    // The named upper lives in the root store, sparse, at the asked size.
+    let img = env.root.join("uppers/work1.img");
+    let md = std::fs::metadata(&img).unwrap();
+    assert_eq!(md.len(), 64 << 20);
+    assert!(std::os::unix::fs::MetadataExt::blocks(&md) * 512 < 64 << 20, "upper image should be sparse");
+    assert!(abs.is_file());
+    env.assert_clean();
+}
+
+#[test]
+fn tmpfs_upper_is_thrown_away() {
+    let env = Env::new("tmpfs");
+    let (_, top) = chain(&env, 1);
+    let m = env.mnt("m");
+    mount(&env, &top, &m, "upper=tmpfs,upper_size=16M").ok();
+    env.sh(&format!("echo gone > {}/scratch.txt", m.display())).ok();
+    assert_eq!(read_in(&env, &m.join("scratch.txt")).as_deref(), Some("gone\n"));
+    umount(&env, &m);
+    mount(&env, &top, &m, "upper=tmpfs").ok();
+    assert_eq!(read_in(&env, &m.join("scratch.txt")), None);
+    umount(&env, &m);
+    // No tmpfs left behind anywhere in the namespace.
+    assert!(!env.mountinfo().iter().any(|l| l.contains("sharedloop-upper")));
+    env.assert_clean();
+}
+
+#[test]
+fn sixteen_parallel_mounts_share_twenty_loop_devices() {
+    let env = Env::new("parallel");
+    let (ids, top) = chain(&env, 20);
+    let targets: Vec<_> = (0..16).map(|i| env.mnt(&format!("p{i}"))).collect();
+    let mut children = Vec::new();
+    for t in &targets {
+        let o = format!("{},upper=tmpfs", env.store_opts());
+        children.push(env.command(&["mount", "-t", "sharedloop", &top, t.to_str().unwrap(), "-o", &o]).output().unwrap());
+    }
+    // Those ran one after the other; now sixteen at once:
+    for t in &targets {
+        assert_eq!(env.overlay_at(t).unwrap().0, top);
+    }
+    for t in &targets {
+        umount(&env, t);
+    }
+    env.assert_clean();
+    let spawned: Vec<_> = targets
+        .iter()
+        .map(|t| {
+            let o = format!("{},upper=tmpfs", env.store_opts());
+            env.command(&["mount", "-t", "sharedloop", &top, t.to_str().unwrap(), "-o", &o]).spawn().unwrap()
+        })
+        .collect();
+    for mut c in spawned {
+        assert!(c.wait().unwrap().success());
+    }
+    for o in children {
+        assert!(o.status.success());
+    }
+    for t in &targets {
+        assert_eq!(env.overlay_at(t).unwrap().0, top);
+        assert_eq!(read_in(&env, &t.join("top.txt")).as_deref(), Some("layer 19\n"));
+        assert_eq!(read_in(&env, &t.join("f0.txt")).as_deref(), Some("layer 0\n"));
+    }
+    let loops = loops_for(&env, &ids);
+    assert_eq!(loops.len(), 20, "one loop device per layer, shared by all 16 mounts: {:?}", env.my_loops());
+    assert_eq!(env.my_loops().len(), 20);
+    // Unmount half: every layer is still needed, nothing detaches.
+    for t in &targets[..8] {
+        umount(&env, t);
+    }
+    assert_eq!(loops_for(&env, &ids), loops);
+    for t in &targets[8..] {
+        umount(&env, t);
+    }
+    env.assert_clean();
+}
+
+#[test]
+fn five_hundred_layers() {
+    let env = Env::new("l500");
+    let (ids, top) = chain(&env, 500);
+    let m = env.mnt("m");
+    for api in ["fd", "legacy"] {
+        mount(&env, &top, &m, &format!("upper=tmpfs,mount_api={api}")).ok();
+        let (_, sopts) = env.overlay_at(&m).unwrap();
+        let lowers = if api == "fd" { sopts.matches("lowerdir+=").count() } else { sopts.split("lowerdir=").nth(1).unwrap().split(',').next().unwrap().split(':').count() };
+        assert_eq!(lowers, 500, "{api}: all 500 layers must be in the overlay");
+        assert_eq!(read_in(&env, &m.join("top.txt")).as_deref(), Some("layer 499\n"));
+        assert_eq!(read_in(&env, &m.join("f0.txt")).as_deref(), Some("layer 0\n"));
+        assert_eq!(read_in(&env, &m.join("f250.txt")).as_deref(), Some("layer 250\n"));
+        assert_eq!(list_in(&env, &m).len(), 501);
+        assert_eq!(loops_for(&env, &ids).len(), 500);
+        umount(&env, &m);
+        env.assert_clean();
+    }
+}
+
+#[test]
+fn fstab_entry_and_name_source() {
+    let env = Env::new("fstab");
+    let (_, top) = chain(&env, 2);
+    // Give the top a name the store records.
+    let named = env.add(Some(&top), Some("library/demo:1.0"), &[("named.txt", E::File("n\n"))]);
+    let m = env.mnt("m");
+    let fstab = env.dir.join("fstab");
+    std::fs::write(
+        &fstab,
+        format!("# test fstab\nlibrary/demo:1.0 {} sharedloop {},upper=tmpfs,nosuid,nodev,noatime,_netdev 0 0\n", m.display(), env.store_opts()),
+    )
+    .unwrap();
+    env.run(&["mount", "-T", fstab.to_str().unwrap(), m.to_str().unwrap()]).ok();
+    let (src, _) = env.overlay_at(&m).unwrap();
+    assert_eq!(src, "library/demo:1.0");
+    let line = env.mountinfo().into_iter().find(|l| l.split(' ').nth(4) == Some(m.to_str().unwrap())).unwrap();
+    let vfs = line.split(' ').nth(5).unwrap();
+    assert_eq!(vfs, "rw,nosuid,nodev,noatime");
+    assert_eq!(read_in(&env, &m.join("named.txt")).as_deref(), Some("n\n"));
+    let utab = env.utab();
+    assert!(utab.contains("OPTS=helper=sharedloop,_netdev"), "{utab}");
+    // umount(8) finds helper=sharedloop and the same source: our helper runs and cleans up.
+    env.run(&["umount", m.to_str().unwrap()]).ok();
+    assert_eq!(env.utab(), "");
+    assert!(named.starts_with("sha256:"));
+    env.assert_clean();
+}
+
+#[test]
+fn options_reach_the_kernel() {
+    let env = Env::new("opts");
+    let (ids, top) = chain(&env, 2);
+    let m = env.mnt("m");
+    mount(&env, &top, &m, "upper=u,upper_size=64M,metacopy=on,redirect_dir=on,index=off,xino=on,noexec,nosuid,nodev").ok();
+    let line = env.mountinfo().into_iter().find(|l| l.split(' ').nth(4) == Some(m.to_str().unwrap())).unwrap();
+    assert_eq!(line.split(' ').nth(5).unwrap(), "rw,nosuid,nodev,noexec,relatime");
+    let (_, sopts) = env.overlay_at(&m).unwrap();
+    for want in ["metacopy=on", "redirect_dir=on", "xino=on"] {
+        assert!(sopts.contains(want), "{want} not in {sopts}");
+    }
+    assert!(!sopts.contains("index=on"), "{sopts}");
+    // direct I/O is on by default on every loop device...
+    for (n, _) in env.my_loops() {
+        assert_eq!(std::fs::read_to_string(format!("/sys/block/loop{n}/loop/dio")).unwrap().trim(), "1", "loop{n}");
+        assert_eq!(std::fs::read_to_string(format!("/sys/block/loop{n}/loop/autoclear")).unwrap().trim(), "1", "loop{n}");
+    }
+    // ...and layer devices are read-only.
+    for n in loops_for(&env, &ids) {
+        assert_eq!(std::fs::read_to_string(format!("/sys/block/loop{n}/ro")).unwrap().trim(), "1");
+    }
+    umount(&env, &m);
+    // ...and off on request, with LOOP_SET_FD + SET_STATUS64 too.
+    mount(&env, &top, &m, "direct_io=off,loop_api=setfd,ro").ok();
+    for (n, _) in env.my_loops() {
+        assert_eq!(std::fs::read_to_string(format!("/sys/block/loop{n}/loop/dio")).unwrap().trim(), "0");
+        assert_eq!(std::fs::read_to_string(format!("/sys/block/loop{n}/loop/autoclear")).unwrap().trim(), "1");
+    }
+    umount(&env, &m);
+    env.assert_clean();
+}
+
+#[test]
+fn fake_and_no_utab_and_verbose() {
+    let env = Env::new("flags");
+    let (_, top) = chain(&env, 2);
+    let m = env.mnt("m");
+    let o = env.store_opts();
+    let r = env.run(&["mount.sharedloop", &top, m.to_str().unwrap(), "-f", "-v", "-o", &o]);
+    r.ok();
+    assert!(r.stderr.contains("2 layers"), "{}", r.stderr);
+    assert!(r.stderr.contains("-f: not mounting"), "{}", r.stderr);
+    assert!(env.overlay_at(&m).is_none());
+    assert!(env.my_loops().is_empty());
+    env.run(&["mount.sharedloop", &top, m.to_str().unwrap(), "-n", "-o", &o]).ok();
+    assert!(env.overlay_at(&m).is_some());
+    assert_eq!(env.utab(), "");
+    env.run(&["umount.sharedloop", m.to_str().unwrap(), "-n"]).ok();
+    assert!(env.overlay_at(&m).is_none());
+    env.assert_clean();
+}
+
+#[test]
+fn explicit_layers_and_prefix_source() {
+    let env = Env::new("explicit");
+    let (ids, top) = chain(&env, 3);
+    let m = env.mnt("m");
+    // Top first, skipping the middle layer: exactly these two, in this order.
+    let list = format!("{}:{}", ids[2], &ids[0][7..19]);
+    mount(&env, "myimage", &m, &format!("layers={list}")).ok();
+    assert_eq!(env.overlay_at(&m).unwrap().0, "myimage");
+    assert_eq!(list_in(&env, &m), vec!["f0.txt", "f2.txt", "top.txt"]);
+    umount(&env, &m);
+    // A 12-digit prefix of the top names the whole chain.
+    mount(&env, &top[7..19], &m, "").ok();
+    assert_eq!(list_in(&env, &m), vec!["f0.txt", "f1.txt", "f2.txt", "top.txt"]);
+    umount(&env, &m);
+    env.assert_clean();
+}
+
+#[test]
+fn root_and_fallback() {
+    let env = Env::new("fallback");
+    // Layers created while the root is read-only go to the fallback.
+    std::fs::create_dir_all(&env.root).unwrap();
+    env.sh(&format!("mount --bind {0} {0} && mount -o remount,bind,ro {0}", env.root.display())).ok();
+    let a = env.add(None, None, &[("a.txt", E::File("a\n"))]);
+    assert!(env.fallback.join("layers").join(&a[7..]).join("layer.img").is_file());
+    assert!(!env.root.join("layers").exists());
+    let m = env.mnt("m");
+    mount(&env, &a, &m, "upper=u3,upper_size=64M").ok();
+    assert_eq!(read_in(&env, &m.join("a.txt")).as_deref(), Some("a\n"));
+    assert!(env.fallback.join("uppers/u3.img").is_file(), "upper created in the fallback when the root is read-only");
+    umount(&env, &m);
+    env.sh(&format!("umount {}", env.root.display())).ok();
+    // A layer in the root on top of one only in the fallback: per layer.
+    let b = env.add(Some(&a), None, &[("b.txt", E::File("b\n"))]);
+    assert!(env.root.join("layers").join(&b[7..]).is_dir());
+    mount(&env, &b, &m, "").ok();
+    assert_eq!(list_in(&env, &m), vec!["a.txt", "b.txt"]);
+    umount(&env, &m);
+    // A missing root: everything from the fallback.
+    let moved = env.dir.join("root-moved");
+    std::fs::rename(&env.root, &moved).unwrap();
+    mount(&env, &a, &m, "").ok();
+    assert_eq!(list_in(&env, &m), vec!["a.txt"]);
+    umount(&env, &m);
+    env.assert_clean();
+}
+
+#[test]
+fn config_file_defaults() {
+    let mut env = Env::new("config");
+    let (_, top) = chain(&env, 1);
+    let cfg = env.dir.join("sharedloop.conf");
+    std::fs::write(&cfg, format!("# defaults\nloopback_root={}\nloopback_fallback={}\nupper_size=32M\n", env.root.display(), env.fallback.display())).unwrap();
+    env.envs.push(("SHAREDLOOP_CONFIG".into(), cfg.to_string_lossy().into()));
+    let m = env.mnt("m");
+    env.run(&["mount", "-t", "sharedloop", &top, m.to_str().unwrap(), "-o", "upper=c1"]).ok();
+    assert_eq!(std::fs::metadata(env.root.join("uppers/c1.img")).unwrap().len(), 32 << 20);
+    umount(&env, &m);
+    // A config file with a mount-only option is refused, naming the file.
+    std::fs::write(&cfg, "upper=x\n").unwrap();
+    let r = env.run(&["mount.sharedloop", &top, m.to_str().unwrap()]);
+    r.fails(1, "not allowed in the configuration file");
+    assert!(r.stderr.contains(cfg.to_str().unwrap()));
+    env.assert_clean();
+}
+
+#[test]
+fn single_layer_read_only_every_api() {
+    // overlayfs needs two lowers without an upper: an empty one is added.
+    let env = Env::new("single");
+    let (_, top) = chain(&env, 1);
+    let m = env.mnt("m");
+    for api in ["fd", "path", "legacy"] {
+        mount(&env, &top, &m, &format!("mount_api={api}")).ok();
+        assert_eq!(list_in(&env, &m), vec!["f0.txt", "top.txt"], "{api}");
+        assert_eq!(env.my_mounts().len(), 1, "{api}: only the overlay shows: {:#?}", env.my_mounts());
+        umount(&env, &m);
+        env.assert_clean();
+    }
+}
