@@ -318,3 +318,32 @@ fn single_layer_read_only_every_api() {
         env.assert_clean();
     }
 }
+
+#[test]
+fn xfs_upper_and_namespace_flag() {
+    let env = Env::new("xfsns");
+    let (_, top) = chain(&env, 2);
+    let m = env.mnt("m");
+    // -N: the helper run from the host enters the test's namespace by pid.
+    let helper = env.dir.join("helpers/mount.sharedloop");
+    let o = format!("{},upper=x1,upper_size=512M,upper_fstype=xfs", env.store_opts());
+    let out = std::process::Command::new(&helper)
+        .args([top.as_str(), m.to_str().unwrap(), "-n", "-N", &env.pid.to_string(), "-o", &o])
+        .env("SHAREDLOOP_STATE_DIR", &env.state)
+        .env("SHAREDLOOP_CONFIG", env.dir.join("no-config"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(env.overlay_at(&m).is_some(), "mounted in the test namespace");
+    let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!host.contains(m.to_str().unwrap()), "not in the caller's namespace");
+    let mut magic = [0u8; 4];
+    std::io::Read::read_exact(&mut std::fs::File::open(env.root.join("uppers/x1.img")).unwrap(), &mut magic).unwrap();
+    assert_eq!(&magic, b"XFSB");
+    env.sh(&format!("echo x > {}/on-xfs", m.display())).ok();
+    env.run(&["umount.sharedloop", m.to_str().unwrap(), "-n"]).ok();
+    mount(&env, &top, &m, "upper=x1").ok();
+    assert_eq!(read_in(&env, &m.join("on-xfs")).as_deref(), Some("x\n"));
+    umount(&env, &m);
+    env.assert_clean();
+}
