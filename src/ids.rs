@@ -130,7 +130,7 @@ impl LayerRef {
         }
         match hex.len() {
             64 => Ok(LayerRef::Id(Digest::from_hex(hex).expect("checked"))),
-            n if n >= MIN_PREFIX && n < 64 => Ok(LayerRef::Prefix(hex.to_string())),
+            n if (MIN_PREFIX..64).contains(&n) => Ok(LayerRef::Prefix(hex.to_string())),
             n if n < MIN_PREFIX => Err(Error::Usage(format!(
                 "{orig:?}: an ID prefix needs at least {MIN_PREFIX} hex digits"
             ))),

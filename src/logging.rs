@@ -30,8 +30,8 @@ impl Log for Logger {
             };
             eprintln!("{}: {prefix}{msg}", self.prog);
         }
-        if let Ok(mut g) = self.syslog.lock() {
-            if let Some(s) = g.as_mut() {
+        if let Ok(mut g) = self.syslog.lock()
+            && let Some(s) = g.as_mut() {
                 let _ = match r.level() {
                     Level::Error => s.err(&msg),
                     Level::Warn => s.warning(&msg),
@@ -39,7 +39,6 @@ impl Log for Logger {
                     _ => Ok(()),
                 };
             }
-        }
     }
 
     fn flush(&self) {}

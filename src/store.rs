@@ -272,13 +272,11 @@ impl Store {
             };
             for ent in rd {
                 let ent = ent.map_err(|e| Error::io("read directory", &layers, &e))?;
-                if let Some(name) = ent.file_name().to_str() {
-                    if name.starts_with(prefix) {
-                        if let Some(d) = Digest::from_hex(name) {
+                if let Some(name) = ent.file_name().to_str()
+                    && name.starts_with(prefix)
+                        && let Some(d) = Digest::from_hex(name) {
                             out.insert(d);
                         }
-                    }
-                }
             }
         }
         Ok(out)
