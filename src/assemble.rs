@@ -76,7 +76,8 @@ impl Scratch {
     fn new(state_dir: &Path) -> Result<Scratch> {
         let parent = state_dir.join("scratch");
         crate::store::mkdir_p(&parent)?;
-        let path = parent.join(unique_suffix());
+        let me = std::process::id();
+        let path = parent.join(format!("{me}-{}-{}", start_time(me).unwrap_or(0), unique_suffix()));
         std::fs::create_dir(&path).map_err(|e| Error::io("create scratch directory", &path, &e))?;
         let mut s = Scratch { path, mounted: false };
         rustix::mount::mount("sharedloop", &s.path, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, c"mode=0700,size=64k")
@@ -101,6 +102,39 @@ impl Drop for Scratch {
             let _ = rustix::mount::unmount(&self.path, UnmountFlags::DETACH);
         }
         let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// When process `pid` started (clock ticks after boot), to tell it from a
+/// later process that got the same pid.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the ")" closing the command name; starttime is field 22.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Remove scratch directories whose owner died without its guards running
+/// (SIGKILL, OOM) during a path or legacy mount: their layer mounts, and so
+/// their loop devices, would otherwise stay. rmdir also detaches them in
+/// other mount namespaces (Linux 3.18+). The fd way never needs this.
+pub fn sweep_scratch(state_dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(state_dir.join("scratch")) else { return };
+    for ent in rd.flatten() {
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let mut f = name.split('-');
+        let (Some(pid), Some(start)) = (f.next().and_then(|p| p.parse::<u32>().ok()), f.next().and_then(|s| s.parse::<u64>().ok()))
+        else {
+            continue;
+        };
+        if start_time(pid) == Some(start) {
+            continue; // its owner is still at work
+        }
+        let p = ent.path();
+        let _ = rustix::mount::unmount(&p, UnmountFlags::DETACH);
+        match std::fs::remove_dir(&p) {
+            Ok(()) => log::info!("removed scratch {} left by dead process {pid}", p.display()),
+            Err(e) => log::warn!("cannot remove stale scratch {}: {e}", p.display()),
+        }
     }
 }
 

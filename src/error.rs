@@ -90,8 +90,8 @@ pub enum Error {
     },
 
     /// Writing /run/mount/utab failed (exit 16).
-    #[error("utab: {}: {errno}", path.display())]
-    Utab { path: PathBuf, errno: Errno },
+    #[error("utab: {}: {errno}{}", path.display(), if *.undone { "; the mount was undone" } else { "" })]
+    Utab { path: PathBuf, errno: Errno, undone: bool },
 
     /// A signal asked us to stop; everything done so far was undone.
     #[error("interrupted by signal, every step undone")]

@@ -163,6 +163,7 @@ pub fn mount_main(args: &[String]) -> Result<()> {
         log::info!("-f: not mounting {} at {}", a.source, target.display());
         return Ok(());
     }
+    assemble::sweep_scratch(&plan.state_dir);
     let out = plan.run()?;
     let mnt_id = mountinfo::find_at(&mountinfo::read()?, &target)
         .map(|m| m.id)
@@ -189,6 +190,12 @@ pub fn mount_main(args: &[String]) -> Result<()> {
             target: target.to_string_lossy().into_owned(),
             root: "/".into(),
             options: o.join(","),
+        })
+        .map_err(|e| match e {
+            // util-linux's 16 means "utab not written"; we also undo the
+            // mount, since umount(8) could not find our helper for it.
+            Error::Utab { path, errno, .. } => Error::Utab { path, errno, undone: true },
+            e => e,
         })?;
     }
     out.mounted.commit();
@@ -218,6 +225,7 @@ pub fn umount_main(args: &[String]) -> Result<()> {
     if let Some(ns) = &a.namespace {
         enter_namespace(ns)?;
     }
+    assemble::sweep_scratch(&state::dir());
     let target = std::fs::canonicalize(&a.target).unwrap_or_else(|_| PathBuf::from(&a.target));
     let mounts = mountinfo::read()?;
     let Some(m) = mountinfo::find_at(&mounts, &target) else {

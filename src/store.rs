@@ -241,7 +241,15 @@ impl Store {
         self.with_fallback(|dir, which| {
             let meta = Self::read_meta_in(dir, id)?;
             let rel = format!("layers/{}/layer.img", id.hex());
-            let image = open_beneath(dir, &rel, OFlags::RDONLY, Mode::empty())?;
+            let image = open_beneath(dir, &rel, OFlags::RDONLY, Mode::empty()).map_err(|e| match e.errno() {
+                // Publishing is atomic, so metadata without its image is damage,
+                // not "not here": say so instead of looking in the fallback.
+                Some(Errno::NOENT) => Error::Store(format!(
+                    "{}: image missing beside its metadata (damaged store?)",
+                    dir.join(&rel).display()
+                )),
+                _ => e,
+            })?;
             Ok(Layer {
                 meta,
                 which,
@@ -255,7 +263,10 @@ impl Store {
                 self.root.display(),
                 self.fallback.display()
             )),
-            _ => e.context(&format!("layer {id}")),
+            // Store errors already name the layer; system errors do not.
+            Some(_) => e.context(&format!("layer {id}")),
+            None if e.to_string().starts_with(&format!("layer {id}")) => e,
+            None => e.context(&format!("layer {id}")),
         })
     }
 
@@ -319,7 +330,7 @@ impl Store {
                     1 => Ok(*found.iter().next().expect("one")),
                     n => Err(Error::Store(format!(
                         "layer sha256:{p}: ambiguous ID prefix, {n} layers match: {}",
-                        found.iter().map(|d| d.short()).collect::<Vec<_>>().join(", ")
+                        found.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
                     ))),
                 }
             }

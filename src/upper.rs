@@ -74,7 +74,7 @@ pub fn open_path(path: &Path, create: &CreateOptions) -> Result<UpperImage> {
         Ok(fd) => finish_open(path.to_path_buf(), fd, false),
         Err(Errno::NOENT) => {
             crate::interrupt::step("upper-create", None)?;
-            create_image(path, create)
+            create_image(path, create).map_err(|e| e.context(&format!("upper {}", path.display())))
         }
         Err(Errno::LOOP) => Err(Error::sys("upper image is a symlink, refusing", path, Errno::LOOP)),
         Err(e) => Err(Error::sys("open upper image", path, e)),

@@ -77,8 +77,8 @@ pub fn path() -> PathBuf {
 fn update(keep: impl Fn(&UtabEntry) -> bool, add: Option<&UtabEntry>) -> Result<()> {
     let utab = path();
     let dir = utab.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let uerr = |p: &Path, e: rustix::io::Errno| Error::Utab { path: p.to_path_buf(), errno: Errno(e) };
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Utab { path: dir.clone(), errno: Errno::from_io(&e) })?;
+    let uerr = |p: &Path, e: rustix::io::Errno| Error::Utab { path: p.to_path_buf(), errno: Errno(e), undone: false };
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Utab { path: dir.clone(), errno: Errno::from_io(&e), undone: false })?;
     let lock_path = PathBuf::from(format!("{}.lock", utab.display()));
     let lock = rustix::fs::open(&lock_path, OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC, Mode::from_raw_mode(0o644))
         .map_err(|e| uerr(&lock_path, e))?;
@@ -87,7 +87,7 @@ fn update(keep: impl Fn(&UtabEntry) -> bool, add: Option<&UtabEntry>) -> Result<
     let old = match std::fs::read_to_string(&utab) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(Error::Utab { path: utab, errno: Errno::from_io(&e) }),
+        Err(e) => return Err(Error::Utab { path: utab, errno: Errno::from_io(&e), undone: false }),
     };
     let mut out = String::new();
     for line in old.lines() {
@@ -112,7 +112,7 @@ fn update(keep: impl Fn(&UtabEntry) -> bool, add: Option<&UtabEntry>) -> Result<
     };
     if let Err(e) = write() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Utab { path: tmp, errno: Errno::from_io(&e) });
+        return Err(Error::Utab { path: tmp, errno: Errno::from_io(&e), undone: false });
     }
     rustix::fs::rename(&tmp, &utab).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

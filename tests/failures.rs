@@ -1,0 +1,653 @@
+//! Failures, signals and broken images: whatever goes wrong during a mount,
+//! nothing is left behind (no mount, loop device, scratch directory, state
+//! record, utab entry, temporary file or held upper lock).
+
+mod common;
+use common::*;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use sharedloop::interrupt::STEPS;
+
+const FP: &str = "SHAREDLOOP_FAILPOINT";
+const UPPER_SIZE: &str = "upper_size=64M";
+
+/// bottom <- mid <- top; returns (bottom, mid, top).
+fn chain3(env: &Env) -> (String, String, String) {
+    let a = env.add(None, None, &[("a.txt", E::File("a\n")), ("shared.txt", E::File("a\n"))]);
+    let b = env.add(Some(&a), None, &[("b.txt", E::File("b\n")), ("shared.txt", E::File("b\n"))]);
+    let c = env.add(Some(&b), Some("fail:top"), &[("c.txt", E::File("c\n"))]);
+    (a, b, c)
+}
+
+fn opts(env: &Env, extra: &str) -> String {
+    if extra.is_empty() { env.store_opts() } else { format!("{},{extra}", env.store_opts()) }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// mount(8), optionally with a failpoint.
+fn mount8(env: &Env, src: &str, target: &Path, extra: &str, fp: Option<&str>) -> Run {
+    let o = opts(env, extra);
+    let args = ["mount", "-t", "sharedloop", src, s(target), "-o", &o];
+    match fp {
+        Some(fp) => env.run_env(&args, &[(FP, fp)]),
+        None => env.run(&args),
+    }
+}
+
+/// Mount records (`*.json`) in the test's state directory.
+fn records(env: &Env) -> Vec<PathBuf> {
+    std::fs::read_dir(env.state.join("mounts"))
+        .map(|r| r.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect())
+        .unwrap_or_default()
+}
+
+/// Half-made upper images in either store's uppers directory.
+fn upper_temps(env: &Env) -> Vec<PathBuf> {
+    let mut v = vec![];
+    for d in [env.root.join("uppers"), env.fallback.join("uppers")] {
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            v.extend(rd.flatten().map(|e| e.path()).filter(|p| p.to_string_lossy().contains(".tmp.")));
+        }
+    }
+    v
+}
+
+/// The full "nothing left behind" check after a failed or undone mount.
+#[track_caller]
+fn assert_nothing_left(env: &Env, target: &Path, ctx: &str) {
+    env.assert_clean();
+    assert!(env.overlay_at(target).is_none(), "{ctx}: overlay left at {}", target.display());
+    let utab = env.utab();
+    assert!(!utab.contains(s(target)), "{ctx}: utab entry left: {utab}");
+    assert_eq!(records(env), Vec::<PathBuf>::new(), "{ctx}: state record left");
+    assert_eq!(upper_temps(env), Vec::<PathBuf>::new(), "{ctx}: upper temp file left");
+}
+
+/// A normal mount and umount with `extra` options; proves (among others)
+/// that an upper's lock was released by whatever came before.
+#[track_caller]
+fn mount_umount_ok(env: &Env, src: &str, target: &Path, extra: &str, ctx: &str) {
+    let r = mount8(env, src, target, extra, None);
+    assert_eq!(r.code, 0, "{ctx}: normal mount afterwards failed: {r:?}");
+    assert!(env.overlay_at(target).is_some(), "{ctx}: no overlay after a successful mount");
+    assert_eq!(records(env).len(), 1, "{ctx}: one state record while mounted");
+    env.run(&["umount", s(target)]).ok();
+    assert_nothing_left(env, target, &format!("{ctx} (after normal umount)"));
+}
+
+/// Inject `fp` and check the failure is reported and fully undone.
+#[track_caller]
+fn inject(env: &Env, src: &str, target: &Path, extra: &str, fp: &str, ctx: &str) {
+    let r = mount8(env, src, target, extra, Some(fp));
+    assert_eq!(r.code, 32, "{ctx}: want exit 32 for failpoint {fp}: {r:?}");
+    assert!(r.stderr.contains(&format!("injected failure at {fp}")), "{ctx}: stderr: {}", r.stderr);
+    assert_nothing_left(env, target, ctx);
+}
+
+#[test]
+fn every_step_fresh_named_upper() {
+    let env = Env::new("fp-fresh");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    for (i, step) in STEPS.iter().enumerate() {
+        let name = format!("fresh{i}");
+        let extra = format!("upper={name},{UPPER_SIZE}");
+        inject(&env, &top, &m, &extra, step, &format!("fresh upper, step {step}"));
+        // Before upper-create nothing may be created; at upper-create the
+        // failure comes before anything is written.
+        let img = env.root.join(format!("uppers/{name}.img"));
+        let idx = STEPS.iter().position(|x| *x == "upper-create").unwrap();
+        if i <= idx {
+            assert!(!img.exists(), "step {step}: upper image created before (or at) the failing step");
+        } else {
+            // Created (complete, renamed into place) before the failing step:
+            // kept, as an empty upper for the next mount.
+            assert!(img.is_file(), "step {step}: the upper made before the failure is kept");
+        }
+        mount_umount_ok(&env, &top, &m, &extra, &format!("fresh upper, after step {step}"));
+        assert!(img.is_file(), "step {step}: the normal mount created the upper");
+    }
+}
+
+#[test]
+fn steps_after_creation_existing_upper() {
+    let env = Env::new("fp-existing");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    let extra = format!("upper=u1,{UPPER_SIZE}");
+    // Create the upper and put a file in it.
+    mount8(&env, &top, &m, &extra, None).ok();
+    env.sh(&format!("echo kept > {}/mine.txt", m.display())).ok();
+    env.run(&["umount", s(&m)]).ok();
+    let img = env.root.join("uppers/u1.img");
+    let before = std::fs::metadata(&img).unwrap();
+    let after_create = STEPS.iter().position(|x| *x == "upper-create").unwrap() + 1;
+    for step in &STEPS[after_create..] {
+        inject(&env, &top, &m, &extra, step, &format!("existing upper, step {step}"));
+        let md = std::fs::metadata(&img).expect("existing upper must survive a failed mount");
+        assert_eq!(std::os::unix::fs::MetadataExt::ino(&md), std::os::unix::fs::MetadataExt::ino(&before));
+        // The lock is free again and the data intact.
+        mount8(&env, &top, &m, &extra, None).ok();
+        assert_eq!(read_in(&env, &m.join("mine.txt")).as_deref(), Some("kept\n"), "after step {step}");
+        env.run(&["umount", s(&m)]).ok();
+        assert_nothing_left(&env, &m, &format!("existing upper, after step {step}"));
+    }
+    // An existing upper never reaches upper-create: that failpoint is not hit.
+    mount8(&env, &top, &m, &extra, Some("upper-create")).ok();
+    env.run(&["umount", s(&m)]).ok();
+    assert_nothing_left(&env, &m, "existing upper, upper-create not hit");
+}
+
+#[test]
+fn middle_layer_failures() {
+    let env = Env::new("fp-middle");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    for (i, fp) in ["layer-attach@1", "layer-mount@1", "layer-attach@2", "layer-mount@2"].iter().enumerate() {
+        let extra = format!("upper=mid{i},{UPPER_SIZE}");
+        inject(&env, &top, &m, &extra, fp, &format!("3-layer chain, {fp}"));
+        mount_umount_ok(&env, &top, &m, &extra, &format!("3-layer chain, after {fp}"));
+    }
+    // An index past the chain is never hit: the mount succeeds.
+    mount8(&env, &top, &m, "", Some("layer-mount@3")).ok();
+    env.run(&["umount", s(&m)]).ok();
+    assert_nothing_left(&env, &m, "layer-mount@3 not hit");
+}
+
+#[test]
+fn steps_with_each_mount_api() {
+    let env = Env::new("fp-api");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    for api in ["fd", "path", "legacy"] {
+        for step in ["layer-mount", "layer-mount@1", "upper-mount", "overlay", "state", "utab"] {
+            let extra = format!("mount_api={api},upper=api-{api},{UPPER_SIZE}");
+            inject(&env, &top, &m, &extra, step, &format!("mount_api={api}, {step}"));
+            mount_umount_ok(&env, &top, &m, &extra, &format!("mount_api={api}, after {step}"));
+        }
+        // tmpfs upper and read-only mounts take the same paths.
+        for (extra, step) in [("upper=tmpfs", "upper-mount"), ("upper=tmpfs", "utab"), ("", "overlay"), ("", "state")] {
+            let extra = if extra.is_empty() { format!("mount_api={api}") } else { format!("mount_api={api},{extra}") };
+            inject(&env, &top, &m, &extra, step, &format!("{extra}, {step}"));
+            mount_umount_ok(&env, &top, &m, &extra, &format!("{extra}, after {step}"));
+        }
+    }
+}
+
+/// Failures of a second mount of the same layers, which reuses the first
+/// mount's loop devices, take nothing away from the first mount.
+#[test]
+fn failures_beside_a_live_mount() {
+    let env = Env::new("fp-shared");
+    let (_, _, top) = chain3(&env);
+    let m1 = env.mnt("m1");
+    let m2 = env.mnt("m2");
+    mount8(&env, &top, &m1, "", None).ok();
+    let loops = env.my_loops();
+    let mounts = env.my_mounts();
+    let utab = env.utab();
+    assert_eq!(loops.len(), 3);
+    for api in ["fd", "path", "legacy"] {
+        for fp in ["layer-mount@1", "layer-mount@2", "upper-mount", "overlay", "state", "utab"] {
+            let extra = format!("mount_api={api},upper=sh-{api},{UPPER_SIZE}");
+            let ctx = format!("beside a live mount, {api}, {fp}");
+            mount8(&env, &top, &m2, &extra, Some(fp)).fails(32, &format!("injected failure at {fp}"));
+            assert!(env.overlay_at(&m2).is_none(), "{ctx}");
+            // Only the upper's device (if any) may still be going away.
+            assert!(
+                wait_until(|| env.my_loops() == loops, Duration::from_secs(10)),
+                "{ctx}: loops {:?}, want {loops:?}",
+                env.my_loops()
+            );
+            assert_eq!(env.my_mounts(), mounts, "{ctx}");
+            assert_eq!(env.utab(), utab, "{ctx}");
+            assert_eq!(records(&env).len(), 1, "{ctx}");
+            assert_eq!(read_in(&env, &m1.join("shared.txt")).as_deref(), Some("b\n"), "{ctx}: first mount broken");
+        }
+    }
+    // A SIGKILLed second mount neither.
+    let p = spawn_paused(&env, &top, &m2, "", "overlay");
+    p.signal(libc::SIGKILL);
+    let _ = p.finish();
+    assert!(wait_until(|| env.my_loops() == loops, Duration::from_secs(10)), "{:?}", env.my_loops());
+    assert_eq!(read_in(&env, &m1.join("a.txt")).as_deref(), Some("a\n"));
+    env.run(&["umount", s(&m1)]).ok();
+    assert_nothing_left(&env, &m1, "after the first mount's umount");
+}
+
+fn wait_until(f: impl Fn() -> bool, t: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < t {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+// ---------------------------------------------------------------- signals
+
+/// A helper started in the namespace and stopped at a pause failpoint.
+struct Paused {
+    child: Child,
+    helper: u32,
+    stderr: mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<String>,
+}
+
+/// argv[0] of a process, if it still exists.
+fn argv0(pid: u32) -> Option<String> {
+    let b = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let first = b.split(|&c| c == 0).next()?;
+    Some(String::from_utf8_lossy(first).into_owned())
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = vec![];
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in rd.flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(c.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// The mount.sharedloop process at or below `root` (nsenter may exec it
+/// itself or fork it: look at the process and its descendants).
+fn find_helper(root: u32) -> u32 {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        let mut stack = vec![root];
+        while let Some(p) = stack.pop() {
+            if argv0(p).is_some_and(|a| a.ends_with("mount.sharedloop")) {
+                return p;
+            }
+            stack.extend(children(p));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("no mount.sharedloop process below {root}");
+}
+
+fn spawn_paused(env: &Env, src: &str, target: &Path, extra: &str, fp: &str) -> Paused {
+    spawn_paused_via(env, &["mount.sharedloop"], src, target, extra, fp)
+}
+
+/// The same, started by `prog` (the helper itself, or mount(8) which forks
+/// it: then the signal goes to the helper, not to mount(8)).
+fn spawn_paused_via(env: &Env, prog: &[&str], src: &str, target: &Path, extra: &str, fp: &str) -> Paused {
+    let o = opts(env, extra);
+    let mut argv: Vec<&str> = prog.to_vec();
+    argv.extend([src, s(target), "-o", &o]);
+    let mut c = env.command(&argv);
+    c.env(FP, format!("pause:{fp}")).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn helper");
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(err).lines() {
+            let Ok(l) = line else { break };
+            all.push_str(&l);
+            all.push('\n');
+            let _ = tx.send(l);
+        }
+        all
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(&format!("paused at {fp}")) => break,
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("helper never paused at {fp} ({e}): {}", reader.join().unwrap_or_default());
+            }
+        }
+    }
+    let helper = find_helper(child.id());
+    Paused { child, helper, stderr: rx, reader }
+}
+
+impl Paused {
+    fn signal(&self, sig: i32) {
+        let r = unsafe { libc::kill(self.helper as i32, sig) };
+        assert_eq!(r, 0, "kill({}, {sig})", self.helper);
+    }
+
+    /// Wait for the exit: (exit code or -signal, all of stderr).
+    fn finish(mut self) -> (i32, String) {
+        let st = self.child.wait().unwrap();
+        drop(self.stderr);
+        let err = self.reader.join().unwrap();
+        let code = st.code().unwrap_or_else(|| -std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0));
+        (code, err)
+    }
+}
+
+const PAUSE_STEPS: &[&str] = &["layer-mount@1", "upper-attach", "overlay"];
+
+#[test]
+fn sigterm_at_pause_points_undoes_everything() {
+    let env = Env::new("sigterm");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    let mut points: Vec<String> = PAUSE_STEPS.iter().map(|x| x.to_string()).collect();
+    points.extend(STEPS.iter().map(|x| x.to_string()));
+    for (i, fp) in points.iter().enumerate() {
+        let extra = format!("upper=term{i},{UPPER_SIZE}");
+        let p = spawn_paused(&env, &top, &m, &extra, fp);
+        if PAUSE_STEPS.contains(&fp.as_str()) {
+            assert!(!env.my_loops().is_empty(), "{fp}: paused helper should hold loop devices");
+        }
+        p.signal(libc::SIGTERM);
+        let (code, err) = p.finish();
+        assert_eq!(code, 8, "{fp}: want exit 8: {err}");
+        assert!(err.contains("mount.sharedloop: interrupted by signal, every step undone"), "{fp}: {err}");
+        assert_nothing_left(&env, &m, &format!("SIGTERM at {fp}"));
+        mount_umount_ok(&env, &top, &m, &extra, &format!("after SIGTERM at {fp}"));
+    }
+    // Through mount(8): the helper is its child; mount(8) passes 8 on.
+    for (i, api) in ["fd", "path", "legacy"].iter().enumerate() {
+        let extra = format!("mount_api={api},upper=term-m8-{i},{UPPER_SIZE}");
+        let p = spawn_paused_via(&env, &["mount", "-t", "sharedloop"], &top, &m, &extra, "overlay");
+        assert_ne!(p.helper, p.child.id(), "mount(8) forks the helper");
+        p.signal(libc::SIGTERM);
+        let (code, err) = p.finish();
+        assert_eq!(code, 8, "mount(8), {api}: {err}");
+        assert!(err.contains("interrupted"), "{err}");
+        assert_nothing_left(&env, &m, &format!("SIGTERM via mount(8), {api}"));
+        mount_umount_ok(&env, &top, &m, &extra, &format!("after SIGTERM via mount(8), {api}"));
+    }
+    // SIGINT and SIGHUP take the same path.
+    for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGHUP, "SIGHUP")] {
+        let extra = format!("upper=term-{name},{UPPER_SIZE}");
+        let p = spawn_paused(&env, &top, &m, &extra, "upper-mount");
+        p.signal(sig);
+        let (code, err) = p.finish();
+        assert_eq!(code, 8, "{name}: {err}");
+        assert_nothing_left(&env, &m, &format!("{name} at upper-mount"));
+        mount_umount_ok(&env, &top, &m, &extra, &format!("after {name}"));
+    }
+}
+
+#[test]
+fn sigkill_at_pause_points_leaves_nothing() {
+    let env = Env::new("sigkill");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    for (i, fp) in PAUSE_STEPS.iter().enumerate() {
+        let extra = format!("mount_api=fd,upper=kill{i},{UPPER_SIZE}");
+        let p = spawn_paused(&env, &top, &m, &extra, fp);
+        p.signal(libc::SIGKILL);
+        let (code, _) = p.finish();
+        assert_eq!(code, -libc::SIGKILL, "{fp}: the helper should die of SIGKILL");
+        assert!(env.overlay_at(&m).is_none(), "{fp}: overlay at target after SIGKILL");
+        // Loops go by autoclear, detached mounts with the process.
+        assert_nothing_left(&env, &m, &format!("SIGKILL at {fp}"));
+        // The OFD lock died with the process.
+        mount_umount_ok(&env, &top, &m, &extra, &format!("after SIGKILL at {fp}"));
+    }
+}
+
+/// SIGKILL after the overlay is attached (at the state or utab step) cannot
+/// be undone: what is left is a complete, working mount, lacking its utab
+/// entry (and, at state, its record). A plain umount(8) takes it down and
+/// frees everything; the stale record is pruned by the next helper umount.
+#[test]
+fn sigkill_after_attach_leaves_a_complete_mount() {
+    let env = Env::new("sigkill-late");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    for (i, fp) in ["state", "utab"].iter().enumerate() {
+        let extra = format!("upper=late{i},{UPPER_SIZE}");
+        let p = spawn_paused(&env, &top, &m, &extra, fp);
+        p.signal(libc::SIGKILL);
+        let (code, _) = p.finish();
+        assert_eq!(code, -libc::SIGKILL);
+        assert!(env.overlay_at(&m).is_some(), "{fp}: the attached overlay stays");
+        assert_eq!(read_in(&env, &m.join("c.txt")).as_deref(), Some("c\n"));
+        assert!(!env.utab().contains(s(&m)), "{fp}: no utab entry was written");
+        assert_eq!(records(&env).len(), usize::from(*fp == "utab"), "{fp}");
+        env.run(&["umount", s(&m)]).ok();
+        assert!(env.overlay_at(&m).is_none());
+        assert!(wait_no_loops(&env.dir, Duration::from_secs(10)), "{fp}: {:?}", env.my_loops());
+        env.assert_clean();
+        // Lock free: mounts again; the helper's umount prunes the stale record.
+        mount8(&env, &top, &m, &extra, None).ok();
+        env.run(&["umount", s(&m)]).ok();
+        assert_nothing_left(&env, &m, &format!("after SIGKILL at {fp}"));
+    }
+}
+
+/// With the path and legacy ways the layer mounts live in a scratch tmpfs
+/// attached in the namespace while the mount is assembled: SIGKILL there
+/// leaves that tmpfs, its layer mounts and their loop devices behind.
+#[test]
+fn sigkill_with_scratch_mount_apis() {
+    let env = Env::new("sigkill-scratch");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    for api in ["path", "legacy"] {
+        let p = spawn_paused(&env, &top, &m, &format!("mount_api={api}"), "overlay");
+        p.signal(libc::SIGKILL);
+        let _ = p.finish();
+        // These ways attach layer mounts under a scratch tmpfs (kernels
+        // without layer fds need it), so a SIGKILL leaves it until the next
+        // sharedloop command sweeps scratch whose owner is dead.
+        assert!(env.overlay_at(&m).is_none());
+        mount8(&env, &top, &m, "", None).ok();
+        env.run(&["umount", s(&m)]).ok();
+        assert_nothing_left(&env, &m, &format!("SIGKILL at overlay, mount_api={api}, after the sweep"));
+    }
+}
+
+// ---------------------------------------------------------------- umount -i
+
+#[test]
+fn umount_without_helper_frees_loops_and_lock() {
+    let env = Env::new("umount-i");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    for extra in ["", "upper=ui,upper_size=64M"] {
+        mount8(&env, &top, &m, extra, None).ok();
+        let n = env.my_loops().len();
+        assert_eq!(n, if extra.is_empty() { 3 } else { 4 }, "{extra:?}: {:?}", env.my_loops());
+        env.run(&["umount", "-i", s(&m)]).ok();
+        assert_eq!(env.utab(), "", "{extra:?}: umount(8) -i still removes its utab entry");
+        assert!(env.overlay_at(&m).is_none());
+        assert!(wait_no_loops(&env.dir, Duration::from_secs(10)), "{extra:?}: loops left after umount -i: {:?}", env.my_loops());
+        env.assert_clean();
+    }
+    // The upper's lock went with its loop device: it mounts again.
+    mount8(&env, &top, &m, "upper=ui", None).ok();
+    env.run(&["umount", s(&m)]).ok();
+    assert_nothing_left(&env, &m, "after umount -i");
+}
+
+// ---------------------------------------------------------------- corrupt images
+
+fn image_of(env: &Env, id: &str) -> PathBuf {
+    env.root.join("layers").join(&id[7..]).join("layer.img")
+}
+
+fn zero_at(path: &Path, offset: u64, len: usize) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&vec![0u8; len], offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn corrupt_layer_image() {
+    let env = Env::new("corrupt-layer");
+    let (_, mid, top) = chain3(&env);
+    // A second, independent chain for the truncated case.
+    let x = env.add(None, None, &[("x.txt", E::File("x\n"))]);
+    let y = env.add(Some(&x), None, &[("y.txt", E::File("y\n"))]);
+    let m = env.mnt("m");
+
+    zero_at(&image_of(&env, &mid), 1024, 1024);
+    let f = std::fs::OpenOptions::new().write(true).open(image_of(&env, &x)).unwrap();
+    f.set_len(4096).unwrap();
+    drop(f);
+
+    for (what, src, bad) in [("zeroed superblock", &top, &mid), ("truncated image", &y, &x)] {
+        for api in ["fd", "path", "legacy"] {
+            let ctx = format!("{what}, mount_api={api}");
+            let o = opts(&env, &format!("mount_api={api},upper=c-{api},{UPPER_SIZE}"));
+            let r = env.run(&["mount.sharedloop", src, s(&m), "-o", &o]);
+            assert_eq!(r.code, 32, "{ctx}: {r:?}");
+            assert!(r.stderr.starts_with("mount.sharedloop: "), "{ctx}: {}", r.stderr);
+            assert!(r.stderr.contains(&format!("layer {bad}")), "{ctx}: stderr must name the layer: {}", r.stderr);
+            assert!(r.stderr.contains("/dev/loop"), "{ctx}: stderr must name the device: {}", r.stderr);
+            assert!(
+                r.stderr.contains("Invalid argument") || r.stderr.contains("Structure needs cleaning") || r.stderr.contains("Input/output error"),
+                "{ctx}: stderr must give the errno text: {}",
+                r.stderr
+            );
+            assert_nothing_left(&env, &m, &ctx);
+        }
+    }
+}
+
+#[test]
+fn corrupt_upper_image() {
+    let env = Env::new("corrupt-upper");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    // Named upper, made by a first mount, then its start zeroed.
+    mount8(&env, &top, &m, "upper=cu,upper_size=64M", None).ok();
+    env.run(&["umount", s(&m)]).ok();
+    let img = env.root.join("uppers/cu.img");
+    zero_at(&img, 0, 8192);
+    // A file that is no image at all, given by path.
+    let junk = env.dir.join("junk.img");
+    std::fs::write(&junk, vec![0u8; 1 << 20]).unwrap();
+    for (extra, path) in [("upper=cu".to_string(), img.clone()), (format!("upper={}", junk.display()), junk.clone())] {
+        for api in ["fd", "legacy"] {
+            let o = opts(&env, &format!("{extra},mount_api={api}"));
+            let r = env.run(&["mount.sharedloop", &top, s(&m), "-o", &o]);
+            r.fails(32, &format!("upper image {}: no ext4 or xfs filesystem found", path.display()));
+            assert_nothing_left(&env, &m, &format!("{extra} {api}"));
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), if path == img { 64 << 20 } else { 1 << 20 }, "the image is left as it was");
+        }
+    }
+    // Superblock intact (the magic is found) but the group descriptors
+    // zeroed: the kernel refuses it at upper-mount, with the device named.
+    let img2 = env.root.join("uppers/cu2.img");
+    mount8(&env, &top, &m, "upper=cu2,upper_size=64M", None).ok();
+    env.run(&["umount", s(&m)]).ok();
+    zero_at(&img2, 2048, 62 * 1024);
+    for api in ["fd", "path", "legacy"] {
+        let o = opts(&env, &format!("upper=cu2,mount_api={api}"));
+        let r = env.run(&["mount.sharedloop", &top, s(&m), "-o", &o]);
+        assert_eq!(r.code, 32, "{api}: {r:?}");
+        assert!(r.stderr.contains(&format!("upper {}", img2.display())), "{api}: {}", r.stderr);
+        assert!(r.stderr.contains("/dev/loop"), "{api}: {}", r.stderr);
+        assert!(r.stderr.contains("Structure needs cleaning") || r.stderr.contains("Invalid argument"), "{api}: {}", r.stderr);
+        assert_nothing_left(&env, &m, &format!("corrupt descriptors, {api}"));
+    }
+}
+
+// ---------------------------------------------------------------- full and read-only stores
+
+#[test]
+fn full_filesystem_for_upper() {
+    let env = Env::new("full");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    let small = env.dir.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    env.sh(&format!("mount -t tmpfs -o size=128k sl-small {}", small.display())).ok();
+    let up = small.join("u.img");
+    let o = opts(&env, &format!("upper={},upper_size=64M", up.display()));
+    let r = env.run(&["mount.sharedloop", &top, s(&m), "-o", &o]);
+    r.fails(32, "create upper filesystem");
+    assert!(r.stderr.contains("mkfs.ext4"), "{}", r.stderr);
+    assert!(r.stderr.contains("No space left on device"), "{}", r.stderr);
+    let left: Vec<String> = list_in(&env, &small);
+    assert!(left.is_empty(), "files left on the full filesystem: {left:?}");
+    assert!(env.overlay_at(&m).is_none());
+    assert_eq!(records(&env), Vec::<PathBuf>::new());
+    // Same through mount(8), which passes the code on.
+    mount8(&env, &top, &m, &format!("upper={},upper_size=64M", up.display()), None).fails(32, "No space left on device");
+    assert!(list_in(&env, &small).is_empty());
+    env.sh(&format!("umount {}", small.display())).ok();
+    assert_nothing_left(&env, &m, "full filesystem");
+}
+
+#[test]
+fn read_only_root_puts_upper_in_fallback() {
+    let env = Env::new("ro-root");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    let r = s(&env.root).to_string();
+    // An upper made while the root was writable.
+    mount8(&env, &top, &m, "upper=u3,upper_size=64M", None).ok();
+    env.run(&["umount", s(&m)]).ok();
+    env.sh(&format!("mount --bind {r} {r} && mount -o remount,bind,ro {r}")).ok();
+    assert!(env.sh(&format!("touch {r}/probe")).code != 0, "root should be read-only now");
+    mount8(&env, &top, &m, "upper=u2,upper_size=64M", None).ok();
+    assert!(env.fallback.join("uppers/u2.img").is_file(), "upper not created in the fallback");
+    assert!(!env.root.join("uppers/u2.img").exists());
+    env.sh(&format!("echo hi > {}/w.txt", m.display())).ok();
+    env.run(&["umount", s(&m)]).ok();
+    // Found again in the fallback on the next mount, with its content.
+    mount8(&env, &top, &m, "upper=u2", None).ok();
+    assert_eq!(read_in(&env, &m.join("w.txt")).as_deref(), Some("hi\n"));
+    env.run(&["umount", s(&m)]).ok();
+    // An upper that exists in the (now read-only) root cannot be opened for
+    // writing there, and is not silently forked into the fallback.
+    let rr = env.run(&["mount.sharedloop", &top, s(&m), "-o", &opts(&env, "upper=u3")]);
+    rr.fails(32, &format!("upper u3: open: {r}/uppers/u3.img: Read-only file system"));
+    assert!(!env.fallback.join("uppers/u3.img").exists());
+    assert!(env.overlay_at(&m).is_none());
+    assert!(wait_no_loops(&env.dir, Duration::from_secs(10)), "{:?}", env.my_loops());
+    assert_eq!(records(&env), Vec::<PathBuf>::new());
+    // Read-only mounts need nothing written.
+    mount8(&env, &top, &m, "", None).ok();
+    env.run(&["umount", s(&m)]).ok();
+    env.sh(&format!("umount {r}")).ok();
+    assert_nothing_left(&env, &m, "read-only root");
+}
+
+// ---------------------------------------------------------------- utab
+
+/// utab cannot be written: exit 16 with the path and errno, and the mount
+/// is undone like any other failed step (its lock released); `-n` skips
+/// utab and mounts.
+#[test]
+fn utab_unwritable() {
+    let env = Env::new("utab-ro");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    env.sh("mount -o remount,ro /run/mount").ok();
+    let extra = format!("upper=ut,{UPPER_SIZE}");
+    let o = opts(&env, &extra);
+    let r = env.run(&["mount.sharedloop", &top, s(&m), "-o", &o]);
+    r.fails(16, "mount.sharedloop: utab: /run/mount/utab.lock: Read-only file system");
+    assert_nothing_left(&env, &m, "utab read-only, helper");
+    mount8(&env, &top, &m, &extra, None).fails(16, "utab: /run/mount/utab.lock: Read-only file system");
+    assert_nothing_left(&env, &m, "utab read-only, mount(8)");
+    // -n: no utab, mounted; the helper's umount with -n takes it down.
+    env.run(&["mount.sharedloop", &top, s(&m), "-n", "-o", &o]).ok();
+    assert!(env.overlay_at(&m).is_some());
+    env.run(&["umount.sharedloop", s(&m), "-n"]).ok();
+    assert_nothing_left(&env, &m, "-n");
+    env.sh("mount -o remount,rw /run/mount").ok();
+    mount_umount_ok(&env, &top, &m, &extra, "utab writable again");
+}
