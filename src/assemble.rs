@@ -14,6 +14,8 @@
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rustix::mount::{MountAttrFlags, MountFlags, UnmountFlags};
 
@@ -184,11 +186,97 @@ fn attrs_for_layer() -> MountAttrFlags {
     MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOSUID
 }
 
+/// Up to this many threads attach and mount new layers. A new layer's time
+/// is mostly waiting (the flush of a direct-I/O attach, ext4 starting a
+/// worker per superblock), so more threads than cores pay: on 2 cores a
+/// first mount of 128 ext4 layers took 126 ms on 1 thread, 80 ms on 8 and
+/// 66 ms on 16. Layers whose device is already attached are mounted on the
+/// calling thread instead: that is cheap CPU work that threads only make
+/// contend (1 thread 6 ms, 8 threads 9-11 ms for 128).
+const LAYER_THREADS: usize = 16;
+
 impl Plan {
-    fn layer_loop(&self, idx: &LoopIndex, layer: &Layer, i: usize) -> Result<LoopDevice> {
+    /// `f` for every layer, results in layer order. Layers with a device
+    /// found in `idx` go first, one by one; the rest on a pool of threads.
+    /// On a failure the others stop taking new layers, what was done is
+    /// dropped (and so undone), and the error of the lowest failing index
+    /// is returned.
+    fn for_each_layer<T: Send>(
+        &self,
+        idx: &LoopIndex,
+        f: impl Fn(usize, &Layer, Option<LoopDevice>) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        let n = self.layers.len();
+        let slots: Vec<Mutex<Option<Result<T>>>> = (0..n).map(|_| Mutex::new(None)).collect();
+        let put = |i: usize, r: Result<T>| *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        let mut pending = Vec::new();
+        let mut failed = false;
+        for (i, l) in self.layers.iter().enumerate() {
+            let found = if self.uses_loop(l) { idx.find(&l.image, &l.image_path)? } else { None };
+            match found {
+                Some(dev) => {
+                    let r = f(i, l, Some(dev));
+                    failed = r.is_err();
+                    put(i, r);
+                    if failed {
+                        break;
+                    }
+                }
+                None => pending.push(i),
+            }
+        }
+        if !failed && !pending.is_empty() {
+            let next = AtomicUsize::new(0);
+            let stop = AtomicBool::new(false);
+            let workers = LAYER_THREADS.min(pending.len());
+            let work = || {
+                while !stop.load(Ordering::SeqCst) {
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(&i) = pending.get(k) else { break };
+                    let r = f(i, &self.layers[i], None);
+                    if r.is_err() {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                    put(i, r);
+                }
+            };
+            if workers == 1 {
+                work();
+            } else {
+                std::thread::scope(|sc| {
+                    for _ in 0..workers {
+                        sc.spawn(work);
+                    }
+                });
+            }
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut first_err = None;
+        for slot in slots {
+            match slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                Some(Ok(v)) => out.push(v),
+                Some(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                None => {}
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None if out.len() == n => Ok(out),
+            None => Err(Error::Internal("layer setup stopped without an error".into())),
+        }
+    }
+
+    fn uses_loop(&self, l: &Layer) -> bool {
+        !(l.meta.fstype == FsType::Erofs && self.erofs_from_file && self.api != MountApi::Legacy)
+    }
+
+    /// The layer's loop device: the one found already attached, or a new one.
+    fn layer_loop(&self, found: Option<LoopDevice>, layer: &Layer, i: usize) -> Result<LoopDevice> {
         step("layer-attach", Some(i))?;
-        if let Some(dev) = idx.find(&layer.image)? {
-            log::debug!("layer {}: reusing /dev/loop{}", layer.meta.chain_id.short(), dev.number);
+        if let Some(dev) = found {
+            log::trace!("layer {}: reusing /dev/loop{}", layer.meta.chain_id.short(), dev.number);
             return Ok(dev);
         }
         let dev = loopdev::attach(
@@ -197,15 +285,15 @@ impl Plan {
             AttachOptions { read_only: true, direct_io: self.direct_io, configure: self.loop_configure },
         )
         .map_err(|e| e.context(&format!("layer {}", layer.meta.chain_id)))?;
-        log::debug!("layer {}: attached /dev/loop{}", layer.meta.chain_id.short(), dev.number);
+        log::trace!("layer {}: attached /dev/loop{}", layer.meta.chain_id.short(), dev.number);
         Ok(dev)
     }
 
     /// Layer `i` as a detached read-only mount (fd and path ways).
-    fn layer_detached(&self, idx: &LoopIndex, layer: &Layer, i: usize) -> Result<LayerReady> {
+    fn layer_detached(&self, found: Option<LoopDevice>, layer: &Layer, i: usize) -> Result<LayerReady> {
         let what = format!("layer {}", layer.meta.chain_id);
         let fstype = layer.meta.fstype.as_str();
-        let (ctx, dev) = if layer.meta.fstype == FsType::Erofs && self.erofs_from_file {
+        let (ctx, dev) = if !self.uses_loop(layer) {
             // erofs reads the image file itself (6.12+): no loop device.
             step("layer-attach", Some(i))?;
             let src = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&layer.image));
@@ -213,7 +301,7 @@ impl Plan {
             ctx.set_string("source", &src)?;
             (ctx, None)
         } else {
-            let dev = self.layer_loop(idx, layer, i)?;
+            let dev = self.layer_loop(found, layer, i)?;
             let ctx = FsContext::open(fstype, &what, dev.path())?;
             ctx.set_string("source", &dev.path().to_string_lossy())?;
             (ctx, Some(dev))
@@ -236,8 +324,8 @@ impl Plan {
     }
 
     /// Layer `i` mounted with mount(2) at `dir` (legacy way).
-    fn layer_legacy(&self, idx: &LoopIndex, layer: &Layer, i: usize, dir: &Path) -> Result<LayerReady> {
-        let dev = self.layer_loop(idx, layer, i)?;
+    fn layer_legacy(&self, found: Option<LoopDevice>, layer: &Layer, i: usize, dir: &Path) -> Result<LayerReady> {
+        let dev = self.layer_loop(found, layer, i)?;
         step("layer-mount", Some(i))?;
         rustix::mount::mount(
             dev.path(),
@@ -268,14 +356,15 @@ impl Plan {
     }
 
     fn run_fd(&self) -> Result<Outcome> {
+        let t = std::time::Instant::now();
         let lock = AttachLock::take(&self.state_dir)?;
         let idx = LoopIndex::scan();
-        let mut ready = Vec::with_capacity(self.layers.len());
-        for (i, l) in self.layers.iter().enumerate() {
-            ready.push(self.layer_detached(&idx, l, i)?);
-        }
+        log::debug!("lock and loop index: {:?}", t.elapsed());
+        let ready = self.for_each_layer(&idx, |i, l, found| self.layer_detached(found, l, i))?;
         drop(lock);
+        log::debug!("layers ready: {:?}", t.elapsed());
         let upper = self.prepare_upper()?;
+        log::debug!("upper ready: {:?}", t.elapsed());
         step("overlay", None)?;
         let ctx = self.overlay_ctx()?;
         for (r, l) in ready.iter().zip(&self.layers) {
@@ -292,23 +381,28 @@ impl Plan {
             ctx.set_fd("workdir", &u.work_dir)?;
         }
         let mounted = self.finish_overlay(&ctx, upper.is_none())?;
-        Ok(Outcome { mounted, layers: ready.into_iter().map(|r| r.record).collect(), upper: upper.map(|u| u.record) })
+        log::debug!("overlay mounted: {:?}", t.elapsed());
+        // The context first: it holds a reference to every layer mount, and
+        // releasing those before our fds makes the fds' close cheaper
+        // (measured 1 ms instead of 4-5 for 128 layers).
+        drop(ctx);
+        let records: Vec<_> = ready.into_iter().map(|r| r.record).collect();
+        log::debug!("layer mounts released: {:?}", t.elapsed());
+        Ok(Outcome { mounted, layers: records, upper: upper.map(|u| u.record) })
     }
 
     fn run_path(&self) -> Result<Outcome> {
         let scratch = Scratch::new(&self.state_dir)?;
         let lock = AttachLock::take(&self.state_dir)?;
         let idx = LoopIndex::scan();
-        let mut ready = Vec::with_capacity(self.layers.len());
-        let mut dirs = Vec::with_capacity(self.layers.len());
-        for (i, l) in self.layers.iter().enumerate() {
-            let r = self.layer_detached(&idx, l, i)?;
+        let pairs = self.for_each_layer(&idx, |i, l, found| {
+            let r = self.layer_detached(found, l, i)?;
             let d = scratch.sub(&i.to_string())?;
             attach_at(r.mnt.as_ref().expect("detached"), &d)?;
-            dirs.push(d);
-            ready.push(r);
-        }
+            Ok((r, d))
+        })?;
         drop(lock);
+        let (ready, mut dirs): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
         let upper = self.prepare_upper()?;
         if self.needs_empty_lower(upper.is_some()) {
             dirs.push(scratch.sub("empty")?);
@@ -333,11 +427,10 @@ impl Plan {
         let scratch = Scratch::new(&self.state_dir)?;
         let lock = AttachLock::take(&self.state_dir)?;
         let idx = LoopIndex::scan();
-        let mut ready = Vec::with_capacity(self.layers.len());
-        for (i, l) in self.layers.iter().enumerate() {
+        let ready = self.for_each_layer(&idx, |i, l, found| {
             let d = scratch.sub(&i.to_string())?;
-            ready.push(self.layer_legacy(&idx, l, i, &d)?);
-        }
+            self.layer_legacy(found, l, i, &d)
+        })?;
         drop(lock);
         let upper = self.prepare_upper()?;
         let mut lowers = self.layers.len();

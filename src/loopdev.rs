@@ -52,32 +52,31 @@ pub fn backing_file(n: u32) -> Option<String> {
     std::fs::read_to_string(sys_dir(n).join("backing_file")).ok().map(|s| s.trim_end_matches('\n').to_string())
 }
 
-/// The kernel's name for the file behind `fd`, as sysfs would print it.
-pub fn fd_path(fd: impl AsFd) -> Result<String> {
-    let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()));
-    std::fs::read_link(&link)
-        .map(|p| p.to_string_lossy().into_owned())
-        .map_err(|e| Error::io("readlink", link, &e))
-}
-
-/// Attached loop devices by backing file path, read once per mount from
-/// sysfs. Only a hint: a candidate is confirmed with LOOP_GET_STATUS64 on
-/// an fd we hold.
+/// Attached loop devices by backing file path, read once per mount. Only a
+/// hint: a candidate is confirmed with LOOP_GET_STATUS64 on an fd we hold.
 #[derive(Debug, Default)]
 pub struct LoopIndex {
     by_path: HashMap<String, Vec<u32>>,
 }
 
 impl LoopIndex {
+    /// /proc/partitions lists only loop devices with a backing file (a
+    /// detached one has no capacity and is not shown), so the cost follows
+    /// the devices in use, not the hundreds of idle ones a busy node keeps.
     pub fn scan() -> LoopIndex {
+        let text = std::fs::read_to_string("/proc/partitions").unwrap_or_default();
+        Self::from_partitions(&text, backing_file)
+    }
+
+    fn from_partitions(text: &str, backing: impl Fn(u32) -> Option<String>) -> LoopIndex {
         let mut idx = LoopIndex::default();
-        let Ok(rd) = std::fs::read_dir("/sys/block") else { return idx };
-        for ent in rd.flatten() {
-            let name = ent.file_name();
-            let Some(n) = name.to_str().and_then(|s| s.strip_prefix("loop")).and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            if let Some(p) = backing_file(n) {
+        for n in text
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(3))
+            .filter_map(|name| name.strip_prefix("loop"))
+            .filter_map(|num| num.parse::<u32>().ok())
+        {
+            if let Some(p) = backing(n) {
                 idx.by_path.entry(p).or_default().push(n);
             }
         }
@@ -86,10 +85,13 @@ impl LoopIndex {
 
     /// An attached read-only autoclear device backed by exactly this file
     /// (same st_dev/st_ino, whole file), opened and re-checked.
-    pub fn find(&self, backing: impl AsFd) -> Result<Option<LoopDevice>> {
-        let path = fd_path(&backing)?;
-        let Some(cands) = self.by_path.get(&path) else { return Ok(None) };
-        let st = rustix::fs::fstat(&backing).map_err(|e| Error::sys("stat", &path, e))?;
+    ///
+    /// `path` is the image's canonical path, which is what the kernel shows
+    /// as backing_file; a path that differs (other mount namespace views)
+    /// only costs the sharing, never correctness.
+    pub fn find(&self, backing: impl AsFd, path: &Path) -> Result<Option<LoopDevice>> {
+        let Some(cands) = path.to_str().and_then(|p| self.by_path.get(p)) else { return Ok(None) };
+        let st = rustix::fs::fstat(&backing).map_err(|e| Error::sys("stat", path, e))?;
         for &n in cands {
             // ENOENT/ENXIO: gone since the scan; not an error.
             let Ok(fd) = rustix::fs::open(dev_path(n), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) else {
@@ -208,5 +210,22 @@ pub fn wait_detached(n: u32, backing: &str, timeout: Duration) -> bool {
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_from_partitions() {
+        let text = "major minor  #blocks  name\n\n 254        0  264241152 vda\n   7        0       4096 loop0\n   7        3       4096 loop3\n 259        0       4096 loop12p1\n";
+        let idx = LoopIndex::from_partitions(text, |n| match n {
+            0 => Some("/s/a.img".into()),
+            3 => Some("/s/a.img".into()),
+            _ => None, // gone since /proc/partitions was read
+        });
+        assert_eq!(idx.by_path.get("/s/a.img"), Some(&vec![0, 3]));
+        assert_eq!(idx.by_path.len(), 1);
     }
 }

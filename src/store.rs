@@ -17,9 +17,9 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
@@ -134,6 +134,18 @@ pub struct Layer {
 pub struct Store {
     pub root: PathBuf,
     pub fallback: PathBuf,
+    /// Store directories opened once per process (a 500-layer chain would
+    /// otherwise open each twice per layer). Only successes are kept: a
+    /// directory missing now may be created later by this same process.
+    handles: Arc<[Mutex<Option<Arc<DirHandle>>>; 2]>,
+}
+
+/// An open store directory and its canonical path: the path the kernel
+/// prints for files below it (as in a loop device's backing_file).
+#[derive(Debug)]
+pub struct DirHandle {
+    pub path: PathBuf,
+    pub fd: OwnedFd,
 }
 
 /// The errors for which the original driver tries the fallback directory.
@@ -178,13 +190,22 @@ pub fn openat_beneath(
     })
 }
 
+/// A small file in as few reads as possible (one, for metadata).
 fn read_small(fd: OwnedFd, path: &Path, limit: u64) -> Result<String> {
-    let mut s = String::new();
-    std::fs::File::from(fd)
-        .take(limit)
-        .read_to_string(&mut s)
-        .map_err(|e| Error::io("read", path, &e))?;
-    Ok(s)
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        let n = rustix::io::read(&fd, &mut buf[len..]).map_err(|e| Error::sys("read", path, e))?;
+        len += n;
+        if n == 0 || len as u64 >= limit {
+            break;
+        }
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+    buf.truncate(len.min(limit as usize));
+    String::from_utf8(buf).map_err(|_| Error::Store(format!("{}: not UTF-8 text", path.display())))
 }
 
 impl Store {
@@ -192,7 +213,24 @@ impl Store {
         Store {
             root: root.into(),
             fallback: fallback.into(),
+            handles: Arc::new([Mutex::new(None), Mutex::new(None)]),
         }
+    }
+
+    /// The open store directory `w` (an error such as ENOENT if it is not
+    /// there, which the fallback rule then judges).
+    pub fn handle(&self, w: Which) -> Result<Arc<DirHandle>> {
+        let slot = &self.handles[w as usize];
+        let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = g.as_ref() {
+            return Ok(Arc::clone(h));
+        }
+        let dir = self.dir(w);
+        let fd = open_dir(dir)?;
+        let path = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let h = Arc::new(DirHandle { path, fd });
+        *g = Some(Arc::clone(&h));
+        Ok(h)
     }
 
     pub fn dir(&self, w: Which) -> &Path {
@@ -224,9 +262,14 @@ impl Store {
 
     /// Read and validate one layer's metadata from one store directory.
     pub fn read_meta_in(dir: &Path, id: &Digest) -> Result<LayerMeta> {
+        let h = DirHandle { path: dir.to_path_buf(), fd: open_dir(dir)? };
+        Self::read_meta_at(&h, id)
+    }
+
+    fn read_meta_at(h: &DirHandle, id: &Digest) -> Result<LayerMeta> {
         let rel = Self::meta_rel(id);
-        let fd = open_beneath(dir, &rel, OFlags::RDONLY, Mode::empty())?;
-        let path = dir.join(&rel);
+        let fd = openat_beneath(&h.fd, &h.path, &rel, OFlags::RDONLY, Mode::empty())?;
+        let path = h.path.join(&rel);
         let text = read_small(fd, &path, 1 << 16)?;
         let meta: LayerMeta = serde_json::from_str(&text).map_err(|e| {
             Error::Store(format!("layer {id}: {}: corrupt metadata: {e}", path.display()))
@@ -238,10 +281,12 @@ impl Store {
 
     /// Find a layer by full chain ID, root first, and open its image.
     pub fn open_layer(&self, id: &Digest) -> Result<Layer> {
-        self.with_fallback(|dir, which| {
-            let meta = Self::read_meta_in(dir, id)?;
+        self.with_fallback(|_, which| {
+            let h = self.handle(which)?;
+            let dir = &h.path;
+            let meta = Self::read_meta_at(&h, id)?;
             let rel = format!("layers/{}/layer.img", id.hex());
-            let image = open_beneath(dir, &rel, OFlags::RDONLY, Mode::empty()).map_err(|e| match e.errno() {
+            let image = openat_beneath(&h.fd, dir, &rel, OFlags::RDONLY, Mode::empty()).map_err(|e| match e.errno() {
                 // Publishing is atomic, so metadata without its image is damage,
                 // not "not here": say so instead of looking in the fallback.
                 Some(Errno::NOENT) => Error::Store(format!(
@@ -381,7 +426,7 @@ impl Store {
 
     /// Is this layer in either store already?
     pub fn has_layer(&self, id: &Digest) -> Result<Option<Which>> {
-        match self.with_fallback(|dir, which| Self::read_meta_in(dir, id).map(|_| which)) {
+        match self.with_fallback(|_, which| Self::read_meta_at(&*self.handle(which)?, id).map(|_| which)) {
             Ok(w) => Ok(Some(w)),
             Err(e) if e.errno().is_some_and(falls_back) => Ok(None),
             Err(e) => Err(e),
