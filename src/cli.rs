@@ -39,6 +39,18 @@ enum Cmd {
         #[arg(long, default_value = "ext4", value_parser = ["ext4", "xfs", "erofs"])]
         fstype: String,
     },
+    /// The driver, its store, what the kernel offers, and the active mounts
+    Status {
+        /// One JSON document instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// The active sharedloop mounts on this node
+    Mounts {
+        /// One JSON document instead of text
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn main(args: &[String]) -> Result<()> {
@@ -64,6 +76,24 @@ pub fn main(args: &[String]) -> Result<()> {
     let (opts, _) = effective_options(&o, false)?;
     let store = store_of(&opts);
     match cli.cmd {
+        Cmd::Status { json } => {
+            let st = crate::status::gather(&store, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st).expect("serialize"));
+            } else {
+                print!("{}", crate::status::format_status(&st));
+            }
+            Ok(())
+        }
+        Cmd::Mounts { json } => {
+            let ms = crate::status::mounts_info(&crate::status::mounts()?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ms).expect("serialize"));
+            } else {
+                print!("{}", crate::status::format_mounts(&ms));
+            }
+            Ok(())
+        }
         Cmd::Add { dir, parent, name, fstype } => {
             let parent = parent.map(|p| store.resolve(&crate::ids::LayerRef::parse(&p)?)).transpose()?;
             let name = name.map(|n| crate::ids::Name::parse(&n)).transpose()?;

@@ -21,3 +21,4 @@ pub mod mountapi;
 pub mod state;
 pub mod upper;
 pub mod cli;
+pub mod status;

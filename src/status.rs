@@ -1,0 +1,361 @@
+//! `sharedloop status` and `sharedloop mounts`: what the driver is, where its
+//! store is, what the kernel offers, and what is mounted now. Gathering
+//! (I/O) is kept apart from formatting (pure), so the text is testable.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::assemble;
+use crate::error::Result;
+use crate::kernel::Version;
+use crate::mountinfo;
+use crate::opts::{MountApi, MountOptions};
+use crate::state::{self, MountRecord};
+use crate::store::Store;
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Status {
+    pub storage_driver: &'static str,
+    /// The filesystem the root store sits on, named as docker names them.
+    pub backing_filesystem: String,
+    pub loopback_root: PathBuf,
+    pub loopback_fallback: PathBuf,
+    pub kernel: KernelInfo,
+    pub store: StoreTotals,
+    pub mounts: Vec<MountInfo>,
+    /// Layers attached on this node by the mounts above, with how many
+    /// mounts share each.
+    pub layers_in_use: Vec<LayerUse>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct KernelInfo {
+    pub release: String,
+    pub multiple_lower_layers: bool,
+    pub loop_configure: bool,
+    pub lowerdir_add: bool,
+    pub layers_as_fds: bool,
+    pub erofs_from_file: bool,
+    /// The way a mount with mount_api=auto (or the configured one) is made.
+    pub mount_api: String,
+}
+
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct StoreDirTotals {
+    pub layers: u64,
+    /// Apparent size of the layer images.
+    pub layer_bytes: u64,
+    pub names: u64,
+    pub uppers: u64,
+    pub upper_bytes: u64,
+    /// false if the directory is missing or unreadable.
+    pub present: bool,
+}
+
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct StoreTotals {
+    pub root: StoreDirTotals,
+    pub fallback: StoreDirTotals,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct MountInfo {
+    pub target: PathBuf,
+    pub source: String,
+    pub top: String,
+    pub layers: usize,
+    pub loop_devices: Vec<String>,
+    pub upper: Option<String>,
+    pub mount_api: String,
+    pub since: u64,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct LayerUse {
+    pub chain_id: String,
+    pub loop_device: Option<String>,
+    pub image: PathBuf,
+    pub mounts: usize,
+}
+
+/// docker's names for backing filesystems, by statfs magic.
+pub fn fs_name(magic: i64) -> String {
+    match magic as u32 {
+        0xEF53 => "extfs".into(),
+        0x5846_5342 => "xfs".into(),
+        0x6969 => "nfs".into(),
+        0x0102_1994 => "tmpfs".into(),
+        0x794C_7630 => "overlayfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0x0BD0_0BD0 => "lustre".into(),
+        0x4750_4653 => "gpfs".into(),
+        0x00C3_6400 => "ceph".into(),
+        0x1983_0326 => "beegfs".into(),
+        0x6573_5546 => "fuse".into(),
+        0x2FC1_2FC1 => "zfs".into(),
+        0xFF53_4D42 => "cifs".into(),
+        0xE0F5_E1E2 => "erofs".into(),
+        m => format!("<unknown 0x{m:x}>"),
+    }
+}
+
+/// The filesystem `p` is on, or that of its nearest existing ancestor
+/// (a store directory may not exist yet).
+fn backing_fs(p: &Path) -> String {
+    let mut cur = Some(p);
+    while let Some(d) = cur {
+        if let Ok(st) = rustix::fs::statfs(d) {
+            return fs_name(st.f_type as i64);
+        }
+        cur = d.parent();
+    }
+    "<unknown>".into()
+}
+
+fn dir_totals(dir: &Path) -> StoreDirTotals {
+    let mut t = StoreDirTotals::default();
+    let Ok(_) = std::fs::metadata(dir) else { return t };
+    t.present = true;
+    if let Ok(rd) = std::fs::read_dir(dir.join("layers")) {
+        for e in rd.flatten() {
+            if let Ok(m) = std::fs::metadata(e.path().join("layer.img")) {
+                t.layers += 1;
+                t.layer_bytes += m.len();
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(dir.join("names")) {
+        t.names = rd.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).count() as u64;
+    }
+    if let Ok(rd) = std::fs::read_dir(dir.join("uppers")) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !n.starts_with('.') && n.ends_with(".img") {
+                t.uppers += 1;
+                t.upper_bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    t
+}
+
+/// The active mounts on this node that this namespace can see or that were
+/// made in another namespace (those keep their record).
+pub fn mounts() -> Result<Vec<MountRecord>> {
+    let mi = mountinfo::read()?;
+    let mut recs = state::live(&mi);
+    recs.sort_by(|a, b| a.target.cmp(&b.target));
+    Ok(recs)
+}
+
+fn mount_info(r: &MountRecord) -> MountInfo {
+    MountInfo {
+        target: r.target.clone(),
+        source: r.source.clone(),
+        top: r.chain.first().map(|l| l.chain_id.to_string()).unwrap_or_default(),
+        layers: r.chain.len(),
+        loop_devices: r.loops().map(|l| format!("/dev/loop{}", l.number)).collect(),
+        upper: r.upper.as_ref().map(|u| match (&u.image, &u.loop_dev) {
+            (Some(img), Some(l)) => format!("{} (/dev/loop{}, {})", img.display(), l.number, u.fstype),
+            (Some(img), None) => img.display().to_string(),
+            _ => u.kind.clone(),
+        }),
+        mount_api: r.mount_api.clone(),
+        since: r.created,
+    }
+}
+
+fn layers_in_use(recs: &[MountRecord]) -> Vec<LayerUse> {
+    let mut by: BTreeMap<String, LayerUse> = BTreeMap::new();
+    for r in recs {
+        for l in &r.chain {
+            let e = by.entry(l.chain_id.to_string()).or_insert_with(|| LayerUse {
+                chain_id: l.chain_id.to_string(),
+                loop_device: l.loop_dev.as_ref().map(|d| format!("/dev/loop{}", d.number)),
+                image: l.image.clone(),
+                mounts: 0,
+            });
+            e.mounts += 1;
+        }
+    }
+    by.into_values().collect()
+}
+
+pub fn gather(store: &Store, opts: &MountOptions) -> Result<Status> {
+    let k = Version::running()?;
+    let release = std::fs::read_to_string(crate::kernel::OSRELEASE).unwrap_or_default().trim().to_string();
+    let recs = mounts()?;
+    Ok(Status {
+        storage_driver: "sharedloop",
+        backing_filesystem: backing_fs(&store.root),
+        loopback_root: store.root.clone(),
+        loopback_fallback: store.fallback.clone(),
+        kernel: KernelInfo {
+            release,
+            multiple_lower_layers: k.has_multi_lower(),
+            loop_configure: k.has_loop_configure(),
+            lowerdir_add: k.has_lowerdir_add(),
+            layers_as_fds: k.has_layer_fds(),
+            erofs_from_file: k.has_erofs_file_backed(),
+            mount_api: assemble::api_name(assemble::resolve_api(opts.mount_api.unwrap_or(MountApi::Auto), k)).into(),
+        },
+        store: StoreTotals { root: dir_totals(&store.root), fallback: dir_totals(&store.fallback) },
+        mounts: recs.iter().map(mount_info).collect(),
+        layers_in_use: layers_in_use(&recs),
+    })
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn bytes(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
+}
+
+fn store_line(label: &str, t: &StoreDirTotals) -> String {
+    if !t.present {
+        return format!(" {label}: (not present)\n");
+    }
+    format!(
+        " {label}: {} layers ({}), {} names, {} uppers ({})\n",
+        t.layers,
+        bytes(t.layer_bytes),
+        t.names,
+        t.uppers,
+        bytes(t.upper_bytes)
+    )
+}
+
+/// The `docker info`-style text.
+pub fn format_status(s: &Status) -> String {
+    let mut o = String::new();
+    o.push_str(&format!("Storage Driver: {}\n", s.storage_driver));
+    o.push_str(&format!(" Backing Filesystem: {}\n", s.backing_filesystem));
+    o.push_str(&format!(" Loopback Root Directory: {}\n", s.loopback_root.display()));
+    o.push_str(&format!(" Loopback Fallback Directory: {}\n", s.loopback_fallback.display()));
+    let k = &s.kernel;
+    o.push_str(&format!(" Kernel: {}\n", k.release));
+    o.push_str(&format!(
+        "  Multiple Lower Layers: {}, LOOP_CONFIGURE: {}, lowerdir+: {}, Layers As Fds: {}, erofs From File: {}\n",
+        yes(k.multiple_lower_layers),
+        yes(k.loop_configure),
+        yes(k.lowerdir_add),
+        yes(k.layers_as_fds),
+        yes(k.erofs_from_file)
+    ));
+    o.push_str(&format!("  Mount Path: {}\n", k.mount_api));
+    o.push_str("Store:\n");
+    o.push_str(&store_line("Root", &s.store.root));
+    o.push_str(&store_line("Fallback", &s.store.fallback));
+    o.push_str(&format!("Active Mounts: {}\n", s.mounts.len()));
+    o.push_str(&format_mounts(&s.mounts));
+    if !s.layers_in_use.is_empty() {
+        o.push_str(&format!("Layers In Use: {}\n", s.layers_in_use.len()));
+        for l in &s.layers_in_use {
+            o.push_str(&format!(
+                " {}  {}  shared by {} mount{}\n",
+                l.chain_id,
+                l.loop_device.as_deref().unwrap_or("(no loop device)"),
+                l.mounts,
+                if l.mounts == 1 { "" } else { "s" }
+            ));
+        }
+    }
+    o
+}
+
+pub fn format_mounts(ms: &[MountInfo]) -> String {
+    let mut o = String::new();
+    for m in ms {
+        o.push_str(&format!(" {}\n", m.target.display()));
+        o.push_str(&format!("  Source: {}\n", m.source));
+        o.push_str(&format!("  Top Layer: {} ({} layers)\n", m.top, m.layers));
+        o.push_str(&format!("  Loop Devices: {}\n", if m.loop_devices.is_empty() { "none".into() } else { m.loop_devices.join(" ") }));
+        o.push_str(&format!("  Upper: {}\n", m.upper.as_deref().unwrap_or("none (read-only)")));
+        o.push_str(&format!("  Mount Path: {}\n", m.mount_api));
+    }
+    o
+}
+
+pub fn mounts_info(recs: &[MountRecord]) -> Vec<MountInfo> {
+    recs.iter().map(mount_info).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            storage_driver: "sharedloop",
+            backing_filesystem: "xfs".into(),
+            loopback_root: "/var/lib/sharedloop/root".into(),
+            loopback_fallback: "/var/lib/sharedloop/private".into(),
+            kernel: KernelInfo {
+                release: "6.18.44".into(),
+                multiple_lower_layers: true,
+                loop_configure: true,
+                lowerdir_add: true,
+                layers_as_fds: true,
+                erofs_from_file: true,
+                mount_api: "fd".into(),
+            },
+            store: StoreTotals {
+                root: StoreDirTotals { layers: 3, layer_bytes: 3 << 20, names: 1, uppers: 1, upper_bytes: 10 << 30, present: true },
+                fallback: StoreDirTotals::default(),
+            },
+            mounts: vec![MountInfo {
+                target: "/srv/a".into(),
+                source: "debian:12".into(),
+                top: "sha256:aa".into(),
+                layers: 3,
+                loop_devices: vec!["/dev/loop0".into(), "/dev/loop1".into()],
+                upper: None,
+                mount_api: "fd".into(),
+                since: 0,
+            }],
+            layers_in_use: vec![LayerUse { chain_id: "sha256:aa".into(), loop_device: Some("/dev/loop0".into()), image: "/x".into(), mounts: 2 }],
+        }
+    }
+
+    #[test]
+    fn docker_info_lines_come_first() {
+        let t = format_status(&sample());
+        let want = "Storage Driver: sharedloop\n Backing Filesystem: xfs\n Loopback Root Directory: /var/lib/sharedloop/root\n Loopback Fallback Directory: /var/lib/sharedloop/private\n";
+        assert!(t.starts_with(want), "{t}");
+        assert!(t.contains(" Root: 3 layers (3.0 MiB), 1 names, 1 uppers (10.0 GiB)\n"), "{t}");
+        assert!(t.contains(" Fallback: (not present)\n"), "{t}");
+        assert!(t.contains("Active Mounts: 1\n /srv/a\n  Source: debian:12\n  Top Layer: sha256:aa (3 layers)\n  Loop Devices: /dev/loop0 /dev/loop1\n  Upper: none (read-only)\n"), "{t}");
+        assert!(t.contains(" sha256:aa  /dev/loop0  shared by 2 mounts\n"), "{t}");
+    }
+
+    #[test]
+    fn json_field_names() {
+        let v = serde_json::to_value(sample()).unwrap();
+        assert_eq!(v["storage_driver"], "sharedloop");
+        assert_eq!(v["backing_filesystem"], "xfs");
+        assert_eq!(v["kernel"]["layers_as_fds"], true);
+        assert_eq!(v["store"]["root"]["layers"], 3);
+        assert_eq!(v["mounts"][0]["loop_devices"][1], "/dev/loop1");
+        assert_eq!(v["layers_in_use"][0]["mounts"], 2);
+    }
+
+    #[test]
+    fn filesystem_names() {
+        assert_eq!(fs_name(0xEF53), "extfs");
+        assert_eq!(fs_name(0x58465342), "xfs");
+        assert_eq!(fs_name(0x6969), "nfs");
+        assert_eq!(fs_name(0x1234), "<unknown 0x1234>");
+        assert_eq!(bytes(512), "512 B");
+    }
+}

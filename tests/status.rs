@@ -1,0 +1,66 @@
+//! `sharedloop status` and `sharedloop mounts` against real mounts.
+
+mod common;
+use common::*;
+
+#[test]
+fn status_shows_driver_store_and_shared_layers() {
+    let env = Env::new("status");
+    let a = env.add(None, None, &[("a", E::File("a"))]);
+    let b = env.add(Some(&a), Some("img:1"), &[("b", E::File("b"))]);
+    let (m1, m2) = (env.mnt("one"), env.mnt("two"));
+    for (m, up) in [(&m1, "upper=tmpfs"), (&m2, "upper=u1,upper_size=64M")] {
+        env.run(&["mount", "-t", "sharedloop", "img:1", m.to_str().unwrap(), "-o", &format!("{},{up}", env.store_opts())]).ok();
+    }
+    let root = env.root.to_str().unwrap();
+    let fb = env.fallback.to_str().unwrap();
+    let store_args = ["--loopback-root", root, "--loopback-fallback", fb];
+
+    let mut argv = vec![BIN, "status"];
+    argv.extend(store_args);
+    let text = env.run(&argv).ok().stdout.clone();
+    let fs = if std::process::Command::new("stat").args(["-f", "-c", "%T", root]).output().unwrap().stdout.starts_with(b"ext2/ext3") { "extfs" } else { "" };
+    let head = format!("Storage Driver: sharedloop\n Backing Filesystem: {fs}");
+    assert!(text.starts_with(&head), "{text}");
+    assert!(text.contains(&format!(" Loopback Root Directory: {root}\n Loopback Fallback Directory: {fb}\n")), "{text}");
+    assert!(text.contains(" Root: 2 layers"), "{text}");
+    assert!(text.contains("1 names, 1 uppers"), "{text}");
+    assert!(text.contains("Active Mounts: 2\n"), "{text}");
+    assert!(text.contains(&format!(" {a}  /dev/loop")), "{text}");
+    assert!(text.contains("shared by 2 mounts"), "{text}");
+
+    argv.push("--json");
+    let v: serde_json::Value = serde_json::from_str(&env.run(&argv).ok().stdout).unwrap();
+    assert_eq!(v["storage_driver"], "sharedloop");
+    assert_eq!(v["loopback_root"], root);
+    assert_eq!(v["kernel"]["layers_as_fds"], true);
+    assert_eq!(v["kernel"]["mount_api"], "fd");
+    assert_eq!(v["store"]["root"]["layers"], 2);
+    assert_eq!(v["store"]["fallback"]["present"], false);
+    let mounts = v["mounts"].as_array().unwrap();
+    assert_eq!(mounts.len(), 2);
+    assert_eq!(mounts[0]["target"], m1.to_str().unwrap());
+    assert_eq!(mounts[0]["source"], "img:1");
+    assert_eq!(mounts[0]["top"], b.as_str());
+    assert_eq!(mounts[0]["layers"], 2);
+    assert_eq!(mounts[0]["upper"], "tmpfs");
+    assert!(mounts[1]["upper"].as_str().unwrap().contains("uppers/u1.img (/dev/loop"), "{}", mounts[1]["upper"]);
+    // The layer loop devices reported are exactly the attached ones.
+    let mut reported: Vec<String> = v["layers_in_use"].as_array().unwrap().iter().map(|l| l["loop_device"].as_str().unwrap().to_string()).collect();
+    reported.sort();
+    let mut attached: Vec<String> = env.my_loops().into_iter().filter(|(_, p)| p.contains("/layers/")).map(|(n, _)| format!("/dev/loop{n}")).collect();
+    attached.sort();
+    assert_eq!(reported, attached);
+    assert!(v["layers_in_use"].as_array().unwrap().iter().all(|l| l["mounts"] == 2));
+
+    // `mounts` lists the same two; after umount, none.
+    let ms: serde_json::Value = serde_json::from_str(&env.run(&[BIN, "mounts", "--json"]).ok().stdout).unwrap();
+    assert_eq!(ms.as_array().unwrap().len(), 2);
+    let t = env.run(&[BIN, "mounts"]).ok().stdout.clone();
+    assert!(t.contains(&format!(" {}\n  Source: img:1\n", m1.display())), "{t}");
+    for m in [&m1, &m2] {
+        env.run(&["umount", m.to_str().unwrap()]).ok();
+    }
+    assert_eq!(env.run(&[BIN, "mounts"]).ok().stdout, "");
+    env.assert_clean();
+}
