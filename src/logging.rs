@@ -1,5 +1,6 @@
 //! Messages go to stderr (as `PROG: message`) and to syslog under the
-//! program's name, facility LOG_DAEMON. `-v` shows info on stderr;
+//! program's name (mount.sharedloop, umount.sharedloop, sharedloop),
+//! facility LOG_DAEMON, through /dev/log (or $SHAREDLOOP_SYSLOG_SOCKET). `-v` shows info on stderr;
 //! SHAREDLOOP_DEBUG=1 shows debug too. Syslog gets warnings and errors
 //! always, info with -v.
 
@@ -59,7 +60,12 @@ pub fn init(prog: &'static str, verbose: bool) {
         process: prog.into(),
         pid: std::process::id(),
     };
-    let sl = syslog::unix(formatter).ok();
+    // SHAREDLOOP_SYSLOG_SOCKET: another datagram socket than /dev/log (for
+    // tests, and containers that forward syslog elsewhere).
+    let sl = match std::env::var_os("SHAREDLOOP_SYSLOG_SOCKET") {
+        Some(p) => syslog::unix_custom(formatter, p).ok(),
+        None => syslog::unix(formatter).ok(),
+    };
     let logger = Logger { prog, stderr_level, syslog: Mutex::new(sl) };
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(stderr_level.max(LevelFilter::Warn));
