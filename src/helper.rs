@@ -23,8 +23,11 @@ use crate::store::{FsType, Store, now_secs};
 use crate::upper::CreateOptions;
 use crate::utab::{self, UtabEntry};
 
-/// How long umount waits for loop devices to be released.
+/// How long umount waits, in all, for loop devices to be released.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// After this, a device whose filesystem is still mounted is taken to be in
+/// use by another mount (teardown takes milliseconds: 128 layers in ~20 ms).
+const DETACH_GRACE: Duration = Duration::from_millis(500);
 
 /// Enter the mount namespace named by `-N` (a pid or a path).
 fn enter_namespace(ns: &str) -> Result<()> {
@@ -269,16 +272,37 @@ pub fn umount_main(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Wait until the loop devices this mount used, and no other live mount
-/// uses, are detached by autoclear.
+/// Wait until the loop devices this mount used are detached by autoclear.
+/// overlayfs drops its layer mounts from a workqueue, so that can come a
+/// little after umount(2) returns. A device whose filesystem is still
+/// mounted after a short grace is used by another mount (perhaps one this
+/// node's records do not list: another state directory, another helper):
+/// it is not waited for. One deadline for all devices, not one each.
 fn wait_for_loops(rec: &MountRecord, all: &[MountRecord]) {
-    for l in rec.loops() {
-        let shared = all.iter().any(|o| o.mnt_id != rec.mnt_id && o.loops().any(|x| x.number == l.number && x.backing == l.backing));
-        if shared {
-            continue;
+    let mut pending: Vec<(u32, String, String)> = rec
+        .chain
+        .iter()
+        .filter_map(|l| l.loop_dev.as_ref().map(|d| (d.number, d.backing.clone(), l.fstype.clone())))
+        .chain(rec.upper.iter().filter_map(|u| u.loop_dev.as_ref().map(|d| (d.number, d.backing.clone(), u.fstype.clone()))))
+        .filter(|(n, b, _)| !all.iter().any(|o| o.mnt_id != rec.mnt_id && o.loops().any(|x| x.number == *n && &x.backing == b)))
+        .collect();
+    let start = std::time::Instant::now();
+    let mut pause = Duration::from_micros(200);
+    while !pending.is_empty() {
+        pending.retain(|(n, b, _)| loopdev::backing_file(*n).is_some_and(|now| &now == b));
+        if start.elapsed() >= DETACH_GRACE {
+            pending.retain(|(n, _, fs)| !loopdev::superblock_alive(*n, fs));
         }
-        if !loopdev::wait_detached(l.number, &l.backing, DETACH_TIMEOUT) {
-            log::warn!("/dev/loop{} ({}) still attached after {:?}: something else holds it", l.number, l.backing, DETACH_TIMEOUT);
+        if pending.is_empty() {
+            break;
         }
+        if start.elapsed() >= DETACH_TIMEOUT {
+            for (n, b, _) in &pending {
+                log::warn!("/dev/loop{n} ({b}) still attached after {DETACH_TIMEOUT:?}: something else holds it open");
+            }
+            break;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }

@@ -8,10 +8,10 @@
 //! even if we are killed. The only window without that guarantee is the
 //! pre-5.8 LOOP_SET_FD path, between SET_FD and SET_STATUS64.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Mutex;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
@@ -126,14 +126,50 @@ pub struct AttachOptions {
     pub configure: bool,
 }
 
+/// Device numbers our own threads are configuring right now.
+static IN_FLIGHT: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+/// Releases a number from `IN_FLIGHT` however the attempt ends.
+struct Claim(u32);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.0);
+    }
+}
+
+/// A free device number no thread of ours is already configuring.
+/// LOOP_CTL_GET_FREE returns the lowest unbound device until a configure
+/// completes, so threads attaching in parallel would all get the same one
+/// and all but one lose: a thread skips the numbers its siblings hold and
+/// creates the next device itself. Other processes can still race us
+/// (EBUSY), which the caller retries.
+fn claim_free(ctl: &OwnedFd) -> Result<Claim> {
+    let n = sys::loop_ctl_get_free(ctl).map_err(|e| Error::sys("find a free loop device", LOOP_CONTROL, e))?;
+    let mut held = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = n;
+    while held.contains(&m) || (m != n && backing_file(m).is_some()) {
+        m += 1;
+    }
+    if m != n {
+        match sys::loop_ctl_add(ctl, m) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(Error::sys(format!("create loop device {m}"), LOOP_CONTROL, e)),
+        }
+    }
+    held.insert(m);
+    Ok(Claim(m))
+}
+
 /// Attach `backing` to a free loop device with AUTOCLEAR set.
 pub fn attach(backing: impl AsFd, backing_path: &Path, opts: AttachOptions) -> Result<LoopDevice> {
     let ctl = rustix::fs::open(LOOP_CONTROL, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| Error::sys("open loop control", LOOP_CONTROL, e))?;
     let mut dio = opts.direct_io;
     let mut last = Errno::BUSY;
-    for _ in 0..MAX_ATTACH_TRIES {
-        let n = sys::loop_ctl_get_free(&ctl).map_err(|e| Error::sys("find a free loop device", LOOP_CONTROL, e))?;
+    for attempt in 0..MAX_ATTACH_TRIES {
+        let claim = claim_free(&ctl)?;
+        let n = claim.0;
         let path = dev_path(n);
         let mode = if opts.read_only { OFlags::RDONLY } else { OFlags::RDWR };
         let fd = match rustix::fs::open(&path, mode | OFlags::CLOEXEC, Mode::empty()) {
@@ -158,7 +194,10 @@ pub fn attach(backing: impl AsFd, backing_path: &Path, opts: AttachOptions) -> R
                 return Ok(LoopDevice { number: n, fd, reused: false, direct_io });
             }
             Err(Errno::BUSY) => {
+                // Another process took it; back off a little, more each time.
                 last = Errno::BUSY;
+                drop(claim);
+                std::thread::sleep(std::time::Duration::from_micros(50 * u64::from(attempt.min(20) + 1)));
                 continue;
             }
             // A backing filesystem without O_DIRECT: buffered I/O still works.
@@ -192,25 +231,10 @@ fn dio_active(n: u32) -> bool {
     std::fs::read_to_string(sys_dir(n).join("dio")).map(|s| s.trim() == "1").unwrap_or(false)
 }
 
-/// Wait until device `n` no longer has `backing` (the path sysfs showed
-/// when we attached it) behind it. Autoclear runs when the last user goes,
-/// which can be after umount(2) returns (overlayfs drops its private layer
-/// mounts from a workqueue). Returns false on timeout.
-pub fn wait_detached(n: u32, backing: &str, timeout: Duration) -> bool {
-    let start = Instant::now();
-    let mut pause = Duration::from_micros(200);
-    loop {
-        match backing_file(n) {
-            None => return true,
-            Some(p) if p != backing => return true,
-            Some(_) => {}
-        }
-        if start.elapsed() >= timeout {
-            return false;
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(20));
-    }
+/// Is a filesystem of type `fstype` still mounted from /dev/loop`n`?
+/// ext4, xfs and erofs each keep a sysfs directory per live superblock.
+pub fn superblock_alive(n: u32, fstype: &str) -> bool {
+    Path::new(&format!("/sys/fs/{fstype}/loop{n}")).exists()
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
 const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CTL_ADD: libc::c_ulong = 0x4C80;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 
 pub const LO_FLAGS_READ_ONLY: u32 = 1;
@@ -96,6 +97,14 @@ pub fn loop_ctl_get_free(ctl: impl AsFd) -> Result<u32, Errno> {
     // valid for the duration of the call.
     let n = check(unsafe { libc::ioctl(ctl.as_fd().as_raw_fd(), LOOP_CTL_GET_FREE) })?;
     Ok(n as u32)
+}
+
+/// LOOP_CTL_ADD: create /dev/loopN (EEXIST if it is there already).
+pub fn loop_ctl_add(ctl: impl AsFd, n: u32) -> Result<(), Errno> {
+    // SAFETY: LOOP_CTL_ADD takes the device index as an integer argument;
+    // the fd is borrowed and valid.
+    check(unsafe { libc::ioctl(ctl.as_fd().as_raw_fd(), LOOP_CTL_ADD, n as libc::c_ulong) })?;
+    Ok(())
 }
 
 /// LOOP_CONFIGURE: bind `backing` and set every flag in one atomic call.

@@ -347,3 +347,28 @@ fn xfs_upper_and_namespace_flag() {
     umount(&env, &m);
     env.assert_clean();
 }
+
+#[test]
+fn umount_does_not_wait_for_layers_another_mount_holds() {
+    // The second mount's record lives in another state directory, so the
+    // first umount cannot know from records that the layers are still used.
+    let env = Env::new("sharedwait");
+    let (ids, top) = chain(&env, 3);
+    let (m1, m2) = (env.mnt("m1"), env.mnt("m2"));
+    mount(&env, &top, &m1, "").ok();
+    let other = env.dir.join("other-state");
+    let o = env.store_opts();
+    env.run_env(&["mount.sharedloop", &top, m2.to_str().unwrap(), "-o", &o], &[("SHAREDLOOP_STATE_DIR", other.to_str().unwrap())]).ok();
+    let loops = loops_for(&env, &ids);
+    assert_eq!(loops.len(), 3, "the second mount reuses the first one's devices");
+    let r = env.run(&["umount.sharedloop", m1.to_str().unwrap(), "-v"]);
+    r.ok();
+    assert!(!r.stderr.contains("still attached"), "{}", r.stderr);
+    assert_eq!(loops_for(&env, &ids), loops, "still in use by the second mount");
+    assert_eq!(read_in(&env, &m2.join("f0.txt")).as_deref(), Some("layer 0\n"));
+    let r = env.run_env(&["umount.sharedloop", m2.to_str().unwrap(), "-v"], &[("SHAREDLOOP_STATE_DIR", other.to_str().unwrap())]);
+    r.ok();
+    assert!(!r.stderr.contains("still attached"), "{}", r.stderr);
+    assert!(loops_for(&env, &ids).is_empty(), "the last umount waits for every device: {:?}", env.my_loops());
+    env.assert_clean();
+}
