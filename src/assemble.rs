@@ -279,6 +279,13 @@ impl Plan {
             log::trace!("layer {}: reusing /dev/loop{}", layer.meta.chain_id.short(), dev.number);
             return Ok(dev);
         }
+        // A read lock on the description the device will hold marks the
+        // layer in use for `rm`/`gc`, here and on other nodes, exactly as
+        // long as the device is attached. Best effort: a store without
+        // locking (ENOLCK) still mounts.
+        if let Err(e) = crate::sys::ofd_try_read_lock(&layer.image) {
+            log::debug!("layer {}: no in-use lock: {}", layer.meta.chain_id.short(), crate::error::Errno(e));
+        }
         let dev = loopdev::attach(
             &layer.image,
             &layer.image_path,

@@ -175,6 +175,15 @@ pub fn ofd_try_write_lock(fd: impl AsFd) -> Result<(), Errno> {
     Ok(())
 }
 
+/// A shared (read) OFD lock on the whole file: "in use", for `rm` and `gc`
+/// on this or another node, as long as the description lives.
+pub fn ofd_try_read_lock(fd: impl AsFd) -> Result<(), Errno> {
+    let mut fl: libc::flock = flock_whole_file(libc::F_RDLCK);
+    // SAFETY: as in ofd_try_write_lock; the kernel reads `fl`.
+    check(unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), libc::F_OFD_SETLK, &mut fl as *mut libc::flock) })?;
+    Ok(())
+}
+
 /// Would a write lock be granted? Returns false if another description
 /// holds a conflicting lock (F_OFD_GETLK).
 pub fn ofd_write_lock_free(fd: impl AsFd) -> Result<bool, Errno> {

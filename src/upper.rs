@@ -95,6 +95,10 @@ fn finish_open(path: PathBuf, fd: OwnedFd, created: bool) -> Result<UpperImage> 
 /// mount created it first, theirs is used (and its lock decides).
 fn create_image(dest: &Path, opts: &CreateOptions) -> Result<UpperImage> {
     let dir = dest.parent().unwrap_or(Path::new("/"));
+    // Say which directory is missing rather than naming our temporary file.
+    if let Err(e) = std::fs::metadata(dir) {
+        return Err(Error::io("directory for the upper image", dir, &e));
+    }
     let base = dest.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{base}.tmp.{}.{}.{}", hostname(), std::process::id(), unique_suffix()));
     let guard = TempFile(Some(tmp.clone()));

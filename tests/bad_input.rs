@@ -488,7 +488,8 @@ fn bad_targets() {
     let m = env.mnt("m");
     let up = env.dir.join("nodir/u.img");
     let r = helper(&env, &top, &m, &format!("upper={},upper_size=64M", up.display()));
-    check_failed(&env, &r, 32, &["No such file or directory", "nodir"], &m, "upper in missing dir");
+    let want = format!("upper {}: directory for the upper image: {}: No such file or directory", up.display(), env.dir.join("nodir").display());
+    check_failed(&env, &r, 32, &[&want], &m, "upper in missing dir");
 }
 
 // ---------------------------------------------------------------- upper in use

@@ -372,3 +372,23 @@ fn umount_does_not_wait_for_layers_another_mount_holds() {
     assert!(loops_for(&env, &ids).is_empty(), "the last umount waits for every device: {:?}", env.my_loops());
     env.assert_clean();
 }
+
+#[test]
+fn attached_layers_carry_an_in_use_lock() {
+    // What `rm`/`gc` on any node sharing the store look at: a layer image
+    // is read-locked exactly while a loop device holds it.
+    let env = Env::new("inuselock");
+    let (ids, top) = chain(&env, 2);
+    let m = env.mnt("m");
+    let img = |id: &str| std::fs::File::open(env.root.join("layers").join(&id[7..]).join("layer.img")).unwrap();
+    assert!(sharedloop::sys::ofd_write_lock_free(img(&ids[0])).unwrap());
+    mount(&env, &top, &m, "").ok();
+    for id in &ids {
+        assert!(!sharedloop::sys::ofd_write_lock_free(img(id)).unwrap(), "{id} not marked in use");
+    }
+    umount(&env, &m);
+    for id in &ids {
+        assert!(sharedloop::sys::ofd_write_lock_free(img(id)).unwrap(), "{id} still marked after umount");
+    }
+    env.assert_clean();
+}
