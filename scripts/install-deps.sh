@@ -14,6 +14,24 @@ have losetup    || need="$need mount"
 have nsenter    || need="$need util-linux"
 have unshare    || need="$need util-linux"
 have make       || need="$need make"
+# udev rules and systemd units are checked with the real tools (tests/udev.rs,
+# tests/systemd.rs); neither needs udevd or systemd running.
+have udevadm    || need="$need udev"
+have systemd-analyze || need="$need systemd"
+have systemd-tmpfiles || need="$need systemd"
+have systemd-escape || need="$need systemd"
+[ -x /lib/systemd/system-generators/systemd-fstab-generator ] || need="$need systemd"
+have setpriv    || need="$need util-linux"
+# Packaging (make deb, make rpm) and its tests (tests/package.rs): man pages
+# are checked with man/groff, completions with bash and zsh, the .deb is
+# built with dpkg-deb (strip/objdump from binutils), the spec with rpmbuild.
+have man        || need="$need man-db"
+have groff      || need="$need groff-base"
+have zsh        || need="$need zsh"
+have dpkg-deb   || need="$need dpkg"
+have objdump    || need="$need binutils"
+have strip      || need="$need binutils"
+have rpmbuild   || need="$need rpm"
 have cc         || need="$need gcc"
 if [ -n "$need" ]; then
     echo "install-deps: installing$need"

@@ -39,6 +39,20 @@ enum Cmd {
         #[arg(long, default_value = "ext4", value_parser = ["ext4", "xfs", "erofs"])]
         fstype: String,
     },
+    /// Import an OCI or Docker image, layer by layer; prints the top chain ID
+    #[command(after_help = "SOURCE is oci:DIR[:TAG] (OCI image layout), oci-archive:FILE[:TAG] (a tar of one) or docker-archive:FILE[:REF] (docker save, podman save), as skopeo spells them.")]
+    Import {
+        source: String,
+        /// Name to record for the image (default: TAG or REF, if given or in the archive)
+        #[arg(long)]
+        name: Option<String>,
+        /// Filesystem of the layer images
+        #[arg(long, default_value = "ext4", value_parser = ["ext4", "xfs", "erofs"])]
+        fstype: String,
+        /// No progress output
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// The driver, its store, what the kernel offers, and the active mounts
     Status {
         /// One JSON document instead of text
@@ -50,6 +64,41 @@ enum Cmd {
         /// One JSON document instead of text
         #[arg(long)]
         json: bool,
+    },
+    /// List images (names) and layers in the store
+    Ls {
+        /// One JSON document instead of tables
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove images (names) or layers, and the layers nothing else needs
+    Rm {
+        /// Image names, layer chain IDs or unique ID prefixes
+        #[arg(required = true)]
+        targets: Vec<String>,
+        /// Remove only the name records; the layers stay until gc
+        #[arg(long)]
+        name_only: bool,
+        /// Say what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove unreferenced layers and what crashed processes left in the store
+    Gc {
+        /// Say what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep unreferenced layers younger than this (e.g. 30m, 1h, 2d, 0)
+        #[arg(long, default_value = "1h", value_parser = crate::manage::parse_duration)]
+        min_age: std::time::Duration,
+    },
+    /// Recheck stored layers (all, or the chains of the given images/IDs)
+    Verify {
+        /// Image names, layer chain IDs or unique ID prefixes
+        targets: Vec<String>,
+        /// Also run the filesystem checker read-only (e2fsck -fn, xfs_repair -n, fsck.erofs)
+        #[arg(long)]
+        deep: bool,
     },
 }
 
@@ -76,6 +125,12 @@ pub fn main(args: &[String]) -> Result<()> {
     let (opts, _) = effective_options(&o, false)?;
     let store = store_of(&opts);
     match cli.cmd {
+        Cmd::Import { source, name, fstype, quiet } => {
+            let name = name.map(|n| crate::ids::Name::parse(&n)).transpose()?;
+            let opts = crate::import::ImportOptions { source: &source, name: name.as_ref(), fstype: FsType::parse(&fstype)?, quiet };
+            println!("{}", crate::import::import(&store, &opts)?);
+            Ok(())
+        }
         Cmd::Status { json } => {
             let st = crate::status::gather(&store, &opts)?;
             if json {
@@ -94,6 +149,12 @@ pub fn main(args: &[String]) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Ls { json } => crate::manage::ls(&store, json),
+        Cmd::Rm { targets, name_only, dry_run } => {
+            crate::manage::rm(&store, &targets, &crate::manage::RmOptions { name_only, dry_run })
+        }
+        Cmd::Gc { dry_run, min_age } => crate::manage::gc(&store, &crate::manage::GcOptions { dry_run, min_age }),
+        Cmd::Verify { targets, deep } => crate::manage::verify(&store, &targets, &crate::manage::VerifyOptions { deep }),
         Cmd::Add { dir, parent, name, fstype } => {
             let parent = parent.map(|p| store.resolve(&crate::ids::LayerRef::parse(&p)?)).transpose()?;
             let name = name.map(|n| crate::ids::Name::parse(&n)).transpose()?;

@@ -21,4 +21,6 @@ pub mod mountapi;
 pub mod state;
 pub mod upper;
 pub mod cli;
+pub mod manage;
+pub mod import;
 pub mod status;

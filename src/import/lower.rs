@@ -1,0 +1,188 @@
+//! The merged view of the layers below the one being imported, for the two
+//! things a layer tar can take from below it: the content of a hardlink
+//! target that is not in this layer's tar, and the metadata of a parent
+//! directory the tar does not list.
+//!
+//! Design: the lower chain is already in the store (we import bottom-up and
+//! publish each layer before the next), so it is mounted the way
+//! mount.sharedloop mounts it, but never attached to any mount tree: each
+//! layer is a detached read-only mount (loop device with AUTOCLEAR, or an
+//! erofs image read straight from its file), and one detached read-only
+//! overlay sits over them. All lookups are `openat2` relative to the
+//! overlay's fd. Nothing appears in mountinfo, our own mount namespace is
+//! unchanged, and when the fd closes — at the end of the layer, on an
+//! error, or because we were killed — the kernel dissolves the mounts and
+//! autoclear frees the loop devices. The view is only built when a layer
+//! needs it, so ordinary imports never mount anything.
+//!
+//! Keeping the unpacked trees of earlier layers instead would double the
+//! staging space for the whole import and still miss layers that were
+//! already in the store (those are skipped, never unpacked).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use rustix::fs::{Mode, OFlags, ResolveFlags, Stat};
+use rustix::io::Errno;
+use rustix::mount::MountAttrFlags;
+
+use crate::error::{Error, Result};
+use crate::ids::Digest;
+use crate::kernel::Version;
+use crate::loopdev::{self, AttachOptions, LoopIndex};
+use crate::mountapi::FsContext;
+use crate::store::{FsType, Layer, Store};
+
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS)
+    .union(ResolveFlags::NO_XDEV);
+
+/// The chain below the current layer; mounted on first use.
+pub struct Lower<'a> {
+    store: &'a Store,
+    top: Option<Digest>,
+    view: Option<View>,
+}
+
+struct View {
+    /// The detached overlay (or, for a one-layer chain, the layer itself).
+    root: OwnedFd,
+    /// One layer alone is not an overlay: its whiteouts show as char 0/0.
+    raw_layer: bool,
+}
+
+/// A looked-up lower entry.
+pub struct Found {
+    pub fd: OwnedFd,
+    pub stat: Stat,
+}
+
+impl<'a> Lower<'a> {
+    pub fn new(store: &'a Store, top: Option<Digest>) -> Lower<'a> {
+        Lower { store, top, view: None }
+    }
+
+    /// Whether the view was mounted (for tests and debug output).
+    pub fn was_mounted(&self) -> bool {
+        self.view.is_some()
+    }
+
+    fn view(&mut self) -> Result<Option<&View>> {
+        let Some(top) = self.top else { return Ok(None) };
+        if self.view.is_none() {
+            let t = std::time::Instant::now();
+            let chain = self.store.chain(&top)?;
+            let v = mount_chain(&chain).map_err(|e| e.context(&format!("mount lower layers of {top}")))?;
+            log::debug!("lower view of {} layers (top {}) in {:?}", chain.len(), top.short(), t.elapsed());
+            self.view = Some(v);
+        }
+        Ok(self.view.as_ref())
+    }
+
+    /// `rel` (a cleaned relative path, '/'-separated) in the merged lower
+    /// view, not following a symlink at the end. None if absent. A symlink
+    /// on the way is an error: tar entries are never resolved through one.
+    pub fn lookup(&mut self, rel: &[u8]) -> Result<Option<Found>> {
+        let Some(v) = self.view()? else { return Ok(None) };
+        let raw_layer = v.raw_layer;
+        let path = std::ffi::OsStr::from_bytes(rel);
+        let fd = if rel.is_empty() {
+            rustix::fs::openat2(&v.root, ".", OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), RESOLVE)
+        } else {
+            rustix::fs::openat2(&v.root, path, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty(), RESOLVE)
+        };
+        let fd = match fd {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) | Err(Errno::NOTDIR) => return Ok(None),
+            Err(Errno::LOOP) | Err(Errno::XDEV) => {
+                return Err(Error::Store(format!(
+                    "refusing to resolve {:?} through a symlink in the layers below",
+                    String::from_utf8_lossy(rel)
+                )));
+            }
+            Err(e) => return Err(Error::sys("look up in lower layers", String::from_utf8_lossy(rel).into_owned(), e)),
+        };
+        let stat = rustix::fs::fstat(&fd).map_err(|e| Error::sys("stat in lower layers", String::from_utf8_lossy(rel).into_owned(), e))?;
+        let ft = rustix::fs::FileType::from_raw_mode(stat.st_mode);
+        if raw_layer && ft == rustix::fs::FileType::CharacterDevice && stat.st_rdev == 0 {
+            return Ok(None); // a whiteout, seen without an overlay
+        }
+        Ok(Some(Found { fd, stat }))
+    }
+
+    /// Open a found regular file or directory for reading (contents, xattrs).
+    pub fn reopen(&self, f: &Found, rel: &[u8]) -> Result<OwnedFd> {
+        let p = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f.fd));
+        rustix::fs::open(p.as_str(), OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY, Mode::empty())
+            .map_err(|e| Error::sys("open in lower layers", String::from_utf8_lossy(rel).into_owned(), e))
+    }
+
+    /// A symlink's target.
+    pub fn readlink(&self, f: &Found, rel: &[u8]) -> Result<Vec<u8>> {
+        rustix::fs::readlinkat(&f.fd, "", Vec::new())
+            .map(|c| c.into_bytes())
+            .map_err(|e| Error::sys("read symlink in lower layers", String::from_utf8_lossy(rel).into_owned(), e))
+    }
+}
+
+fn layer_attrs() -> MountAttrFlags {
+    MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOSUID
+}
+
+/// Detached mounts of `chain` (top first) and a detached overlay over them.
+fn mount_chain(chain: &[Layer]) -> Result<View> {
+    let kernel = Version::running()?;
+    if chain.len() > 1 && !kernel.has_layer_fds() {
+        return Err(Error::Store(format!(
+            "this layer refers to files of the layers below it (a hardlink or an unlisted parent directory); reading those needs overlayfs layers by file descriptor, Linux 6.13 or newer (running {kernel})"
+        )));
+    }
+    let idx = LoopIndex::scan();
+    let mut mounts = Vec::with_capacity(chain.len());
+    for l in chain {
+        mounts.push(mount_layer(l, &idx, kernel)?);
+    }
+    if mounts.len() == 1 {
+        return Ok(View { root: mounts.pop().expect("one"), raw_layer: true });
+    }
+    let ctx = FsContext::open("overlay", "lower layers overlay", Path::new("overlay"))?;
+    ctx.set_string("source", "sharedloop-import")?;
+    for (m, l) in mounts.iter().zip(chain) {
+        ctx.set_fd("lowerdir+", m).map_err(|e| e.context(&format!("layer {}", l.meta.chain_id)))?;
+    }
+    ctx.set_flag("ro")?;
+    ctx.create()?;
+    let root = ctx.mount(layer_attrs() | MountAttrFlags::MOUNT_ATTR_NOEXEC)?;
+    Ok(View { root, raw_layer: false })
+}
+
+fn mount_layer(l: &Layer, idx: &LoopIndex, kernel: Version) -> Result<OwnedFd> {
+    let what = format!("layer {}", l.meta.chain_id);
+    let fstype = l.meta.fstype.as_str();
+    if l.meta.fstype == FsType::Erofs && kernel.has_erofs_file_backed() {
+        let ctx = FsContext::open(fstype, &what, &l.image_path)?;
+        let src = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&l.image));
+        ctx.set_string("source", &src)?;
+        ctx.set_flag("ro")?;
+        ctx.create()?;
+        return ctx.mount(layer_attrs());
+    }
+    let dev = match idx.find(&l.image, &l.image_path)? {
+        Some(d) => d,
+        None => loopdev::attach(
+            l.image.as_fd(),
+            &l.image_path,
+            AttachOptions { read_only: true, direct_io: true, configure: kernel.has_loop_configure() },
+        )
+        .map_err(|e| e.context(&what))?,
+    };
+    let ctx = FsContext::open(fstype, &what, dev.path())?;
+    ctx.set_string("source", &dev.path().to_string_lossy())?;
+    ctx.set_flag("ro")?;
+    ctx.create()?;
+    ctx.mount(layer_attrs())
+    // `dev` closes here; the mount holds the device, and autoclear frees
+    // it when the mount goes.
+}

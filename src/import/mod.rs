@@ -1,0 +1,228 @@
+//! `sharedloop import SOURCE`: an OCI or Docker image, layer by layer,
+//! into the store.
+//!
+//! For each layer, bottom first: its chain ID comes from the config's diff
+//! IDs alone, so a layer that either store directory has already is
+//! skipped without its blob even being opened. Any other layer's blob is
+//! streamed once — decompressed, both digests checked on the way — into a
+//! directory tree in overlay form in a staging directory under the store's
+//! tmp/ (`unpack`), built into a filesystem image by `layer_build`, and
+//! published with one rename. A layer is published before the next is
+//! unpacked, so the next can read the chain below it when its tar needs to
+//! (`lower`). Every staging directory is held by a guard and removed on
+//! every path out, errors and SIGINT/SIGTERM included; after a SIGKILL only
+//! `tmp/import-*` and `tmp/layer-*` directories stay, which no later import
+//! looks at (each import's staging names carry host, pid and time).
+//!
+//! Concurrent imports of one image (processes, mount namespaces or nodes
+//! sharing the store) each build what they find missing; the first rename
+//! wins, the others drop their copy, and names are written with a rename
+//! too, so everyone ends with one complete copy of each layer.
+
+pub mod lower;
+pub mod progress;
+pub mod source;
+pub mod unpack;
+
+use std::fs::File;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::ids::{Digest, Name, chain_id};
+use crate::interrupt::step;
+use crate::store::{self, FsType, LayerMeta, MAX_LAYERS, Staging, Store, Which};
+
+use lower::Lower;
+use progress::{Progress, mib};
+use source::{ArchiveLayout, DirLayout, Image, LayerSpec, SourceRef, Transport};
+use unpack::{Expect, unpack_layer};
+
+pub struct ImportOptions<'a> {
+    /// `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]` or `docker-archive:FILE[:REF]`.
+    pub source: &'a str,
+    /// The name to record; default the TAG or REF the image was picked by.
+    pub name: Option<&'a Name>,
+    pub fstype: FsType,
+    pub quiet: bool,
+}
+
+/// Import the image; returns the chain ID of its top layer.
+pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
+    crate::interrupt::install();
+    let src = SourceRef::parse(opts.source)?;
+    let (image, _spool) = open_image(store, &src)?;
+    let n = image.layers.len();
+    let what = format!("{}:{}", src.transport.as_str(), src.path.display());
+    if n == 0 {
+        return Err(Error::Store(format!("{what}: the image has no layers")));
+    }
+    if n > MAX_LAYERS {
+        return Err(Error::Store(format!(
+            "{what}: {n} layers; overlayfs mounts at most {MAX_LAYERS}, so the image could never be mounted"
+        )));
+    }
+    let progress = Progress::new(opts.quiet, n);
+    let mut parent: Option<Digest> = None;
+    for (i, l) in image.layers.iter().enumerate() {
+        step("import-layer", Some(i))?;
+        let chain = chain_id(parent.as_ref(), &l.diff_id);
+        progress.start(i, &chain, l.size);
+        match store.has_layer(&chain)? {
+            Some(which) => {
+                log::info!("layer {}/{n} {chain}: already in the {which} store", i + 1);
+                progress.done(i, &chain, l.size, &format!("already in the {which} store"));
+            }
+            None => {
+                let ctx = format!("layer {}/{n} ({})", i + 1, l.digest.map(|d| d.to_string()).unwrap_or_else(|| l.rel.clone()));
+                let job = Job { store, image: &image, index: i, layer: l, parent, chain, fstype: opts.fstype, progress: &progress };
+                let (bytes, note) = job.run().map_err(|e| match e {
+                    Error::Interrupted => e,
+                    e => e.context(&ctx),
+                })?;
+                progress.done(i, &chain, Some(bytes), &note);
+            }
+        }
+        parent = Some(chain);
+    }
+    progress.finish();
+    let top = parent.expect("at least one layer");
+    let name = match opts.name {
+        Some(n) => Some(n.clone()),
+        None => image.reference.as_deref().and_then(|r| match Name::parse(r) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                log::warn!("not recording the image's own name: {e}");
+                if !opts.quiet {
+                    eprintln!("sharedloop: not recording the image's own name: {e}; use --name");
+                }
+                None
+            }
+        }),
+    };
+    if let Some(name) = name {
+        // Beside the top layer, where mount looks first for it.
+        let which = store
+            .has_layer(&top)?
+            .ok_or_else(|| Error::Store(format!("layer {top}: vanished from the store right after the import")))?;
+        store::write_name(store.dir(which), &name, &top)?;
+        log::info!("named {top} {name} in {}", store.dir(which).display());
+    }
+    Ok(top)
+}
+
+/// The image behind SOURCE (and the spooled copy of a piped archive,
+/// removed when dropped).
+fn open_image(store: &Store, src: &SourceRef) -> Result<(Image, Option<Staging>)> {
+    let what = format!("{}:{}", src.transport.as_str(), src.path.display());
+    let reference = src.reference.as_deref();
+    match src.transport {
+        Transport::Oci => {
+            let m = std::fs::metadata(&src.path).map_err(|e| Error::io("image layout", &src.path, &e))?;
+            if !m.is_dir() {
+                return Err(Error::Store(format!("{what}: not a directory (an OCI archive is oci-archive:FILE)")));
+            }
+            let img = source::open_oci(Box::new(DirLayout { root: src.path.clone() }), reference, &what)?;
+            Ok((img, None))
+        }
+        Transport::OciArchive | Transport::DockerArchive => {
+            let (file, spool) = open_archive(store, &src.path)?;
+            let layout = Box::new(ArchiveLayout::scan(file, &src.path)?);
+            let img = if src.transport == Transport::OciArchive {
+                source::open_oci(layout, reference, &what)?
+            } else {
+                source::open_docker(layout, reference, &what)?
+            };
+            Ok((img, spool))
+        }
+    }
+}
+
+/// The archive file; one that cannot be read in place (a pipe) is copied
+/// into a staging file first.
+fn open_archive(store: &Store, path: &Path) -> Result<(File, Option<Staging>)> {
+    let f = File::open(path).map_err(|e| Error::io("open archive", path, &e))?;
+    let m = f.metadata().map_err(|e| Error::io("stat", path, &e))?;
+    if m.is_file() {
+        return Ok((f, None));
+    }
+    if m.is_dir() {
+        return Err(Error::Store(format!("{}: is a directory (an OCI layout directory is oci:DIR)", path.display())));
+    }
+    let spool = Staging::create(store, "import-spool")?;
+    let p = spool.path.join("archive.tar");
+    let mut out = File::create_new(&p).map_err(|e| Error::io("create", &p, &e))?;
+    let mut f = f;
+    std::io::copy(&mut f, &mut out).map_err(|e| Error::io("copy archive", &p, &e))?;
+    drop(out);
+    let f = File::open(&p).map_err(|e| Error::io("open", &p, &e))?;
+    Ok((f, Some(spool)))
+}
+
+/// One layer to convert.
+struct Job<'a> {
+    store: &'a Store,
+    image: &'a Image,
+    index: usize,
+    layer: &'a LayerSpec,
+    parent: Option<Digest>,
+    chain: Digest,
+    fstype: FsType,
+    progress: &'a Progress,
+}
+
+impl Job<'_> {
+    /// Unpack, build, publish. Returns the blob's size and a note for the
+    /// progress line.
+    fn run(&self) -> Result<(u64, String)> {
+        let (i, l, chain) = (self.index, self.layer, self.chain);
+        let t = std::time::Instant::now();
+        let tree_stage = Staging::create(self.store, &format!("import-{}", chain.hex()))?;
+        let tree = tree_stage.path.join("rootfs");
+        std::fs::create_dir(&tree).map_err(|e| Error::io("create staging tree", &tree, &e))?;
+        let (reader, _) = self.image.layout.open(&l.rel)?;
+        let mut lower = Lower::new(self.store, self.parent);
+        let expect = Expect { blob: l.digest, blob_size: l.size, diff_id: l.diff_id };
+        let progress = self.progress;
+        let stats = unpack_layer(reader, &tree, &mut lower, &expect, &|n| progress.bytes(n))?;
+        step("import-unpacked", Some(i))?;
+        // The lower mounts go now, not after the (long) image build.
+        drop(lower);
+        log::info!(
+            "layer {}: {} entries, {} blob, {} tar{}{}",
+            chain.short(),
+            stats.entries,
+            stats.compression.unwrap_or("?"),
+            mib(stats.tar_bytes),
+            if stats.lower_used { ", read the layers below" } else { "" },
+            if stats.ignored_xattrs > 0 { format!(", {} xattrs of other namespaces ignored", stats.ignored_xattrs) } else { String::new() }
+        );
+        // A concurrent import may have finished this layer meanwhile.
+        if let Some(which) = self.store.has_layer(&chain)? {
+            return Ok((stats.blob_bytes, format!("published meanwhile by another import in the {which} store")));
+        }
+        step("import-build", Some(i))?;
+        self.progress.phase(&chain, &format!("building {} image", self.fstype));
+        let out = Staging::create(self.store, &format!("layer-{}", chain.hex()))?;
+        let size = crate::layer_build::build_image(&tree, self.fstype, &out.path.join("layer.img"))?;
+        drop(tree_stage);
+        step("import-publish", Some(i))?;
+        let which = out.which;
+        let meta = LayerMeta {
+            chain_id: chain,
+            diff_id: l.diff_id,
+            parent: self.parent,
+            fstype: self.fstype,
+            size,
+            created: store::now_secs(),
+        };
+        out.publish_layer(&meta)?;
+        let place = if which == Which::Root { "" } else { ", in the fallback store" };
+        let note = format!(
+            "{}, {} image{place}, {:.1} s",
+            stats.compression.unwrap_or("?"),
+            self.fstype,
+            t.elapsed().as_secs_f64()
+        );
+        Ok((stats.blob_bytes, note))
+    }
+}
