@@ -96,7 +96,7 @@ demo: install
 	./scripts/demo.sh $(IMAGE)
 
 check test: deps
-	$(CARGO) test --locked -- --test-threads=4
+	$(CARGO) test --locked --lib --bins --tests -- --test-threads=4
 
 bench: deps
 	$(CARGO) bench --locked --bench mount

@@ -33,6 +33,10 @@ have objdump    || need="$need binutils"
 have strip      || need="$need binutils"
 have rpmbuild   || need="$need rpm"
 have cc         || need="$need gcc"
+# Import tests (tests/import.rs) build real images: umoci makes OCI layouts
+# without a daemon, skopeo converts them (oci-archive, docker-archive, zstd).
+have umoci      || need="$need umoci"
+have skopeo     || need="$need skopeo"
 if [ -n "$need" ]; then
     echo "install-deps: installing$need"
     export DEBIAN_FRONTEND=noninteractive

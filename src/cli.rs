@@ -42,6 +42,7 @@ enum Cmd {
     /// Import an OCI or Docker image, layer by layer; prints the top chain ID
     #[command(after_help = "SOURCE is oci:DIR[:TAG] (OCI image layout), oci-archive:FILE[:TAG] (a tar of one) or docker-archive:FILE[:REF] (docker save, podman save), as skopeo spells them.")]
     Import {
+        /// oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:REF]
         source: String,
         /// Name to record for the image (default: TAG or REF, if given or in the archive)
         #[arg(long)]

@@ -9,16 +9,20 @@
 //! layer is a detached read-only mount (loop device with AUTOCLEAR, or an
 //! erofs image read straight from its file), and one detached read-only
 //! overlay sits over them. All lookups are `openat2` relative to the
-//! overlay's fd. Nothing appears in mountinfo, our own mount namespace is
-//! unchanged, and when the fd closes — at the end of the layer, on an
+//! overlay's fd. Nothing appears in mountinfo and our own mount namespace
+//! is unchanged. The overlay is made per layer that needs it; the layer
+//! mounts under it are kept (`Mounts`) until the import ends, so a deep
+//! image mounts each layer once. When the fds close — at the end, on an
 //! error, or because we were killed — the kernel dissolves the mounts and
-//! autoclear frees the loop devices. The view is only built when a layer
-//! needs it, so ordinary imports never mount anything.
+//! autoclear frees the loop devices. Nothing is mounted unless a layer
+//! needs it (docker- and buildah-written layers list their parents and
+//! rarely link below themselves).
 //!
 //! Keeping the unpacked trees of earlier layers instead would double the
 //! staging space for the whole import and still miss layers that were
 //! already in the store (those are skipped, never unpacked).
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -39,10 +43,40 @@ const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_MAGICLINKS)
     .union(ResolveFlags::NO_XDEV);
 
+/// Detached read-only mounts of layers, kept for the whole import: an
+/// image whose layer tars never list parent directories (umoci writes
+/// those) needs the view below every layer, and each layer is then mounted
+/// once instead of once per layer above it. Only fds hold them: they go
+/// with this value, or with the process.
+#[derive(Default)]
+pub struct Mounts {
+    by_id: HashMap<Digest, OwnedFd>,
+}
+
+impl Mounts {
+    /// Holding a mount per layer can take more fds than the usual soft
+    /// limit of 1024 (up to 500 layers, plus the loop devices' while they
+    /// are set up): raise it to the hard limit, as mount.sharedloop does.
+    pub fn new() -> Mounts {
+        let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        if let Some(max) = lim.maximum {
+            let want = max.min(65536);
+            if lim.current.is_some_and(|c| c < want) {
+                let _ = rustix::process::setrlimit(
+                    rustix::process::Resource::Nofile,
+                    rustix::process::Rlimit { current: Some(want), maximum: lim.maximum },
+                );
+            }
+        }
+        Mounts::default()
+    }
+}
+
 /// The chain below the current layer; mounted on first use.
 pub struct Lower<'a> {
     store: &'a Store,
     top: Option<Digest>,
+    mounts: &'a mut Mounts,
     view: Option<View>,
 }
 
@@ -60,8 +94,8 @@ pub struct Found {
 }
 
 impl<'a> Lower<'a> {
-    pub fn new(store: &'a Store, top: Option<Digest>) -> Lower<'a> {
-        Lower { store, top, view: None }
+    pub fn new(store: &'a Store, top: Option<Digest>, mounts: &'a mut Mounts) -> Lower<'a> {
+        Lower { store, top, mounts, view: None }
     }
 
     /// Whether the view was mounted (for tests and debug output).
@@ -74,7 +108,7 @@ impl<'a> Lower<'a> {
         if self.view.is_none() {
             let t = std::time::Instant::now();
             let chain = self.store.chain(&top)?;
-            let v = mount_chain(&chain).map_err(|e| e.context(&format!("mount lower layers of {top}")))?;
+            let v = mount_chain(&chain, self.mounts).map_err(|e| e.context(&format!("mount lower layers of {top}")))?;
             log::debug!("lower view of {} layers (top {}) in {:?}", chain.len(), top.short(), t.elapsed());
             self.view = Some(v);
         }
@@ -131,26 +165,32 @@ fn layer_attrs() -> MountAttrFlags {
     MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOSUID
 }
 
-/// Detached mounts of `chain` (top first) and a detached overlay over them.
-fn mount_chain(chain: &[Layer]) -> Result<View> {
+/// Detached mounts of `chain` (top first; reusing those in `mounts`) and
+/// a detached overlay over them.
+fn mount_chain(chain: &[Layer], mounts: &mut Mounts) -> Result<View> {
     let kernel = Version::running()?;
     if chain.len() > 1 && !kernel.has_layer_fds() {
         return Err(Error::Store(format!(
             "this layer refers to files of the layers below it (a hardlink or an unlisted parent directory); reading those needs overlayfs layers by file descriptor, Linux 6.13 or newer (running {kernel})"
         )));
     }
-    let idx = LoopIndex::scan();
-    let mut mounts = Vec::with_capacity(chain.len());
-    for l in chain {
-        mounts.push(mount_layer(l, &idx, kernel)?);
+    if chain.iter().any(|l| !mounts.by_id.contains_key(&l.meta.chain_id)) {
+        let idx = LoopIndex::scan();
+        for l in chain {
+            if let std::collections::hash_map::Entry::Vacant(e) = mounts.by_id.entry(l.meta.chain_id) {
+                e.insert(mount_layer(l, &idx, kernel)?);
+            }
+        }
     }
-    if mounts.len() == 1 {
-        return Ok(View { root: mounts.pop().expect("one"), raw_layer: true });
+    let mnt = |l: &Layer| mounts.by_id.get(&l.meta.chain_id).expect("mounted above");
+    if chain.len() == 1 {
+        let root = mnt(&chain[0]).try_clone().map_err(|e| Error::io("dup", &chain[0].image_path, &e))?;
+        return Ok(View { root, raw_layer: true });
     }
     let ctx = FsContext::open("overlay", "lower layers overlay", Path::new("overlay"))?;
     ctx.set_string("source", "sharedloop-import")?;
-    for (m, l) in mounts.iter().zip(chain) {
-        ctx.set_fd("lowerdir+", m).map_err(|e| e.context(&format!("layer {}", l.meta.chain_id)))?;
+    for l in chain {
+        ctx.set_fd("lowerdir+", mnt(l)).map_err(|e| e.context(&format!("layer {}", l.meta.chain_id)))?;
     }
     ctx.set_flag("ro")?;
     ctx.create()?;

@@ -32,7 +32,7 @@ use crate::ids::{Digest, Name, chain_id};
 use crate::interrupt::step;
 use crate::store::{self, FsType, LayerMeta, MAX_LAYERS, Staging, Store, Which};
 
-use lower::Lower;
+use lower::{Lower, Mounts};
 use progress::{Progress, mib};
 use source::{ArchiveLayout, DirLayout, Image, LayerSpec, SourceRef, Transport};
 use unpack::{Expect, unpack_layer};
@@ -62,6 +62,7 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
         )));
     }
     let progress = Progress::new(opts.quiet, n);
+    let mut mounts = Mounts::new();
     let mut parent: Option<Digest> = None;
     for (i, l) in image.layers.iter().enumerate() {
         step("import-layer", Some(i))?;
@@ -75,7 +76,7 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
             None => {
                 let ctx = format!("layer {}/{n} ({})", i + 1, l.digest.map(|d| d.to_string()).unwrap_or_else(|| l.rel.clone()));
                 let job = Job { store, image: &image, index: i, layer: l, parent, chain, fstype: opts.fstype, progress: &progress };
-                let (bytes, note) = job.run().map_err(|e| match e {
+                let (bytes, note) = job.run(&mut mounts).map_err(|e| match e {
                     Error::Interrupted => e,
                     e => e.context(&ctx),
                 })?;
@@ -85,6 +86,7 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
         parent = Some(chain);
     }
     progress.finish();
+    drop(mounts);
     let top = parent.expect("at least one layer");
     let name = match opts.name {
         Some(n) => Some(n.clone()),
@@ -137,22 +139,30 @@ fn open_image(store: &Store, src: &SourceRef) -> Result<(Image, Option<Staging>)
     }
 }
 
-/// The archive file; one that cannot be read in place (a pipe) is copied
-/// into a staging file first.
+/// The archive file. One that cannot be read in place — a pipe, or a
+/// compressed archive (`docker save | gzip`) — is first copied, plain,
+/// into a staging file.
 fn open_archive(store: &Store, path: &Path) -> Result<(File, Option<Staging>)> {
+    use std::os::unix::fs::FileExt;
     let f = File::open(path).map_err(|e| Error::io("open archive", path, &e))?;
     let m = f.metadata().map_err(|e| Error::io("stat", path, &e))?;
-    if m.is_file() {
-        return Ok((f, None));
-    }
     if m.is_dir() {
         return Err(Error::Store(format!("{}: is a directory (an OCI layout directory is oci:DIR)", path.display())));
+    }
+    if m.is_file() {
+        let mut head = [0u8; 4];
+        let n = f.read_at(&mut head, 0).map_err(|e| Error::io("read archive", path, &e))?;
+        if unpack::Compression::sniff(&head[..n]) == unpack::Compression::None {
+            return Ok((f, None));
+        }
     }
     let spool = Staging::create(store, "import-spool")?;
     let p = spool.path.join("archive.tar");
     let mut out = File::create_new(&p).map_err(|e| Error::io("create", &p, &e))?;
-    let mut f = f;
-    std::io::copy(&mut f, &mut out).map_err(|e| Error::io("copy archive", &p, &e))?;
+    let (mut r, c) = unpack::decompressed(std::io::BufReader::with_capacity(1 << 20, f))
+        .map_err(|e| Error::io("read archive", path, &e))?;
+    log::info!("{}: {} archive, copied to {}", path.display(), c.as_str(), p.display());
+    std::io::copy(&mut r, &mut out).map_err(|e| Error::Store(format!("{}: copy archive to {}: {e}", path.display(), p.display())))?;
     drop(out);
     let f = File::open(&p).map_err(|e| Error::io("open", &p, &e))?;
     Ok((f, Some(spool)))
@@ -173,19 +183,20 @@ struct Job<'a> {
 impl Job<'_> {
     /// Unpack, build, publish. Returns the blob's size and a note for the
     /// progress line.
-    fn run(&self) -> Result<(u64, String)> {
+    fn run(&self, mounts: &mut Mounts) -> Result<(u64, String)> {
         let (i, l, chain) = (self.index, self.layer, self.chain);
         let t = std::time::Instant::now();
         let tree_stage = Staging::create(self.store, &format!("import-{}", chain.hex()))?;
         let tree = tree_stage.path.join("rootfs");
         std::fs::create_dir(&tree).map_err(|e| Error::io("create staging tree", &tree, &e))?;
         let (reader, _) = self.image.layout.open(&l.rel)?;
-        let mut lower = Lower::new(self.store, self.parent);
+        let mut lower = Lower::new(self.store, self.parent, mounts);
         let expect = Expect { blob: l.digest, blob_size: l.size, diff_id: l.diff_id };
         let progress = self.progress;
         let stats = unpack_layer(reader, &tree, &mut lower, &expect, &|n| progress.bytes(n))?;
         step("import-unpacked", Some(i))?;
-        // The lower mounts go now, not after the (long) image build.
+        // The overlay goes now, not after the (long) image build; the layer
+        // mounts below it stay for the layers above.
         drop(lower);
         log::info!(
             "layer {}: {} entries, {} blob, {} tar{}{}",

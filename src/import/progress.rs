@@ -16,8 +16,13 @@ pub enum Progress {
     Bar { layers: usize, bar: ProgressBar },
 }
 
+/// "12.3 MiB" (or KiB below one MiB).
 pub fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    if bytes < 1 << 20 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
 }
 
 impl Progress {
@@ -30,7 +35,7 @@ impl Progress {
         }
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
         bar.set_style(
-            ProgressStyle::with_template("{prefix:.bold} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}")
+            ProgressStyle::with_template("{prefix:.bold} [{bar:25}] {bytes}/{total_bytes} {bytes_per_sec} {wide_msg}")
                 .expect("valid template")
                 .progress_chars("=> "),
         );
@@ -41,11 +46,10 @@ impl Progress {
     /// Layer `i` (from 0) starts: its blob has `size` bytes if known.
     pub fn start(&self, i: usize, chain: &Digest, size: Option<u64>) {
         if let Progress::Bar { layers, bar } = self {
-            bar.reset();
-            bar.set_length(size.unwrap_or(0));
-            bar.set_position(0);
             bar.set_prefix(format!("layer {}/{layers}", i + 1));
             bar.set_message(format!("{} unpacking", chain.short()));
+            bar.reset();
+            bar.set_length(size.unwrap_or(0));
         }
     }
 
@@ -87,5 +91,14 @@ impl Progress {
 impl Drop for Progress {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::mib(1536), "1.5 KiB");
+        assert_eq!(super::mib(12_900_000), "12.3 MiB");
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! An archive is never unpacked: one pass over its tar headers (seeking
 //! past the data) records where each member's bytes are, and every blob is
-//! then read straight from the archive file. A source that cannot seek (a
-//! pipe) is first copied into a staging file under the store's tmp/.
+//! then read straight from the archive file. An archive that cannot be
+//! read in place (a pipe, or a gzip/zstd-compressed archive) is first
+//! copied, decompressed, into a staging file under the store's tmp/.
 //!
 //! Everything read here is checked before it is trusted: the manifest and
 //! config against the digests that point to them, layer blobs (later, while
@@ -717,6 +718,120 @@ mod tests {
         ] {
             assert!(check_media_type(Some(bad), "t").is_err(), "{bad}");
         }
+    }
+
+    /// A scratch directory for layouts written by the tests below.
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let p = std::env::temp_dir().join(format!("sl-src-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(p.join("blobs/sha256")).unwrap();
+            Scratch(p)
+        }
+        /// Store a blob; its descriptor.
+        fn put(&self, media_type: &str, data: &[u8]) -> serde_json::Value {
+            let d = Digest::from_bytes(Sha256::digest(data).into());
+            std::fs::write(self.0.join(blob_rel(&d)), data).unwrap();
+            serde_json::json!({"mediaType": media_type, "digest": d.to_string(), "size": data.len()})
+        }
+        fn image(&self, diff: &str) -> serde_json::Value {
+            let layer = self.put("application/vnd.oci.image.layer.v1.tar", diff.as_bytes());
+            let diff_id = Digest::of_bytes(diff.as_bytes()).to_string();
+            let cfg = self.put(
+                "application/vnd.oci.image.config.v1+json",
+                serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [diff_id]}}).to_string().as_bytes(),
+            );
+            let m = serde_json::json!({"schemaVersion": 2, "config": cfg, "layers": [layer]});
+            self.put("application/vnd.oci.image.manifest.v1+json", m.to_string().as_bytes())
+        }
+        fn layout(&self) -> Box<dyn Layout> {
+            Box::new(DirLayout { root: self.0.clone() })
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn with_platform(mut d: serde_json::Value, arch: &str) -> serde_json::Value {
+        d["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
+        d
+    }
+
+    #[test]
+    fn oci_index_nested_and_tags() {
+        let t = Scratch::new("oci");
+        let mine = with_platform(t.image("mine"), host_arch());
+        let other = with_platform(t.image("other"), "s390x-not-this");
+        let idx = serde_json::json!({"schemaVersion": 2, "manifests": [other, mine]});
+        let mut idx_desc = t.put("application/vnd.oci.image.index.v1+json", idx.to_string().as_bytes());
+        idx_desc["annotations"] = serde_json::json!({REF_NAME: "multi"});
+        let mut single = t.image("single");
+        single["annotations"] = serde_json::json!({REF_NAME: "one"});
+        let top = serde_json::json!({"schemaVersion": 2, "manifests": [idx_desc, single]});
+        std::fs::write(t.0.join("index.json"), top.to_string()).unwrap();
+        std::fs::write(t.0.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+
+        let img = open_oci(t.layout(), Some("multi"), "oci:x").unwrap();
+        assert_eq!(img.layers.len(), 1);
+        assert_eq!(img.layers[0].diff_id, Digest::of_bytes(b"mine"), "the host's platform");
+        assert_eq!(img.reference.as_deref(), Some("multi"));
+        let img = open_oci(t.layout(), Some("one"), "oci:x").unwrap();
+        assert_eq!(img.layers[0].diff_id, Digest::of_bytes(b"single"));
+        let e = open_oci(t.layout(), None, "oci:x").err().unwrap().to_string();
+        assert!(e.contains("2 images in index.json") && e.contains("tags: multi, one"), "{e}");
+        let e = open_oci(t.layout(), Some("two"), "oci:x").err().unwrap().to_string();
+        assert!(e.contains("no image tagged \"two\""), "{e}");
+
+        // A manifest blob that is not what the index says.
+        let m = t.0.join(format!("blobs/sha256/{}", &single_digest(&t)[7..]));
+        let mut data = std::fs::read(&m).unwrap();
+        data.push(b' ');
+        std::fs::write(&m, data).unwrap();
+        let e = open_oci(t.layout(), Some("one"), "oci:x").err().unwrap().to_string();
+        assert!(e.contains("digest mismatch"), "{e}");
+    }
+
+    fn single_digest(t: &Scratch) -> String {
+        let top: serde_json::Value = serde_json::from_slice(&std::fs::read(t.0.join("index.json")).unwrap()).unwrap();
+        top["manifests"][1]["digest"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn docker_archive_picks_by_ref_or_index() {
+        let t = Scratch::new("docker");
+        let mut entries = vec![];
+        for (i, tags) in [vec!["docker.io/library/a:1"], vec!["quay.io/x/b:2", "b:latest"]].iter().enumerate() {
+            let diff = format!("layer{i}");
+            let diff_id = Digest::of_bytes(diff.as_bytes());
+            std::fs::write(t.0.join(format!("{}.tar", diff_id.hex())), &diff).unwrap();
+            let cfg = serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]}}).to_string();
+            let cfg_name = format!("{}.json", Digest::of_bytes(cfg.as_bytes()).hex());
+            std::fs::write(t.0.join(&cfg_name), &cfg).unwrap();
+            entries.push(serde_json::json!({"Config": cfg_name, "RepoTags": tags, "Layers": [format!("{}.tar", diff_id.hex())]}));
+        }
+        std::fs::write(t.0.join("manifest.json"), serde_json::Value::Array(entries).to_string()).unwrap();
+        let pick = |r: Option<&str>| open_docker(t.layout(), r, "docker-archive:x");
+        let e = pick(None).err().unwrap().to_string();
+        assert!(e.contains("2 images") && e.contains("docker.io/library/a:1, quay.io/x/b:2, b:latest"), "{e}");
+        let a = pick(Some("a:1")).unwrap();
+        assert_eq!((a.layers[0].diff_id, a.reference.as_deref()), (Digest::of_bytes(b"layer0"), Some("a:1")));
+        assert_eq!(a.layers[0].digest, Some(Digest::of_bytes(b"layer0")), "HEX.tar names its digest");
+        let b = pick(Some("@1")).unwrap();
+        assert_eq!((b.layers[0].diff_id, b.reference.as_deref()), (Digest::of_bytes(b"layer1"), Some("quay.io/x/b:2")));
+        assert_eq!(pick(Some("b")).unwrap().layers[0].diff_id, Digest::of_bytes(b"layer1"));
+        assert!(pick(Some("@2")).is_err());
+        assert!(pick(Some("c:1")).err().unwrap().to_string().contains("no image \"c:1\""));
+        // A config whose name (its digest) does not match its content.
+        let cfg = std::fs::read_dir(&t.0).unwrap().flatten().find(|e| e.file_name().to_string_lossy().ends_with(".json") && e.file_name() != "manifest.json").unwrap().path();
+        std::fs::write(&cfg, "{}").unwrap();
+        let e = match (pick(Some("a:1")), pick(Some("@1"))) {
+            (Err(e), _) | (_, Err(e)) => e.to_string(),
+            _ => panic!("a changed config went unnoticed"),
+        };
+        assert!(e.contains("digest mismatch"), "{e}");
     }
 
     #[test]

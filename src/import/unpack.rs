@@ -61,27 +61,33 @@ const CHUNK: usize = 1 << 20;
 /// A reader that hashes and counts what passes through it.
 pub struct HashRead<'a, R> {
     inner: R,
-    h: Sha256,
+    /// None: count only (the bytes are hashed elsewhere already).
+    h: Option<Sha256>,
     pub n: u64,
     tick: Option<&'a dyn Fn(u64)>,
 }
 
 impl<'a, R: Read> HashRead<'a, R> {
     pub fn new(inner: R, tick: Option<&'a dyn Fn(u64)>) -> Self {
-        HashRead { inner, h: Sha256::new(), n: 0, tick }
+        HashRead { inner, h: Some(Sha256::new()), n: 0, tick }
+    }
+    fn counting(inner: R) -> Self {
+        HashRead { inner, h: None, n: 0, tick: None }
     }
     /// Read what is left (so the digest covers the whole stream) and give
-    /// the digest.
-    pub fn finish(mut self) -> io::Result<(Digest, u64)> {
+    /// the digest (None when counting only).
+    pub fn finish(mut self) -> io::Result<(Option<Digest>, u64)> {
         io::copy(&mut self, &mut io::sink())?;
-        Ok((Digest::from_bytes(self.h.finalize().into()), self.n))
+        Ok((self.h.map(|h| Digest::from_bytes(h.finalize().into())), self.n))
     }
 }
 
 impl<R: Read> Read for HashRead<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.h.update(&buf[..n]);
+        if let Some(h) = &mut self.h {
+            h.update(&buf[..n]);
+        }
         self.n += n as u64;
         if let Some(t) = self.tick {
             t(n as u64);
@@ -202,6 +208,17 @@ impl<R: BufRead> Read for ZstdFrames<R> {
     }
 }
 
+/// A reader of `r` decompressed (gzip, zstd or none, by its first bytes).
+pub fn decompressed<'a, R: BufRead + Send + 'a>(mut r: R) -> io::Result<(Box<dyn Read + Send + 'a>, Compression)> {
+    let c = Compression::sniff(r.fill_buf()?);
+    let d: Box<dyn Read + Send + 'a> = match c {
+        Compression::None => Box::new(r),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(r)),
+        Compression::Zstd => Box::new(ZstdFrames::new(r)),
+    };
+    Ok((d, c))
+}
+
 // ---------------------------------------------------------------- layer
 
 pub struct Expect {
@@ -227,7 +244,7 @@ pub struct Stats {
 pub fn unpack_layer(raw: impl Read, tree: &Path, lower: &mut Lower, expect: &Expect, tick: &dyn Fn(u64)) -> Result<Stats> {
     let mut stats = Stats::default();
     let mut blob = HashRead::new(raw, Some(tick));
-    let result = (|| -> Result<(Digest, u64)> {
+    let result = (|| -> Result<(Option<Digest>, u64)> {
         let mut buf = BufReader::with_capacity(CHUNK, &mut blob);
         let head = buf.fill_buf().map_err(|e| Error::io("read layer blob", tree, &e))?;
         let c = Compression::sniff(head);
@@ -237,7 +254,8 @@ pub fn unpack_layer(raw: impl Read, tree: &Path, lower: &mut Lower, expect: &Exp
             Compression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(buf)),
             Compression::Zstd => Decoder::Zstd(Box::new(ZstdFrames::new(buf))),
         };
-        let mut diff = HashRead::new(dec, None);
+        // An uncompressed blob is the tar itself: its digest is hashed once.
+        let mut diff = if c == Compression::None { HashRead::counting(dec) } else { HashRead::new(dec, None) };
         let mut w = TreeWriter::new(tree)?;
         {
             let mut ar = tar::Archive::new(&mut diff);
@@ -256,9 +274,14 @@ pub fn unpack_layer(raw: impl Read, tree: &Path, lower: &mut Lower, expect: &Exp
         diff.finish().map_err(|e| Error::Store(format!("layer tar: {e}")))
     })();
     stats.lower_used = lower.was_mounted();
-    // Whatever happened, hash the rest of the blob: a decoding error on a
-    // blob that does not match its digest is reported as the mismatch.
+    if let Err(Error::Interrupted) = result {
+        return Err(Error::Interrupted);
+    }
+    // Otherwise hash the rest of the blob, whatever happened: a decoding
+    // error on a blob that does not match its digest is reported as the
+    // mismatch it is.
     let blob_end = blob.finish();
+    let blob_end = blob_end.map(|(d, n)| (d.expect("blob hashed"), n));
     let blob_check = |got: &(Digest, u64)| -> Result<()> {
         if let Some(want) = expect.blob
             && got.0 != want
@@ -283,6 +306,7 @@ pub fn unpack_layer(raw: impl Read, tree: &Path, lower: &mut Lower, expect: &Exp
     };
     let got = blob_end.map_err(|e| Error::Store(format!("read layer blob: {e}")))?;
     blob_check(&got)?;
+    let diff_got = diff_got.unwrap_or(got.0);
     if diff_got != expect.diff_id {
         return Err(Error::Store(format!(
             "diff ID mismatch: the config says {}, the uncompressed layer has {diff_got}",
