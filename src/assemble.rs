@@ -568,10 +568,10 @@ fn empty_lower() -> Result<OwnedFd> {
 /// that concurrent mounts of one chain find each other's devices instead
 /// of all attaching their own. Held until every layer is mounted (and so
 /// visible to the next holder's scan); an flock, so it dies with us.
-struct AttachLock(#[allow(dead_code)] OwnedFd);
+pub struct AttachLock(#[allow(dead_code)] OwnedFd);
 
 impl AttachLock {
-    fn take(state_dir: &Path) -> Result<AttachLock> {
+    pub fn take(state_dir: &Path) -> Result<AttachLock> {
         crate::store::mkdir_p(state_dir)?;
         let p = state_dir.join("attach.lock");
         let fd = rustix::fs::open(

@@ -40,7 +40,7 @@ fn enter_namespace(ns: &str) -> Result<()> {
 
 /// 500 layers need more than the default 1024 descriptors (one detached
 /// mount each, plus images while they are set up).
-fn raise_fd_limit() {
+pub fn raise_fd_limit() {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     if let Some(max) = lim.maximum {
         let want = max.min(65536);

@@ -613,23 +613,13 @@ impl Users {
 /// The node's attach lock (the one mount.sharedloop holds while it finds
 /// or attaches layer devices): held, no mount on this node attaches a
 /// layer. Best effort: without a state directory we go on unlocked.
-struct NodeLock(#[allow(dead_code)] Option<OwnedFd>);
+struct NodeLock(#[allow(dead_code)] Option<crate::assemble::AttachLock>);
 
 fn node_lock() -> NodeLock {
-    let dir = state::dir();
-    let p = dir.join("attach.lock");
-    let fd = store::mkdir_p(&dir).ok().and_then(|_| {
-        rustix::fs::open(&p, OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC, Mode::from_raw_mode(0o600)).ok()
-    });
-    match fd {
-        Some(fd) => {
-            if let Err(e) = rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive) {
-                log::warn!("{}: cannot lock: {}", p.display(), crate::error::Errno(e));
-            }
-            NodeLock(Some(fd))
-        }
-        None => {
-            log::warn!("{}: cannot open the attach lock; going on without it", p.display());
+    match crate::assemble::AttachLock::take(&state::dir()) {
+        Ok(l) => NodeLock(Some(l)),
+        Err(e) => {
+            log::warn!("{e}; going on without the attach lock");
             NodeLock(None)
         }
     }

@@ -58,16 +58,7 @@ impl Mounts {
     /// limit of 1024 (up to 500 layers, plus the loop devices' while they
     /// are set up): raise it to the hard limit, as mount.sharedloop does.
     pub fn new() -> Mounts {
-        let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-        if let Some(max) = lim.maximum {
-            let want = max.min(65536);
-            if lim.current.is_some_and(|c| c < want) {
-                let _ = rustix::process::setrlimit(
-                    rustix::process::Resource::Nofile,
-                    rustix::process::Rlimit { current: Some(want), maximum: lim.maximum },
-                );
-            }
-        }
+        crate::helper::raise_fd_limit();
         Mounts::default()
     }
 }
