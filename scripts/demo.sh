@@ -24,12 +24,17 @@ if [ -z "$IMAGE" ]; then
     printf 'base layer\n' > "$b/usr/share/sample/base.txt"
     printf 'to be deleted by layer 2\n' > "$b/usr/share/sample/obsolete.txt"
     printf 'stale\n' > "$b/var/cache/old/entry"
+    # Fixed times: the same sample gives the same chain IDs on every run,
+    # so a second demo finds its layers in the store instead of adding more.
+    pin() { find "$1" -exec touch -h -d @1700000000 {} +; }
+    pin "$b"
     base=$("$SL" add "${STORE_OPTS[@]}" "$b")
 
     a="$work/app"; mkdir -p "$a/usr/share/sample" "$a/usr/bin"
     printf '#!/bin/sh\necho hello from the app layer\n' > "$a/usr/bin/hello"; chmod 755 "$a/usr/bin/hello"
     printf 'app layer\n' > "$a/usr/share/sample/app.txt"
     mknod "$a/usr/share/sample/obsolete.txt" c 0 0          # overlay whiteout
+    pin "$a"
     app=$("$SL" add "${STORE_OPTS[@]}" --parent "$base" "$a")
 
     c="$work/config"; mkdir -p "$c/etc" "$c/var/cache"
@@ -37,6 +42,7 @@ if [ -z "$IMAGE" ]; then
     printf 'VERSION=1.1\n' > "$c/etc/os-release"              # shadows the base
     mkdir -p "$c/var/cache/old"; setfattr -n trusted.overlay.opaque -v y "$c/var/cache/old"
     printf 'fresh\n' > "$c/var/cache/old/entry2"
+    pin "$c"
     IMAGE=$("$SL" add "${STORE_OPTS[@]}" --parent "$app" --name sharedloop-sample:1 "$c")
     echo "   base   $base"
     echo "   app    $app"
