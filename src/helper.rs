@@ -137,7 +137,7 @@ pub fn mount_main(args: &[String]) -> Result<()> {
         layers[0].meta.chain_id.short(),
         match &upper {
             None => "none (read-only)".to_string(),
-            Some(u) => format!("{u:?}"),
+            Some(u) => u.to_string(),
         },
         assemble::api_name(api),
         if loop_configure { "LOOP_CONFIGURE" } else { "LOOP_SET_FD" }

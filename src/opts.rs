@@ -23,6 +23,16 @@ pub enum UpperSpec {
     Tmpfs,
 }
 
+impl std::fmt::Display for UpperSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpperSpec::Named(n) => write!(f, "{n} (in the store)"),
+            UpperSpec::Path(p) => write!(f, "{}", p.display()),
+            UpperSpec::Tmpfs => f.write_str("tmpfs"),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MountApi {
     Auto,
