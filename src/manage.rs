@@ -40,11 +40,12 @@
 //! concurrent mount sees a whole layer or none. The in-use check and the
 //! renames happen under the node's attach lock (the one mounts hold while
 //! they find or attach loop devices), so no mount on this node can attach a
-//! layer in between. Mounts on other nodes are only seen through image
-//! locks, which mounts do not take yet: removing an image another node has
-//! mounted from a shared store breaks that mount where the filesystem does
-//! not keep deleted open files for remote clients (NFS: ESTALE), and its
-//! next mount fails.
+//! layer in between. Mounts on other nodes are seen through image
+//! locks: every layer image attached to a loop device carries a shared OFD
+//! lock for as long as the device holds it (erofs layers mounted straight
+//! from the file do not: the kernel opens its own file). The check and the
+//! rename are not one step across nodes, so a mount racing an `rm` on
+//! another node can still lose its layer (NFS: ESTALE).
 //!
 //! # `gc`
 //!

@@ -434,12 +434,29 @@ impl Store {
     }
 }
 
+/// A directory right below a store directory (`tmp`, `layers`, `names`),
+/// created if missing and opened without following symlinks: a symlink
+/// planted there (say `names -> /etc`) is refused, never written through.
+pub fn store_subdir(dir: &Path, sub: &str, mode: u32) -> Result<OwnedFd> {
+    mkdir_p(dir)?;
+    let dfd = open_dir(dir)?;
+    match rustix::fs::mkdirat(&dfd, sub, Mode::from_raw_mode(mode)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(Error::sys("create directory", dir.join(sub), e)),
+    }
+    openat_beneath(&dfd, dir, sub, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())
+}
+
 /// A staging directory under `<store>/tmp`, removed on drop unless
 /// published. Its name carries host and pid so `gc` can tell whose it is.
+/// Mode 0700: an image's setuid files and world-writable directories are
+/// live in there while it is built, and no other user may reach them.
 pub struct Staging {
     pub path: PathBuf,
     pub store_dir: PathBuf,
     pub which: Which,
+    tmp: OwnedFd,
+    name: String,
     done: bool,
 }
 
@@ -448,19 +465,17 @@ impl Staging {
     /// under the rule.
     pub fn create(store: &Store, label: &str) -> Result<Staging> {
         store.with_fallback(|dir, which| {
-            let tmp = dir.join("tmp");
-            mkdir_p(&tmp)?;
-            let path = tmp.join(format!(
-                "{label}.{}.{}.{}",
-                hostname(),
-                std::process::id(),
-                unique_suffix()
-            ));
-            std::fs::create_dir(&path).map_err(|e| Error::io("create staging directory", &path, &e))?;
+            let tmp = store_subdir(dir, "tmp", 0o700)?;
+            let name = format!("{label}.{}.{}.{}", hostname(), std::process::id(), unique_suffix());
+            let path = dir.join("tmp").join(&name);
+            rustix::fs::mkdirat(&tmp, name.as_str(), Mode::from_raw_mode(0o700))
+                .map_err(|e| Error::sys("create staging directory", &path, e))?;
             Ok(Staging {
                 path,
                 store_dir: dir.to_path_buf(),
                 which,
+                tmp,
+                name,
                 done: false,
             })
         })
@@ -474,17 +489,22 @@ impl Staging {
         write_synced(&meta_path, serde_json::to_string_pretty(meta).expect("serialize").as_bytes())?;
         sync_path(&self.path.join("layer.img"))?;
         sync_path(&self.path)?;
-        let layers = self.store_dir.join("layers");
-        mkdir_p(&layers)?;
-        let dest = layers.join(meta.chain_id.hex());
-        match rustix::fs::rename(&self.path, &dest) {
+        let layers = store_subdir(&self.store_dir, "layers", 0o755)?;
+        let dest = self.store_dir.join("layers").join(meta.chain_id.hex());
+        // The layer directory is readable by all, as mounts need nothing more.
+        let _ = rustix::fs::chmodat(&self.tmp, self.name.as_str(), Mode::from_raw_mode(0o755), rustix::fs::AtFlags::empty());
+        match rustix::fs::renameat(&self.tmp, self.name.as_str(), &layers, meta.chain_id.hex().as_str()) {
             Ok(()) => {
                 self.done = true;
-                let _ = sync_path(&layers);
+                let _ = sync_path(&self.store_dir.join("layers"));
                 Ok(dest)
             }
-            // Someone else won the race: theirs is as good as ours.
-            Err(Errno::EXIST) | Err(Errno::NOTEMPTY) => Ok(dest),
+            // Someone else won the race: theirs is as good as ours, if it
+            // is whole; a directory without metadata is damage, not a race.
+            Err(Errno::EXIST) | Err(Errno::NOTEMPTY) => match Store::read_meta_in(&self.store_dir, &meta.chain_id) {
+                Ok(_) => Ok(dest),
+                Err(e) => Err(Error::Store(format!("{}: in the way of publishing and not a whole layer: {e}", dest.display()))),
+            },
             Err(e) => Err(Error::sys("publish layer", &dest, e)),
         }
     }
@@ -498,17 +518,32 @@ impl Drop for Staging {
     }
 }
 
-/// Record `name` -> `id` in the store directory `dir`, atomically.
+/// Record `name` -> `id` in the store directory `dir`, atomically, through
+/// the `names` directory's fd.
 pub fn write_name(dir: &Path, name: &Name, id: &Digest) -> Result<()> {
-    let names = dir.join("names");
-    mkdir_p(&names)?;
-    let tmp = names.join(format!(".{}.{}.{}", name.file_name(), std::process::id(), unique_suffix()));
-    write_synced(&tmp, format!("{id}\n").as_bytes())?;
-    let dest = names.join(name.file_name());
-    rustix::fs::rename(&tmp, &dest).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::sys("record name", &dest, e)
-    })
+    let names = store_subdir(dir, "names", 0o755)?;
+    let tmp = format!(".{}.{}.{}", name.file_name(), std::process::id(), unique_suffix());
+    let tmp_path = dir.join("names").join(&tmp);
+    let fd = rustix::fs::openat(
+        &names,
+        tmp.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )
+    .map_err(|e| Error::sys("create", &tmp_path, e))?;
+    let data = format!("{id}\n");
+    let written = rustix::io::write(&fd, data.as_bytes()).and_then(|n| {
+        if n == data.len() { rustix::fs::fsync(&fd) } else { Err(Errno::NOSPC) }
+    });
+    drop(fd);
+    let dest = dir.join("names").join(name.file_name());
+    let r = written
+        .map_err(|e| Error::sys("write", &tmp_path, e))
+        .and_then(|_| rustix::fs::renameat(&names, tmp.as_str(), &names, name.file_name().as_str()).map_err(|e| Error::sys("record name", &dest, e)));
+    if r.is_err() {
+        let _ = rustix::fs::unlinkat(&names, tmp.as_str(), rustix::fs::AtFlags::empty());
+    }
+    r
 }
 
 pub fn mkdir_p(p: &Path) -> Result<()> {

@@ -662,3 +662,47 @@ fn overlay_options_the_kernel_refuses() {
     umount(&env, &m);
     env.assert_clean();
 }
+
+#[test]
+fn symlinked_store_directories_are_never_written_through() {
+    // `names -> /etc` must not let `--name passwd` replace /etc/passwd.
+    let env = Env::new("store-symlinks");
+    let base = env.add(None, None, &[("a", E::File("a"))]);
+    let outside = env.dir.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("passwd"), "precious\n").unwrap();
+    let src = env.dir.join("src-x");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("x"), "x").unwrap();
+    let add = |extra: &[&str]| {
+        let mut a = vec![BIN, "add", src.to_str().unwrap(), "--loopback-root", env.root.to_str().unwrap(), "--loopback-fallback", env.fallback.to_str().unwrap(), "--parent", &base];
+        a.extend_from_slice(extra);
+        env.run(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>().iter().map(|s| s.as_str()).collect::<Vec<_>>())
+    };
+    for sub in ["names", "tmp", "layers"] {
+        let real = env.root.join(sub);
+        let moved = env.dir.join(format!("{sub}-real"));
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::rename(&real, &moved).unwrap();
+        std::os::unix::fs::symlink(&outside, &real).unwrap();
+        // New content each round, so that every add has to stage and publish.
+        std::fs::write(src.join("x"), sub).unwrap();
+        let r = add(&["--name", "passwd"]);
+        assert_eq!(r.code, 32, "{sub}: {r:?}");
+        assert!(r.stderr.contains("refusing symlink or path outside the store"), "{sub}: {}", r.stderr);
+        assert!(r.stderr.contains(real.to_str().unwrap()), "{sub}: {}", r.stderr);
+        assert_eq!(std::fs::read_to_string(outside.join("passwd")).unwrap(), "precious\n", "{sub}");
+        let listed: Vec<_> = std::fs::read_dir(&outside).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(listed.len(), 1, "{sub}: nothing may be created outside: {listed:?}");
+        std::fs::remove_file(&real).unwrap();
+        std::fs::rename(&moved, &real).unwrap();
+    }
+    // Restored, the same add works and names the layer.
+    let r = add(&["--name", "passwd"]);
+    r.ok();
+    assert_eq!(std::fs::read_to_string(env.root.join("names/passwd")).unwrap(), r.stdout);
+    // The staging area is private to root.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(env.root.join("tmp")).unwrap().permissions().mode() & 0o777, 0o700);
+    env.assert_clean();
+}

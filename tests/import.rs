@@ -1189,3 +1189,40 @@ fn sigterm_undoes_everything() {
     env.assert_clean();
 }
 
+
+#[test]
+fn staging_is_private_while_an_image_is_unpacked() {
+    // An image's setuid files and world-writable directories are live in the
+    // staging tree while it is built: no other user may reach them.
+    let env = Env::new("imp-private");
+    let dir = env.dir.join("sem");
+    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let args = import_args(&env, &format!("oci:{}:v1", dir.display()), &[]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = env.command(&argv);
+    c.env("SHAREDLOOP_FAILPOINT", "pause:import-unpacked@1").stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut k = c.spawn().unwrap();
+    let mut err = BufReader::new(k.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("paused at") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0);
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let staging = tmp_entries(&env.root);
+    assert!(!staging.is_empty());
+    for s in &staging {
+        let p = env.root.join("tmp").join(s);
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o700, "{}", p.display());
+        let r = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "ls"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(!r.status.success(), "nobody can list {}", p.display());
+    }
+    assert_eq!(std::fs::metadata(env.root.join("tmp")).unwrap().permissions().mode() & 0o777, 0o700);
+    rustix::process::kill_process(rustix::process::Pid::from_raw(k.id() as i32).unwrap(), rustix::process::Signal::TERM).unwrap();
+    assert_eq!(k.wait().unwrap().code(), Some(8));
+    env.assert_clean();
+}

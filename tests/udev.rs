@@ -123,7 +123,9 @@ fn udevadm_test(l: &Loop) -> String {
     let event_prefix = format!("{}: ", l.name);
     for line in out.lines().filter(|x| x.contains(RULES_NAME)) {
         assert!(
-            line.starts_with(&event_prefix) || line.starts_with("Reading rules file"),
+            // An installed copy (make install, the .deb) is overridden by
+            // the one under test in /run: udev says so, which is fine.
+            line.starts_with(&event_prefix) || line.starts_with("Reading rules file") || line.starts_with("Skipping overridden file"),
             "udev complains about the rules file: {line}\n{out}"
         );
     }

@@ -202,12 +202,16 @@ fn mount_layer(l: &Layer, idx: &LoopIndex, kernel: Version) -> Result<OwnedFd> {
     }
     let dev = match idx.find(&l.image, &l.image_path)? {
         Some(d) => d,
-        None => loopdev::attach(
+        None => {
+            // The in-use mark mounts put on attached layers (see assemble).
+            let _ = crate::sys::ofd_try_read_lock(&l.image);
+            loopdev::attach(
             l.image.as_fd(),
             &l.image_path,
             AttachOptions { read_only: true, direct_io: true, configure: kernel.has_loop_configure() },
-        )
-        .map_err(|e| e.context(&what))?,
+            )
+            .map_err(|e| e.context(&what))?
+        }
     };
     let ctx = FsContext::open(fstype, &what, dev.path())?;
     ctx.set_string("source", &dev.path().to_string_lossy())?;

@@ -101,6 +101,11 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
             }
         }),
     };
+    // A layer we skipped as already stored may have been removed (rm, gc)
+    // while we worked: never name a chain that cannot be mounted.
+    store
+        .chain(&top)
+        .map_err(|e| Error::Store(format!("the imported chain is not whole, a layer vanished during the import (rm or gc?): {e}")))?;
     if let Some(name) = name {
         // Beside the top layer, where mount looks first for it.
         let which = store
