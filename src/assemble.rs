@@ -268,6 +268,27 @@ impl Plan {
         }
     }
 
+    /// Under the attach lock (which `rm` and `gc` take too): is every
+    /// layer still in the store as the file we opened? A layer retired
+    /// between our open and the lock must not be mounted from its unlinked
+    /// file, which the store no longer lists.
+    fn still_stored(&self) -> Result<()> {
+        for l in &self.layers {
+            let opened = rustix::fs::fstat(&l.image).map_err(|e| Error::sys("stat", &l.image_path, e))?;
+            let same = std::fs::symlink_metadata(&l.image_path).is_ok_and(|m| {
+                std::os::unix::fs::MetadataExt::ino(&m) == opened.st_ino && std::os::unix::fs::MetadataExt::dev(&m) == opened.st_dev
+            });
+            if !same {
+                return Err(Error::Store(format!(
+                    "layer {}: removed from the store while this mount was being set up (rm or gc?): {}",
+                    l.meta.chain_id,
+                    l.image_path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn uses_loop(&self, l: &Layer) -> bool {
         !(l.meta.fstype == FsType::Erofs && self.erofs_from_file && self.api != MountApi::Legacy)
     }
@@ -365,6 +386,7 @@ impl Plan {
     fn run_fd(&self) -> Result<Outcome> {
         let t = std::time::Instant::now();
         let lock = AttachLock::take(&self.state_dir)?;
+        self.still_stored()?;
         let idx = LoopIndex::scan();
         log::debug!("lock and loop index: {:?}", t.elapsed());
         let ready = self.for_each_layer(&idx, |i, l, found| self.layer_detached(found, l, i))?;
@@ -401,6 +423,7 @@ impl Plan {
     fn run_path(&self) -> Result<Outcome> {
         let scratch = Scratch::new(&self.state_dir)?;
         let lock = AttachLock::take(&self.state_dir)?;
+        self.still_stored()?;
         let idx = LoopIndex::scan();
         let pairs = self.for_each_layer(&idx, |i, l, found| {
             let r = self.layer_detached(found, l, i)?;
@@ -433,6 +456,7 @@ impl Plan {
     fn run_legacy(&self) -> Result<Outcome> {
         let scratch = Scratch::new(&self.state_dir)?;
         let lock = AttachLock::take(&self.state_dir)?;
+        self.still_stored()?;
         let idx = LoopIndex::scan();
         let ready = self.for_each_layer(&idx, |i, l, found| {
             let d = scratch.sub(&i.to_string())?;

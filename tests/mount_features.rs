@@ -392,3 +392,36 @@ fn attached_layers_carry_an_in_use_lock() {
     }
     env.assert_clean();
 }
+
+#[test]
+fn a_layer_retired_while_the_mount_waits_is_not_mounted() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new("retired");
+    let (ids, top) = chain(&env, 2);
+    let m = env.mnt("m");
+    // Hold the node's attach lock, as `rm` does while it retires layers.
+    std::fs::create_dir_all(&env.state).unwrap();
+    let lock = std::fs::OpenOptions::new().create(true).write(true).open(env.state.join("attach.lock")).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let o = env.store_opts();
+    let mut c = env.command(&["mount.sharedloop", &top, m.to_str().unwrap(), "-o", &o]);
+    c.env("SHAREDLOOP_DEBUG", "1").stderr(std::process::Stdio::piped());
+    let mut k = c.spawn().unwrap();
+    let mut err = BufReader::new(k.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("chain resolved") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "mount ended early");
+    }
+    // The images are open; retire the bottom layer the way rm does.
+    let dir = env.root.join("layers").join(&ids[0][7..]);
+    std::fs::rename(&dir, env.root.join("tmp-retired")).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::Unlock).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert_eq!(k.wait().unwrap().code(), Some(32), "{rest}");
+    assert!(rest.contains(&format!("layer {}: removed from the store while this mount was being set up", ids[0])), "{rest}");
+    assert!(env.overlay_at(&m).is_none());
+    std::fs::remove_dir_all(env.root.join("tmp-retired")).unwrap();
+    env.assert_clean();
+}
