@@ -1165,12 +1165,10 @@ fn sigkill_leaves_only_staging_that_later_imports_ignore() {
     env.assert_clean();
 }
 
-#[test]
-fn sigterm_undoes_everything() {
-    let env = Env::new("imp-term");
-    let dir = env.dir.join("sem");
-    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
-    let args = import_args(&env, &format!("oci:{}:v1", dir.display()), &[]);
+/// `import oci:DIR:v1` paused after unpacking its second layer, with its
+/// stderr (kept open: the import reports on it when it ends).
+fn spawn_paused_import(env: &Env, dir: &Path) -> (std::process::Child, BufReader<std::process::ChildStderr>) {
+    let args = import_args(env, &format!("oci:{}:v1", dir.display()), &[]);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut c = env.command(&argv);
     c.env("SHAREDLOOP_FAILPOINT", "pause:import-unpacked@1").stdout(Stdio::null()).stderr(Stdio::piped());
@@ -1181,6 +1179,15 @@ fn sigterm_undoes_everything() {
         line.clear();
         assert!(err.read_line(&mut line).unwrap() > 0);
     }
+    (k, err)
+}
+
+#[test]
+fn sigterm_undoes_everything() {
+    let env = Env::new("imp-term");
+    let dir = env.dir.join("sem");
+    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let (mut k, _err) = spawn_paused_import(&env, &dir);
     rustix::process::kill_process(rustix::process::Pid::from_raw(k.id() as i32).unwrap(), rustix::process::Signal::TERM).unwrap();
     let st = k.wait().unwrap();
     assert_eq!(st.code(), Some(8), "interrupted");
@@ -1197,17 +1204,7 @@ fn staging_is_private_while_an_image_is_unpacked() {
     let env = Env::new("imp-private");
     let dir = env.dir.join("sem");
     write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
-    let args = import_args(&env, &format!("oci:{}:v1", dir.display()), &[]);
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut c = env.command(&argv);
-    c.env("SHAREDLOOP_FAILPOINT", "pause:import-unpacked@1").stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut k = c.spawn().unwrap();
-    let mut err = BufReader::new(k.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("paused at") {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0);
-    }
+    let (mut k, _err) = spawn_paused_import(&env, &dir);
     use std::os::unix::fs::PermissionsExt;
     let staging = tmp_entries(&env.root);
     assert!(!staging.is_empty());
