@@ -1055,8 +1055,10 @@ pub fn rm(store: &Store, targets: &[String], o: &RmOptions) -> Result<()> {
     let keep_roots = remaining
         .iter()
         .filter_map(|n| n.target.as_ref().ok().copied())
-        .chain(inv.ids().filter(|id| !candidates.contains(id)).copied());
+        .chain(inv.ids().filter(|id| !candidates.contains(id)).copied())
+        .chain(claimed(&inv, store::now_secs()));
     let needed = inv.closure(keep_roots);
+    let by_imports = inv.closure(claimed(&inv, store::now_secs()));
 
     let mut refusals = Vec::new();
     for t in &layer_targets {
@@ -1086,6 +1088,9 @@ pub fn rm(store: &Store, targets: &[String], o: &RmOptions) -> Result<()> {
             [] => {}
             [one] => why.push(format!("it is in the chain of image {one}")),
             many => why.push(format!("it is in the chain of images {}", many.join(", "))),
+        }
+        if by_imports.contains(t) {
+            why.push("an import still at work uses it".into());
         }
         refusals.push((t, why.join("; ")));
     }
@@ -1268,6 +1273,28 @@ struct Garbage {
     bytes: u64,
 }
 
+/// Chain IDs that imports still at work have claimed (`tmp/claim.*` of a
+/// live process, in either store): kept by `gc` and `rm` with their
+/// ancestors, so a layer an import found already stored stays until the
+/// import has named its image.
+fn claimed(inv: &Inventory, now: u64) -> Vec<Digest> {
+    let me = store::hostname();
+    let mut out = Vec::new();
+    for (_, h) in &inv.dirs {
+        for (name, path) in list_dir(h, "tmp").unwrap_or_default() {
+            let Some((label, host, pid, created)) = split_host_pid_uniq(&name) else { continue };
+            if label != store::CLAIM_LABEL || stale(Some(host), pid, created, age_of(&path, now), &me).is_some() {
+                continue;
+            }
+            match std::fs::read_to_string(&path) {
+                Ok(text) => out.extend(store::Claim::parse(&text)),
+                Err(e) => log::warn!("{}: cannot read claim: {e}", path.display()),
+            }
+        }
+    }
+    out
+}
+
 /// When the oldest `add` or `import` still at work began: the creation
 /// time of the oldest staging directory in either `tmp/` that is not stale
 /// (its process alive here, or another host's younger than 24 hours).
@@ -1367,7 +1394,8 @@ pub fn gc(store: &Store, o: &GcOptions) -> Result<()> {
             .names
             .iter()
             .filter_map(|n| n.target.as_ref().ok().copied())
-            .chain(inv.ids().filter(|id| young(id)).copied());
+            .chain(inv.ids().filter(|id| young(id)).copied())
+            .chain(claimed(&inv, now));
         let mut needed = inv.closure(roots);
         // What is in use stays with its ancestors (asked of the candidates
         // only: a lock query may cost a round trip to a file server).

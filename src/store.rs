@@ -518,6 +518,53 @@ impl Drop for Staging {
     }
 }
 
+/// What a running import (or add) is about to use or create: a file
+/// `tmp/claim.<host>.<pid>.<uniq>` listing chain IDs, one a line, removed
+/// when dropped. `gc` and `rm` keep the layers live claims name, so a layer
+/// an import found already stored is not taken away before the import
+/// names its image. A claim whose process died is stale and `gc` removes it.
+pub struct Claim {
+    tmp: OwnedFd,
+    name: String,
+}
+
+pub const CLAIM_LABEL: &str = "claim";
+
+impl Claim {
+    pub fn create(store: &Store, ids: &[Digest]) -> Result<Claim> {
+        store.with_fallback(|dir, _| {
+            let tmp = store_subdir(dir, "tmp", 0o700)?;
+            let name = format!("{CLAIM_LABEL}.{}.{}.{}", hostname(), std::process::id(), unique_suffix());
+            let path = dir.join("tmp").join(&name);
+            let fd = rustix::fs::openat(
+                &tmp,
+                name.as_str(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(|e| Error::sys("create claim", &path, e))?;
+            let claim = Claim { tmp, name };
+            let text: String = ids.iter().map(|d| format!("{d}\n")).collect();
+            let mut off = 0;
+            while off < text.len() {
+                off += rustix::io::write(&fd, &text.as_bytes()[off..]).map_err(|e| Error::sys("write claim", &path, e))?;
+            }
+            Ok(claim)
+        })
+    }
+
+    /// The chain IDs a claim file lists (lines that are not IDs are ignored).
+    pub fn parse(text: &str) -> Vec<Digest> {
+        text.lines().filter_map(|l| Digest::parse(l.trim()).ok()).collect()
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let _ = rustix::fs::unlinkat(&self.tmp, self.name.as_str(), rustix::fs::AtFlags::empty());
+    }
+}
+
 /// Record `name` -> `id` in the store directory `dir`, atomically, through
 /// the `names` directory's fd.
 pub fn write_name(dir: &Path, name: &Name, id: &Digest) -> Result<()> {

@@ -1144,7 +1144,13 @@ fn sigkill_leaves_only_staging_that_later_imports_ignore() {
         assert!(env.my_mounts().is_empty());
     }
     let left = tmp_entries(&env.root);
-    assert!(!left.is_empty() && left.iter().all(|n| n.starts_with("import-") || n.starts_with("layer-")), "{left:?}");
+    // Staging, and the killed imports' claims (stale: they protect nothing,
+    // and gc removes them).
+    assert!(
+        !left.is_empty() && left.iter().all(|n| n.starts_with("import-") || n.starts_with("layer-") || n.starts_with("claim.")),
+        "{left:?}"
+    );
+    assert_eq!(left.iter().filter(|n| n.starts_with("claim.")).count(), 2, "{left:?}");
     // Only whole layers were published.
     for l in layer_dirs(&env.root) {
         let d = env.root.join("layers").join(&l);
@@ -1158,10 +1164,12 @@ fn sigkill_leaves_only_staging_that_later_imports_ignore() {
     let m = mount(&env, "v1", "m");
     check_semantics(&view(&env, &m), false);
     umount(&env, &m);
-    // What gc would do.
-    for n in left {
-        std::fs::remove_dir_all(env.root.join("tmp").join(n)).unwrap();
-    }
+    // gc removes the dead imports' staging and claims, and nothing else.
+    let r = env.run(&[BIN, "gc", "--loopback-root", env.root.to_str().unwrap(), "--loopback-fallback", env.fallback.to_str().unwrap()]);
+    r.ok();
+    assert!(tmp_entries(&env.root).is_empty(), "{:?}
+{}", tmp_entries(&env.root), r.stdout);
+    assert_eq!(layer_dirs(&env.root).len(), 3);
     env.assert_clean();
 }
 
@@ -1208,7 +1216,13 @@ fn staging_is_private_while_an_image_is_unpacked() {
     use std::os::unix::fs::PermissionsExt;
     let staging = tmp_entries(&env.root);
     assert!(!staging.is_empty());
-    for s in &staging {
+    // The import's claim on its chain, private too, lists all three layers.
+    let claims: Vec<_> = staging.iter().filter(|s| s.starts_with("claim.")).collect();
+    assert_eq!(claims.len(), 1, "{staging:?}");
+    let claim = env.root.join("tmp").join(claims[0]);
+    assert_eq!(std::fs::metadata(&claim).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(sharedloop::store::Claim::parse(&std::fs::read_to_string(&claim).unwrap()).len(), 3);
+    for s in staging.iter().filter(|s| !s.starts_with("claim.")) {
         let p = env.root.join("tmp").join(s);
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o700, "{}", p.display());
         let r = std::process::Command::new("setpriv")

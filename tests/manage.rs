@@ -683,3 +683,33 @@ fn gc_does_not_follow_symlinks_out_of_the_store() {
     std::fs::remove_file(env.root.join("uppers")).unwrap();
     env.assert_clean();
 }
+
+#[test]
+fn gc_and_rm_keep_what_a_running_import_claims() {
+    // An import claims its whole chain first (tmp/claim.<host>.<pid>.<uniq>):
+    // a layer it found already stored must not be collected before it names
+    // its image.
+    let env = Env::new("claims");
+    let old = env.add(None, None, &file("reused by an import\n"));
+    let tmp = env.root.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let host = sharedloop::store::hostname();
+    let live = tmp.join(format!("claim.{host}.{}.{}", std::process::id(), sharedloop::store::unique_suffix()));
+    std::fs::write(&live, format!("{old}\n")).unwrap();
+    // A claim whose process is gone protects nothing and is itself removed.
+    let dead = tmp.join(format!("claim.{host}.{}.{}", 4_000_000, sharedloop::store::unique_suffix()));
+    std::fs::write(&dead, format!("{old}\n")).unwrap();
+    let r = sl(&env, &["gc", "--min-age", "0s"]);
+    r.ok();
+    assert!(has_layer(&env, &old), "claimed by a live import: {}", r.stdout);
+    assert!(live.exists());
+    assert!(!dead.exists(), "stale claim removed: {}", r.stdout);
+    // rm of the layer keeps it too while the claim lives.
+    let r = sl(&env, &["rm", &old]);
+    r.fails(32, &format!("cannot remove layer {old}: an import still at work uses it"));
+    assert!(has_layer(&env, &old));
+    std::fs::remove_file(&live).unwrap();
+    sl(&env, &["gc", "--min-age", "0s"]).ok();
+    assert!(!has_layer(&env, &old), "unclaimed and unreferenced: collected");
+    env.assert_clean();
+}

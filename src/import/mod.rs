@@ -61,6 +61,17 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
             "{what}: {n} layers; overlayfs mounts at most {MAX_LAYERS}, so the image could never be mounted"
         )));
     }
+    // Claim the whole chain first: gc and rm keep what a live import needs.
+    let chain_ids: Vec<Digest> = image
+        .layers
+        .iter()
+        .scan(None, |p: &mut Option<Digest>, l| {
+            let c = chain_id(p.as_ref(), &l.diff_id);
+            *p = Some(c);
+            Some(c)
+        })
+        .collect();
+    let _claim = store::Claim::create(store, &chain_ids)?;
     let progress = Progress::new(opts.quiet, n);
     let mut mounts = Mounts::new();
     let mut parent: Option<Digest> = None;
