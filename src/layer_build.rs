@@ -535,7 +535,8 @@ fn gnu_long_header(kind: u8, size: u64) -> Header {
 }
 
 /// "LEN key=value\n", where LEN counts the whole record including itself.
-fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+/// (Public for the import tests, which write PAX headers of their own.)
+pub fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     let rest = key.len() + value.len() + 3;
     let mut len = rest + 1;
     while len != rest + len.to_string().len() {
@@ -1058,6 +1059,29 @@ impl Drop for TempDir {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn pax_records_count_their_own_length() {
+        // The length field includes its own digits: 8, 9, then 11 (10 would
+        // be wrong once the field itself grows to two digits).
+        let cases: &[(&str, &str, &str)] = &[
+            ("a", "bcd", "8 a=bcd\n"),
+            ("a", "bcde", "9 a=bcde\n"),
+            ("a", "bcdef", "11 a=bcdef\n"),
+            ("path", &"x".repeat(92), ""),
+        ];
+        for (k, v, want) in cases {
+            let mut out = Vec::new();
+            pax_record(&mut out, k.as_bytes(), v.as_bytes());
+            let text = String::from_utf8(out.clone()).unwrap();
+            let stated: usize = text.split(' ').next().unwrap().parse().unwrap();
+            assert_eq!(stated, out.len(), "{text:?}");
+            if !want.is_empty() {
+                assert_eq!(text, *want);
+            }
+        }
+    }
+
     use super::*;
     use std::io::BufRead;
     use std::os::unix::fs::{PermissionsExt, lchown, symlink};

@@ -444,19 +444,7 @@ fn octal(field: &mut [u8], v: u64) {
     field[s.len()] = 0;
 }
 
-fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
-    let rest = key.len() + value.len() + 3;
-    let mut len = rest + 1;
-    while len != rest + len.to_string().len() {
-        len = rest + len.to_string().len();
-    }
-    out.extend_from_slice(len.to_string().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(key);
-    out.push(b'=');
-    out.extend_from_slice(value);
-    out.push(b'\n');
-}
+use sharedloop::layer_build::pax_record;
 
 #[derive(Clone)]
 struct Ent<'a> {
