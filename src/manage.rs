@@ -840,12 +840,9 @@ pub struct ImageEntry {
 
 #[derive(Debug, Serialize)]
 pub struct LayerEntry {
-    pub chain_id: Digest,
-    pub diff_id: Digest,
-    pub parent: Option<Digest>,
-    pub fstype: FsType,
-    pub size: u64,
-    pub created: u64,
+    /// chain_id, diff_id, parent, fstype, size, created: as stored.
+    #[serde(flatten)]
+    pub meta: LayerMeta,
     pub store: Which,
     pub names: Vec<String>,
     pub mounts: usize,
@@ -893,19 +890,14 @@ pub fn listing(store: &Store) -> Result<Listing> {
             }
         };
         layers.push(LayerEntry {
-            chain_id: l.id,
-            diff_id: meta.diff_id,
-            parent: meta.parent,
-            fstype: meta.fstype,
-            size: meta.size,
-            created: meta.created,
+            meta: meta.clone(),
             store: l.which,
             names: names.get(&l.id).map(|s| s.iter().cloned().collect()).unwrap_or_default(),
             mounts: users.mounts_of(&l.id).len(),
             loop_devices,
         });
     }
-    layers.sort_by(|a, b| a.chain_id.cmp(&b.chain_id).then((a.store as u8).cmp(&(b.store as u8))));
+    layers.sort_by(|a, b| a.meta.chain_id.cmp(&b.meta.chain_id).then((a.store as u8).cmp(&(b.store as u8))));
     Ok(Listing { root: inv.root.clone(), fallback: inv.fallback.clone(), images, layers, problems })
 }
 
@@ -965,11 +957,11 @@ pub fn render(l: &Listing) -> String {
         .iter()
         .map(|x| {
             vec![
-                x.chain_id.short(),
-                x.diff_id.short(),
-                opt(&x.parent),
-                x.fstype.to_string(),
-                human_size(x.size),
+                x.meta.chain_id.short(),
+                x.meta.diff_id.short(),
+                opt(&x.meta.parent),
+                x.meta.fstype.to_string(),
+                human_size(x.meta.size),
                 x.store.to_string(),
                 x.mounts.to_string(),
                 if x.names.is_empty() { "-".into() } else { x.names.join(",") },
