@@ -101,7 +101,7 @@ fn create_image(dest: &Path, opts: &CreateOptions) -> Result<UpperImage> {
     }
     let base = dest.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{base}.tmp.{}.{}.{}", hostname(), std::process::id(), unique_suffix()));
-    let guard = TempFile(Some(tmp.clone()));
+    let mut guard = TempFile(Some(tmp.clone()));
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -118,7 +118,7 @@ fn create_image(dest: &Path, opts: &CreateOptions) -> Result<UpperImage> {
         rustix::fs::RenameFlags::NOREPLACE,
     ) {
         Ok(()) => {
-            std::mem::forget(guard);
+            guard.0 = None; // renamed into place: nothing to remove
             let fd = rustix::fs::open(dest, OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty())
                 .map_err(|e| Error::sys("open upper image", dest, e))?;
             finish_open(dest.to_path_buf(), fd, true)

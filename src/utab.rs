@@ -131,11 +131,6 @@ pub fn remove(target: &str) -> Result<()> {
     update(|e| e.target != target, None)
 }
 
-pub fn read() -> Vec<UtabEntry> {
-    std::fs::read_to_string(path())
-        .map(|s| s.lines().filter_map(UtabEntry::parse_line).collect())
-        .unwrap_or_default()
-}
 
 #[cfg(test)]
 mod tests {
