@@ -19,8 +19,12 @@ fn status_shows_driver_store_and_shared_layers() {
     let mut argv = vec![BIN, "status"];
     argv.extend(store_args);
     let text = env.run(&argv).ok().stdout.clone();
-    let fs = if std::process::Command::new("stat").args(["-f", "-c", "%T", root]).output().unwrap().stdout.starts_with(b"ext2/ext3") { "extfs" } else { "" };
-    let head = format!("Storage Driver: sharedloop\n Backing Filesystem: {fs}");
+    // The name for the filesystem the store really is on (statfs magic).
+    let magic = std::process::Command::new("stat").args(["-f", "-c", "%t", root]).output().unwrap().stdout;
+    let magic = i64::from_str_radix(String::from_utf8_lossy(&magic).trim(), 16).unwrap();
+    let fs = sharedloop::status::fs_name(magic);
+    assert!(!fs.starts_with("<unknown"), "{fs}");
+    let head = format!("Storage Driver: sharedloop\n Backing Filesystem: {fs}\n");
     assert!(text.starts_with(&head), "{text}");
     assert!(text.contains(&format!(" Loopback Root Directory: {root}\n Loopback Fallback Directory: {fb}\n")), "{text}");
     assert!(text.contains(" Root: 2 layers"), "{text}");
