@@ -112,7 +112,7 @@ _sharedloop()
     fi
 
     case $prev in
-        --loopback-root | --loopback-fallback)
+        --loopback-root | --loopback-fallback | --staging-dir)
             _sharedloop_paths -d "$value_pre"
             return
             ;;
@@ -138,7 +138,7 @@ _sharedloop()
     for ((i = 1; i < ${#_sl_words[@]}; i++)); do
         w=${_sl_words[i]}
         case $w in
-            --loopback-root | --loopback-fallback | --parent | --name | --fstype | --min-age)
+            --loopback-root | --loopback-fallback | --parent | --name | --fstype | --min-age | --staging-dir)
                 ((i++))
                 ;;
             -*) ;;
@@ -163,8 +163,8 @@ _sharedloop()
 
     local -a opts=()
     case $cmd in
-        add) opts=(--parent --name --fstype) ;;
-        import) opts=(--name --fstype -q --quiet) ;;
+        add) opts=(--parent --name --fstype --staging-dir) ;;
+        import) opts=(--name --fstype --staging-dir -q --quiet) ;;
         ls | status | mounts) opts=(--json) ;;
         rm) opts=(--name-only --dry-run) ;;
         gc) opts=(--dry-run --min-age) ;;

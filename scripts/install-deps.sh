@@ -37,6 +37,13 @@ have cc         || need="$need gcc"
 # without a daemon, skopeo converts them (oci-archive, docker-archive, zstd).
 have umoci      || need="$need umoci"
 have skopeo     || need="$need skopeo"
+# Shared-storage tests (tests/shared_storage.rs) run a real GlusterFS
+# volume inside namespaces the tests make, mounted by several FUSE clients
+# (one per "node"); ip(8) puts the brick address on the namespace's lo.
+have glusterd   || need="$need glusterfs-server"
+[ -x /sbin/mount.glusterfs ] || [ -x /usr/sbin/mount.glusterfs ] || need="$need glusterfs-client"
+have ip         || need="$need iproute2"
+have e2fsck     || need="$need e2fsprogs"
 if [ -n "$need" ]; then
     echo "install-deps: installing$need"
     export DEBIAN_FRONTEND=noninteractive
@@ -50,3 +57,4 @@ if ! have cargo; then
 fi
 modprobe loop 2>/dev/null || true
 modprobe overlay 2>/dev/null || true
+modprobe fuse 2>/dev/null || true

@@ -565,7 +565,7 @@ impl Plan {
         let what = format!("upper {}", img.path.display());
         let ctx = FsContext::open(img.fstype.as_str(), &what, dev.path())?;
         ctx.set_string("source", &dev.path().to_string_lossy())?;
-        ctx.create()?;
+        ctx.create().map_err(|e| upper::explain_mount_failure(&img, e))?;
         let mnt = ctx.mount(MountAttrFlags::MOUNT_ATTR_NODEV)?;
         let (upper_dir, work_dir) = upper::ensure_dirs(&mnt, &img.path)?;
         let record = UpperRecord {

@@ -38,6 +38,9 @@ enum Cmd {
         /// Filesystem of the layer image
         #[arg(long, default_value = "ext4", value_parser = ["ext4", "xfs", "erofs"])]
         fstype: String,
+        /// Node-local directory to build the image in (default: staging_dir from the configuration file, else tmp/ of the fallback store)
+        #[arg(long, value_name = "DIR")]
+        staging_dir: Option<PathBuf>,
     },
     /// Import an OCI or Docker image, layer by layer; prints the top chain ID
     #[command(after_help = "SOURCE is oci:DIR[:TAG] (OCI image layout), oci-archive:FILE[:TAG] (a tar of one) or docker-archive:FILE[:REF] (docker save, podman save), as skopeo spells them.")]
@@ -53,6 +56,9 @@ enum Cmd {
         /// No progress output
         #[arg(short, long)]
         quiet: bool,
+        /// Node-local directory to unpack and build in (default: staging_dir from the configuration file, else tmp/ of the fallback store)
+        #[arg(long, value_name = "DIR")]
+        staging_dir: Option<PathBuf>,
     },
     /// The driver, its store, what the kernel offers, and the active mounts
     Status {
@@ -125,10 +131,24 @@ pub fn main(args: &[String]) -> Result<()> {
     }
     let (opts, _) = effective_options(&o, false)?;
     let store = store_of(&opts);
+    // --staging-dir, else staging_dir= from the configuration file.
+    let staging = |given: Option<PathBuf>| -> Result<Option<PathBuf>> {
+        match given {
+            Some(d) => std::path::absolute(&d).map(Some).map_err(|e| Error::io("--staging-dir", &d, &e)),
+            None => Ok(opts.staging_dir.clone()),
+        }
+    };
     match cli.cmd {
-        Cmd::Import { source, name, fstype, quiet } => {
+        Cmd::Import { source, name, fstype, quiet, staging_dir } => {
             let name = name.map(|n| crate::ids::Name::parse(&n)).transpose()?;
-            let opts = crate::import::ImportOptions { source: &source, name: name.as_ref(), fstype: FsType::parse(&fstype)?, quiet };
+            let staging_dir = staging(staging_dir)?;
+            let opts = crate::import::ImportOptions {
+                source: &source,
+                name: name.as_ref(),
+                fstype: FsType::parse(&fstype)?,
+                quiet,
+                staging_dir: staging_dir.as_deref(),
+            };
             println!("{}", crate::import::import(&store, &opts)?);
             Ok(())
         }
@@ -156,13 +176,21 @@ pub fn main(args: &[String]) -> Result<()> {
         }
         Cmd::Gc { dry_run, min_age } => crate::manage::gc(&store, &crate::manage::GcOptions { dry_run, min_age }),
         Cmd::Verify { targets, deep } => crate::manage::verify(&store, &targets, &crate::manage::VerifyOptions { deep }),
-        Cmd::Add { dir, parent, name, fstype } => {
+        Cmd::Add { dir, parent, name, fstype, staging_dir } => {
             let parent = parent.map(|p| store.resolve(&crate::ids::LayerRef::parse(&p)?)).transpose()?;
             let name = name.map(|n| crate::ids::Name::parse(&n)).transpose()?;
             let fstype = FsType::parse(&fstype)?;
+            let staging_dir = staging(staging_dir)?;
             let id = crate::layer_build::add_layer(
                 &store,
-                &crate::layer_build::AddOptions { dir: &dir, parent, name: name.as_ref(), fstype, quiet: !cli.verbose },
+                &crate::layer_build::AddOptions {
+                    dir: &dir,
+                    parent,
+                    name: name.as_ref(),
+                    fstype,
+                    quiet: !cli.verbose,
+                    staging_dir: staging_dir.as_deref(),
+                },
             )?;
             println!("{id}");
             Ok(())

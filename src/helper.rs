@@ -153,6 +153,7 @@ pub fn mount_main(args: &[String]) -> Result<()> {
         upper_create: CreateOptions {
             size: opts.upper_size.unwrap_or(DEFAULT_UPPER_SIZE),
             fstype: opts.upper_fstype.unwrap_or(FsType::Ext4),
+            mmp: opts.upper_mmp.unwrap_or_default(),
         },
         api,
         loop_configure,

@@ -8,7 +8,9 @@
 //! SHAREDLOOP_FAILPOINT (for tests) names one step: `STEP` fails there,
 //! `STEP@N` fails there for the Nth item (layers count from 0), and
 //! `pause:STEP[@N]` stops there, printing "paused at STEP" on stderr, until
-//! a signal arrives.
+//! a signal arrives; `stop:STEP[@N]` prints "stopped at STEP" and stops the
+//! process (SIGSTOP) there, to go on normally at SIGCONT, so that a test
+//! can act in between (another import publishing first, say).
 
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -64,6 +66,11 @@ pub fn step(step: &str, index: Option<usize>) -> Result<()> {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
             return Err(Error::Interrupted);
+        }
+    } else if let Some(p) = spec.strip_prefix("stop:") {
+        if matches(p, step, index) {
+            eprintln!("sharedloop: stopped at {p}");
+            let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
         }
     } else if matches(&spec, step, index) {
         return Err(Error::Injected(spec));

@@ -13,14 +13,16 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use rustix::io::Errno;
 use sha2::{Digest as _, Sha256};
 use tar::{Builder, EntryType, Header};
 
+use crate::command::Cmd;
 use crate::error::{Error, Result};
 use crate::ids::{Digest, Name, chain_id};
+use crate::interrupt::step;
+use crate::staging::Workspace;
 use crate::store::{self, FsType, LayerMeta, Staging, Store};
 
 const BLOCK: u64 = 4096;
@@ -58,13 +60,18 @@ pub struct AddOptions<'a> {
     pub name: Option<&'a Name>,
     pub fstype: FsType,
     pub quiet: bool,
+    /// Node-local staging directory (`--staging-dir`, `staging_dir=`);
+    /// `None`: `tmp/` of the fallback store.
+    pub staging_dir: Option<&'a Path>,
 }
 
 /// The whole of `sharedloop add`: check DIR and the parent, compute the
-/// diff ID and chain ID, build and publish the image unless either store has
-/// that chain ID already, and record `name` (also for an existing layer) in
-/// the store directory the layer lives in. Returns the chain ID.
+/// diff ID and chain ID, build the image in node-local staging and publish
+/// it unless either store has that chain ID already, and record `name`
+/// (also for an existing layer) in the store directory the layer lives in.
+/// Returns the chain ID.
 pub fn add_layer(store: &Store, opts: &AddOptions) -> Result<Digest> {
+    crate::interrupt::install();
     check_dir(opts.dir)?;
     if let Some(p) = &opts.parent {
         check_parent(store, p)?;
@@ -82,10 +89,16 @@ pub fn add_layer(store: &Store, opts: &AddOptions) -> Result<Digest> {
         // Asking for a name on an existing layer still means "name it".
         return name_layer(store.dir(which), opts, &chain);
     }
+    // The destination first: a store that cannot take the layer fails
+    // before the build. Only the finished image goes there.
     let staging = Staging::create(store, &format!("layer-{}", chain.hex()))?;
     let store_dir = staging.store_dir.clone();
-    let size = build_image(opts.dir, opts.fstype, &staging.path.join("layer.img"))
-        .map_err(|e| e.context(&format!("layer {chain}")))?;
+    let work = Workspace::new(store, opts.staging_dir).create(&format!("add-{}", chain.hex()))?;
+    let img = work.path.join("layer.img");
+    let size = build_image(opts.dir, opts.fstype, &img).map_err(|e| e.context(&format!("layer {chain}")))?;
+    step("add-publish", None)?;
+    staging.put_image(&img)?;
+    drop(work);
     let meta = LayerMeta {
         chain_id: chain,
         diff_id,
@@ -185,6 +198,9 @@ fn walk(dir: &Path, mut visit: impl FnMut(&Entry) -> Result<()>) -> Result<()> {
     check_dir(dir)?;
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
+        if crate::interrupt::interrupted() {
+            return Err(Error::Interrupted);
+        }
         let path = if rel.as_os_str().is_empty() {
             dir.to_path_buf()
         } else {
@@ -805,7 +821,7 @@ fn build_ext4(dir: &Path, out: &Path, plan: &Plan) -> Result<()> {
     set_size(out, plan.bytes)?;
     let uuid = uuid_from(&plan.fingerprint[..16]);
     let seed = uuid_from(&plan.fingerprint[16..]);
-    let mut cmd = Command::new("mkfs.ext4");
+    let mut cmd = Cmd::new("mkfs.ext4");
     cmd.args([
         "-q", "-F", "-L", LABEL, "-T", "default", "-m", "0", "-b", "4096", "-I", "256",
     ])
@@ -819,7 +835,7 @@ fn build_ext4(dir: &Path, out: &Path, plan: &Plan) -> Result<()> {
     .arg(dir)
     .arg(out)
     .env("E2FSPROGS_FAKE_TIME", plan.newest.to_string());
-    run("build ext4 image", &mut cmd, None)?;
+    cmd.run("build ext4 image")?;
     fix_ext4_root(out, plan)
 }
 
@@ -839,11 +855,11 @@ fn fix_ext4_root(out: &Path, plan: &Plan) -> Result<()> {
         r.gid,
         r.mtime.max(0)
     ));
-    let mut cmd = Command::new("debugfs");
+    let mut cmd = Cmd::new("debugfs");
     cmd.args(["-w", "-f", "-"])
         .arg(out)
         .env("E2FSPROGS_FAKE_TIME", plan.newest.to_string());
-    let stderr = run("fix ext4 image root", &mut cmd, Some(script.as_bytes()))?;
+    let stderr = cmd.run_with_input("fix ext4 image root", script.as_bytes())?;
     // debugfs exits 0 even when a command fails; its only normal stderr
     // line is the version banner.
     let errors: Vec<&str> = stderr
@@ -853,7 +869,7 @@ fn fix_ext4_root(out: &Path, plan: &Plan) -> Result<()> {
     if !errors.is_empty() {
         return Err(Error::Command {
             what: "fix ext4 image root".into(),
-            cmd: render(&cmd),
+            cmd: cmd.render(),
             status: "errors".into(),
             stderr: errors.join("; "),
         });
@@ -880,22 +896,29 @@ fn uuid_from(b: &[u8]) -> String {
 
 /// mkfs.xfs cannot populate, so the tree is copied in through a mount. The
 /// mount lives in a private mount namespace and its loop device has
-/// AUTOCLEAR (mount -o loop sets it): whatever happens to us or to the
-/// child, even SIGKILL, the kernel takes both down with the namespace. The
-/// image gets mkfs.xfs's random UUID: two xfs filesystems with one UUID
-/// cannot be mounted at the same time.
+/// AUTOCLEAR (mount -o loop sets it). The copy runs as init of a new PID
+/// namespace: unshare dies with us (as every command we run does), its
+/// forked child with it (--kill-child), and with a namespace's init the
+/// kernel kills everything in it (mount, cp). So whatever happens to us,
+/// even SIGKILL, nothing goes on writing, and the kernel takes the mount
+/// and the loop device down with the namespaces. The image gets
+/// mkfs.xfs's random UUID: two xfs filesystems with one UUID cannot be
+/// mounted at the same time.
 fn build_xfs(dir: &Path, out: &Path, plan: &Plan) -> Result<()> {
     set_size(out, plan.xfs_bytes())?;
-    let mut mkfs = Command::new("mkfs.xfs");
+    let mut mkfs = Cmd::new("mkfs.xfs");
     mkfs.args(["-q", "-f", "-m", "reflink=0", "-L", LABEL])
         .arg(out);
-    run("build xfs image", &mut mkfs, None)?;
+    mkfs.run("build xfs image")?;
     let mnt = TempDir::create("sharedloop-build")?;
     let src = std::path::absolute(dir).map_err(|e| Error::io("layer directory", dir, &e))?;
     let img = std::path::absolute(out).map_err(|e| Error::io("image", out, &e))?;
-    let mut cp = Command::new("unshare");
+    let mut cp = Cmd::new("unshare");
     cp.args([
         "-m",
+        "-p",
+        "--fork",
+        "--kill-child",
         "--propagation",
         "private",
         "sh",
@@ -906,7 +929,7 @@ fn build_xfs(dir: &Path, out: &Path, plan: &Plan) -> Result<()> {
     .arg(&img)
     .arg(&mnt.0)
     .arg(&src);
-    run("copy layer into xfs image", &mut cp, None)?;
+    cp.run("copy layer into xfs image")?;
     Ok(())
 }
 
@@ -920,80 +943,14 @@ exit $rc"#;
 
 fn build_erofs(dir: &Path, out: &Path, plan: &Plan) -> Result<()> {
     let uuid = uuid_from(&plan.fingerprint[..16]);
-    let mut cmd = Command::new("mkfs.erofs");
+    let mut cmd = Cmd::new("mkfs.erofs");
     cmd.args(["--quiet", "-zlz4hc", "--preserve-mtime", "-U", &uuid])
         .arg(out)
         .arg(dir)
         // The build time; mtimes newer than it would be clamped, and none is.
         .env("SOURCE_DATE_EPOCH", plan.newest.to_string());
-    run("build erofs image", &mut cmd, None)?;
+    cmd.run("build erofs image")?;
     Ok(())
-}
-
-// ---------------------------------------------------------------- commands
-
-/// Run a command to completion; its stderr on success, Error::Command with
-/// the command line, status and last stderr lines on failure.
-fn run(what: &str, cmd: &mut Command, input: Option<&[u8]>) -> Result<String> {
-    cmd.env("LC_ALL", "C")
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let program = PathBuf::from(cmd.get_program());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Error::io(format!("{what}: run"), &program, &e))?;
-    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin
-            .write_all(data)
-            .map_err(|e| Error::io(format!("{what}: write to"), &program, &e))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::io(format!("{what}: wait for"), &program, &e))?;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    if out.status.success() {
-        return Ok(stderr);
-    }
-    let status = match out.status.code() {
-        Some(c) => format!("status {c}"),
-        None => format!(
-            "signal {}",
-            std::os::unix::process::ExitStatusExt::signal(&out.status).unwrap_or(0)
-        ),
-    };
-    Err(Error::Command {
-        what: what.into(),
-        cmd: render(cmd),
-        status,
-        stderr: tail(&stderr, 3),
-    })
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("; ")
-}
-
-fn render(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| shell_quote(&a.to_string_lossy()))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn shell_quote(s: &str) -> String {
-    let plain = |c: char| c.is_ascii_alphanumeric() || "_./:=,^@%+-".contains(c);
-    if !s.is_empty() && s.chars().all(plain) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
 }
 
 // ---------------------------------------------------------------- guards
@@ -1084,6 +1041,7 @@ mod tests {
 
     use super::*;
     use std::io::BufRead;
+    use std::process::{Command, Stdio};
     use std::os::unix::fs::{PermissionsExt, lchown, symlink};
     use std::process::Child;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -1610,6 +1568,7 @@ umount -n -- "$2""#;
             name,
             fstype,
             quiet: true,
+            staging_dir: None,
         }
     }
 
@@ -1669,9 +1628,13 @@ umount -n -- "$2""#;
             .ino();
         assert_eq!(before, after);
         assert_eq!(std::fs::read_dir(t.join("root/tmp")).unwrap().count(), 0);
-        assert!(
-            !t.join("fallback").exists(),
-            "fallback untouched while root works"
+        // The fallback holds the (node-local) staging, emptied, and no
+        // layer or name while the root works.
+        assert_eq!(std::fs::read_dir(t.join("fallback/tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(t.join("fallback")).unwrap().count(),
+            1,
+            "fallback has only tmp/"
         );
         assert_eq!(store.has_layer(&id2).unwrap(), Some(Which::Root));
     }
@@ -1736,6 +1699,6 @@ umount -n -- "$2""#;
                 .join("layer.img")
                 .is_file()
         );
-        assert!(!t.join("fallback").exists());
+        assert!(!t.join("fallback/layers").exists());
     }
 }

@@ -1,14 +1,20 @@
 //! sharedloop: mount container images whose layers are filesystem image
 //! files, through loop devices and one overlayfs mount.
 
+// All `unsafe` lives in `sys`, each block with a `// SAFETY:` note.
+#![deny(unsafe_code)]
+
 pub mod error;
 pub mod ids;
+pub mod command;
 pub mod layer_build;
 pub mod store;
+pub mod staging;
 pub mod argv;
 pub mod kernel;
 pub mod mountinfo;
 pub mod opts;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod utab;
 pub mod assemble;
@@ -20,7 +26,9 @@ pub mod loopdev;
 pub mod mountapi;
 pub mod state;
 pub mod upper;
+pub mod mmp;
 pub mod cli;
 pub mod manage;
 pub mod import;
 pub mod status;
+pub mod sharedfs;

@@ -2,6 +2,8 @@
 //! (installed as links in /sbin, where mount(8) looks; cargo cannot name a
 //! binary with a dot) and the admin CLI `sharedloop`.
 
+#![deny(unsafe_code)]
+
 use std::path::Path;
 
 fn main() {

@@ -1491,8 +1491,8 @@ fn deep_check(path: &Path, fstype: FsType) -> std::result::Result<Option<String>
         FsType::Xfs => ("xfs_repair", &["-n", "-f"]),
         FsType::Erofs => ("fsck.erofs", &[]),
     };
-    let prog = crate::upper::tool(tool);
-    let out = match std::process::Command::new(&prog).args(args).arg(path).stdin(std::process::Stdio::null()).output() {
+    let mut cmd = crate::command::Cmd::new(tool);
+    let out = match cmd.args(args).arg(path).output() {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(format!("deep check skipped: {tool} not found"))),
         Err(e) => return Err(format!("run {tool}: {e}")),

@@ -83,6 +83,8 @@ pub struct MountOptions {
     pub upper: Option<Option<UpperSpec>>,
     pub upper_size: Option<u64>,
     pub upper_fstype: Option<FsType>,
+    /// ext4 multi-mount protection on a new upper image.
+    pub upper_mmp: Option<Mmp>,
     pub direct_io: Option<bool>,
     pub mount_api: Option<MountApi>,
     pub loop_api: Option<LoopApi>,
@@ -92,6 +94,22 @@ pub struct MountOptions {
     /// Options mount(8) keeps for itself (`_netdev`, `nofail`, `x-*`...):
     /// accepted, recorded in utab, not acted on.
     pub userspace: Vec<String>,
+    /// Node-local staging of `sharedloop add` and `import` (configuration
+    /// file only: not a mount option).
+    pub staging_dir: Option<PathBuf>,
+}
+
+/// ext4 multi-mount protection (MMP) for a new upper image: the kernel
+/// then refuses a second read-write mount of the image on any node, by
+/// what is written in the image itself, even when the shared filesystem's
+/// lock service has lost or never had our lock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mmp {
+    /// On where the upper is created on shared storage (see `sharedfs`).
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 /// Where an option string comes from: the config file takes only defaults.
@@ -237,6 +255,7 @@ impl MountOptions {
                     | "override_kernel_check"
                     | "upper_size"
                     | "upper_fstype"
+                    | "upper_mmp"
                     | "direct_io"
                     | "mount_api"
                     | "loop_api"
@@ -244,11 +263,26 @@ impl MountOptions {
                     | "redirect_dir"
                     | "index"
                     | "xino"
+                    | "staging_dir"
             );
             if origin == Origin::Config && !config_ok {
                 return Err(Error::Usage(format!(
                     "{key}: not allowed in the configuration file (only defaults such as loopback_root, upper_size, direct_io)"
                 )));
+            }
+            // For `sharedloop add` and `import` only, which take it from the
+            // configuration file (or --staging-dir); mount has no use for it.
+            if key == "staging_dir" {
+                if origin == Origin::Config {
+                    o.staging_dir = Some(abs_path(&key, need(&key, v)?)?);
+                } else if sloppy {
+                    warnings.push(format!("ignoring {key}: not a mount option (configuration file only)"));
+                } else {
+                    return Err(Error::Usage(format!(
+                        "{key}: not a mount option (configuration file only; sharedloop add and import take --staging-dir)"
+                    )));
+                }
+                continue;
             }
             match key.as_str() {
                 "loopback_root" => o.loopback_root = Some(abs_path(&key, need(&key, v)?)?),
@@ -289,6 +323,13 @@ impl MountOptions {
                         "ext4" => FsType::Ext4,
                         "xfs" => FsType::Xfs,
                         x => return Err(Error::Usage(format!("upper_fstype={x}: want ext4 or xfs"))),
+                    })
+                }
+                "upper_mmp" => {
+                    o.upper_mmp = Some(match one_of(&key, v, &["auto", "on", "off"])?.as_str() {
+                        "on" => Mmp::On,
+                        "off" => Mmp::Off,
+                        _ => Mmp::Auto,
                     })
                 }
                 "direct_io" => o.direct_io = Some(on_off(&key, v)?),
@@ -407,12 +448,14 @@ impl MountOptions {
             upper: self.upper,
             upper_size: self.upper_size.or(defaults.upper_size),
             upper_fstype: self.upper_fstype.or(defaults.upper_fstype),
+            upper_mmp: self.upper_mmp.or(defaults.upper_mmp),
             direct_io: self.direct_io.or(defaults.direct_io),
             mount_api: self.mount_api.or(defaults.mount_api),
             loop_api: self.loop_api.or(defaults.loop_api),
             overlay,
             flags: self.flags,
             userspace: self.userspace,
+            staging_dir: self.staging_dir.or(defaults.staging_dir),
         }
     }
 
@@ -428,6 +471,14 @@ impl MountOptions {
         }
         if matches!(upper, Some(UpperSpec::Tmpfs)) && self.upper_fstype.is_some() {
             return Err(Error::Usage("upper_fstype: not used with upper=tmpfs".into()));
+        }
+        if matches!(upper, Some(UpperSpec::Tmpfs)) && self.upper_mmp.is_some() {
+            return Err(Error::Usage("upper_mmp: not used with upper=tmpfs".into()));
+        }
+        if self.upper_mmp == Some(Mmp::On) && self.upper_fstype == Some(FsType::Xfs) {
+            return Err(Error::Usage(
+                "upper_mmp=on: xfs has no multi-mount protection (use upper_fstype=ext4)".into(),
+            ));
         }
         Ok(())
     }
@@ -529,6 +580,8 @@ mod tests {
             ("upper_size=0", "not a size"),
             ("upper_size=99999999999T", "not a size"),
             ("upper_fstype=btrfs", "want ext4 or xfs"),
+            ("upper_mmp=yes", "want one of auto, on, off"),
+            ("upper_mmp", "needs a value"),
             ("layers=abc", "at least 12 hex digits"),
             ("layers=debian:12", "a layer ID is sha256:"),
             ("mount_api=new", "want one of auto, fd, path, legacy"),
@@ -579,9 +632,42 @@ mod tests {
     }
 
     #[test]
+    fn staging_dir_is_a_configuration_key_only() {
+        let cfg = |s: &str| MountOptions::parse(s, Origin::Config, false).map(|(o, _)| o.staging_dir).map_err(|e| e.to_string());
+        let cases: &[(&str, std::result::Result<Option<&str>, &str>)] = &[
+            ("staging_dir=/var/tmp/sl", Ok(Some("/var/tmp/sl"))),
+            ("staging_dir=\"/scratch/a,b\"", Ok(Some("/scratch/a,b"))),
+            ("loopback_root=/srv/s", Ok(None)),
+            ("staging_dir=tmp", Err("must be an absolute path")),
+            ("staging_dir=/a/../b", Err("'..' is not allowed")),
+            ("staging_dir", Err("needs a value")),
+            ("staging_dir=", Err("needs a value")),
+        ];
+        for (s, want) in cases {
+            match (want, cfg(s)) {
+                (Ok(w), Ok(g)) => assert_eq!(g.as_deref(), w.map(Path::new), "{s:?}"),
+                (Err(frag), Err(msg)) => assert!(msg.contains(frag), "{s:?}: {msg}"),
+                (_, got) => panic!("{s:?}: got {got:?}"),
+            }
+        }
+        let e = parse("staging_dir=/var/tmp/sl").unwrap_err();
+        assert!(e.contains("not a mount option"), "{e}");
+        let (o, w) = MountOptions::parse("ro,staging_dir=/x", Origin::CommandLine, true).unwrap();
+        assert_eq!((o.staging_dir, w.len()), (None, 1));
+        let (c, _) = MountOptions::parse("staging_dir=/a", Origin::Config, false).unwrap();
+        assert_eq!(parse("ro").unwrap().over(c).staging_dir.as_deref(), Some(Path::new("/a")));
+    }
+
+    #[test]
     fn cross_checks() {
         assert!(parse("volatile").unwrap().check().is_err());
         assert!(parse("volatile,upper=tmpfs").unwrap().check().is_ok());
         assert!(parse("upper=tmpfs,upper_fstype=xfs").unwrap().check().is_err());
+        assert!(parse("upper=tmpfs,upper_mmp=on").unwrap().check().is_err());
+        assert!(parse("upper=u,upper_mmp=on,upper_fstype=xfs").unwrap().check().is_err());
+        assert!(parse("upper=u,upper_mmp=auto,upper_fstype=xfs").unwrap().check().is_ok());
+        for (s, want) in [("upper_mmp=on", Mmp::On), ("upper_mmp=off", Mmp::Off), ("upper_mmp=auto", Mmp::Auto)] {
+            assert_eq!(parse(s).unwrap().upper_mmp, Some(want), "{s}");
+        }
     }
 }

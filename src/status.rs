@@ -80,38 +80,12 @@ pub struct LayerUse {
     pub mounts: usize,
 }
 
-/// docker's names for backing filesystems, by statfs magic.
-pub fn fs_name(magic: i64) -> String {
-    match magic as u32 {
-        0xEF53 => "extfs".into(),
-        0x5846_5342 => "xfs".into(),
-        0x6969 => "nfs".into(),
-        0x0102_1994 => "tmpfs".into(),
-        0x794C_7630 => "overlayfs".into(),
-        0x9123_683E => "btrfs".into(),
-        0x0BD0_0BD0 => "lustre".into(),
-        0x4750_4653 => "gpfs".into(),
-        0x00C3_6400 => "ceph".into(),
-        0x1983_0326 => "beegfs".into(),
-        0x6573_5546 => "fuse".into(),
-        0x2FC1_2FC1 => "zfs".into(),
-        0xFF53_4D42 => "cifs".into(),
-        0xE0F5_E1E2 => "erofs".into(),
-        m => format!("<unknown 0x{m:x}>"),
-    }
-}
+pub use crate::sharedfs::fs_name;
 
 /// The filesystem `p` is on, or that of its nearest existing ancestor
 /// (a store directory may not exist yet).
 fn backing_fs(p: &Path) -> String {
-    let mut cur = Some(p);
-    while let Some(d) = cur {
-        if let Ok(st) = rustix::fs::statfs(d) {
-            return fs_name(st.f_type as i64);
-        }
-        cur = d.parent();
-    }
-    "<unknown>".into()
+    crate::sharedfs::FsKind::of(p).map(|k| k.name()).unwrap_or_else(|| "<unknown>".into())
 }
 
 fn dir_totals(dir: &Path) -> StoreDirTotals {
@@ -351,11 +325,7 @@ mod tests {
     }
 
     #[test]
-    fn filesystem_names() {
-        assert_eq!(fs_name(0xEF53), "extfs");
-        assert_eq!(fs_name(0x58465342), "xfs");
-        assert_eq!(fs_name(0x6969), "nfs");
-        assert_eq!(fs_name(0x1234), "<unknown 0x1234>");
+    fn byte_counts() {
         assert_eq!(bytes(512), "512 B");
     }
 }

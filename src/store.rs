@@ -20,6 +20,7 @@ use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
@@ -208,6 +209,66 @@ fn read_small(fd: OwnedFd, path: &Path, limit: u64) -> Result<String> {
     String::from_utf8(buf).map_err(|_| Error::Store(format!("{}: not UTF-8 text", path.display())))
 }
 
+/// What `names/<name>` in the store directory `dir` points to.
+pub fn read_name_in(dir: &Path, name: &Name) -> Result<Digest> {
+    let rel = format!("names/{}", name.file_name());
+    retry_stale(|| {
+        let fd = open_beneath(dir, &rel, OFlags::RDONLY, Mode::empty())?;
+        let path = dir.join(&rel);
+        let text = read_small(fd, &path, 200)?;
+        Digest::parse(text.trim())
+            .map_err(|_| Error::Store(format!("name {name}: {}: corrupt name record", path.display())))
+    })
+}
+
+/// Reads of names and metadata are tried this often while they give
+/// ESTALE, `STALE_PAUSE` apart at first, then twice as long each time.
+const STALE_TRIES: u32 = 5;
+const STALE_PAUSE: Duration = Duration::from_millis(10);
+/// Publishing renames (layers, names): tries and first pause.
+const PUBLISH_TRIES: u32 = 5;
+const PUBLISH_PAUSE: Duration = Duration::from_millis(25);
+
+/// `op` again while it fails with ESTALE, a few times. On shared storage
+/// (NFS, GlusterFS FUSE) a name or a layer another node just replaced
+/// leaves this node a cached dentry whose file handle is gone; opening the
+/// path again looks it up afresh. `op` must open what it reads itself.
+pub fn retry_stale<T>(op: impl FnMut() -> Result<T>) -> Result<T> {
+    retry_with(STALE_TRIES, STALE_PAUSE, |e| e.errno() == Some(Errno::STALE), std::thread::sleep, op)
+}
+
+/// Errors of a rename on shared storage that a moment later may not be
+/// there: a stale handle, a server or brick that did not answer, a busy
+/// entry.
+pub fn transient(e: Errno) -> bool {
+    matches!(e, Errno::STALE | Errno::IO | Errno::AGAIN | Errno::BUSY | Errno::TIMEDOUT | Errno::INTR)
+}
+
+/// Run `op` up to `tries` times while its error is `retryable`, sleeping
+/// `first`, then twice as long each time, in between; a signal ends the
+/// retries (the last error is returned, the next step sees the signal).
+pub fn retry_with<T>(
+    tries: u32,
+    first: Duration,
+    retryable: impl Fn(&Error) -> bool,
+    mut sleep: impl FnMut(Duration),
+    mut op: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let mut pause = first;
+    let mut n = 1;
+    loop {
+        match op() {
+            Err(e) if n < tries && retryable(&e) && !crate::interrupt::interrupted() => {
+                log::debug!("{e}: trying again ({n}/{tries})");
+                sleep(pause);
+                pause *= 2;
+                n += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 impl Store {
     pub fn new(root: impl Into<PathBuf>, fallback: impl Into<PathBuf>) -> Self {
         Store {
@@ -262,11 +323,49 @@ impl Store {
 
     /// Read and validate one layer's metadata from one store directory.
     pub fn read_meta_in(dir: &Path, id: &Digest) -> Result<LayerMeta> {
-        let h = DirHandle { path: dir.to_path_buf(), fd: open_dir(dir)? };
-        Self::read_meta_at(&h, id)
+        retry_stale(|| {
+            let h = DirHandle { path: dir.to_path_buf(), fd: open_dir(dir)? };
+            Self::read_meta_once(&h, id)
+        })
     }
 
-    fn read_meta_at(h: &DirHandle, id: &Digest) -> Result<LayerMeta> {
+    /// A whole layer in the store directory `dir`: metadata that reads and
+    /// validates, beside an image that is a regular file of the size the
+    /// metadata says. What a lost publishing race must find in the way.
+    pub fn whole_layer_in(dir: &Path, id: &Digest) -> Result<LayerMeta> {
+        retry_stale(|| {
+            let h = DirHandle { path: dir.to_path_buf(), fd: open_dir(dir)? };
+            let meta = Self::read_meta_once(&h, id)?;
+            let rel = format!("layers/{}/layer.img", id.hex());
+            let fd = openat_beneath(&h.fd, dir, &rel, OFlags::PATH, Mode::empty())?;
+            let st = rustix::fs::fstat(&fd).map_err(|e| Error::sys("stat", dir.join(&rel), e))?;
+            let regular = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
+            if !regular || st.st_size as u64 != meta.size {
+                return Err(Error::Store(format!(
+                    "{}: {}, its metadata says a file of {} bytes",
+                    dir.join(&rel).display(),
+                    if regular { format!("{} bytes", st.st_size) } else { "not a regular file".into() },
+                    meta.size
+                )));
+            }
+            Ok(meta)
+        })
+    }
+
+    /// Run `f` on the open store directory `w`, again on ESTALE with the
+    /// directory opened afresh (see [`retry_stale`]).
+    fn at_dir<T>(&self, w: Which, mut f: impl FnMut(&DirHandle) -> Result<T>) -> Result<T> {
+        retry_stale(|| {
+            let h = self.handle(w)?;
+            let r = f(&h);
+            if r.as_ref().is_err_and(|e| e.errno() == Some(Errno::STALE)) {
+                *self.handles[w as usize].lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            r
+        })
+    }
+
+    fn read_meta_once(h: &DirHandle, id: &Digest) -> Result<LayerMeta> {
         let rel = Self::meta_rel(id);
         let fd = openat_beneath(&h.fd, &h.path, &rel, OFlags::RDONLY, Mode::empty())?;
         let path = h.path.join(&rel);
@@ -281,10 +380,9 @@ impl Store {
 
     /// Find a layer by full chain ID, root first, and open its image.
     pub fn open_layer(&self, id: &Digest) -> Result<Layer> {
-        self.with_fallback(|_, which| {
-            let h = self.handle(which)?;
+        self.with_fallback(|_, which| self.at_dir(which, |h| {
             let dir = &h.path;
-            let meta = Self::read_meta_at(&h, id)?;
+            let meta = Self::read_meta_once(h, id)?;
             let rel = format!("layers/{}/layer.img", id.hex());
             let image = openat_beneath(&h.fd, dir, &rel, OFlags::RDONLY, Mode::empty()).map_err(|e| match e.errno() {
                 // Publishing is atomic, so metadata without its image is damage,
@@ -301,7 +399,7 @@ impl Store {
                 image_path: dir.join(rel),
                 image,
             })
-        })
+        }))
         .map_err(|e| match e.errno() {
             Some(Errno::NOENT) => Error::Store(format!(
                 "layer {id}: not found in {} nor {}",
@@ -340,15 +438,7 @@ impl Store {
 
     /// What a name points to.
     pub fn read_name(&self, name: &Name) -> Result<Digest> {
-        let rel = format!("names/{}", name.file_name());
-        self.with_fallback(|dir, _| {
-            let fd = open_beneath(dir, &rel, OFlags::RDONLY, Mode::empty())?;
-            let path = dir.join(&rel);
-            let text = read_small(fd, &path, 200)?;
-            Digest::parse(text.trim()).map_err(|_| {
-                Error::Store(format!("name {name}: {}: corrupt name record", path.display()))
-            })
-        })
+        self.with_fallback(|dir, _| read_name_in(dir, name))
         .map_err(|e| match e.errno() {
             Some(Errno::NOENT) => Error::Store(format!(
                 "image {name}: no such name in {} nor {}",
@@ -426,7 +516,7 @@ impl Store {
 
     /// Is this layer in either store already?
     pub fn has_layer(&self, id: &Digest) -> Result<Option<Which>> {
-        match self.with_fallback(|_, which| Self::read_meta_at(&*self.handle(which)?, id).map(|_| which)) {
+        match self.with_fallback(|_, which| self.at_dir(which, |h| Self::read_meta_once(h, id)).map(|_| which)) {
             Ok(w) => Ok(Some(w)),
             Err(e) if e.errno().is_some_and(falls_back) => Ok(None),
             Err(e) => Err(e),
@@ -481,32 +571,87 @@ impl Staging {
         })
     }
 
+    /// Put the finished image `img` (built in a node-local work
+    /// directory) into this staging directory as `layer.img`: renamed when
+    /// both are on one filesystem, else copied (sparse, synced). Returns
+    /// whether it was copied.
+    pub fn put_image(&self, img: &Path) -> Result<bool> {
+        let dest = self.path.join("layer.img");
+        let here = rustix::fs::statat(&self.tmp, self.name.as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| Error::sys("stat", &self.path, e))?;
+        let there = rustix::fs::stat(img.parent().unwrap_or(Path::new("."))).map_err(|e| Error::sys("stat", img, e))?;
+        if here.st_dev == there.st_dev {
+            match std::fs::rename(img, &dest) {
+                Ok(()) => return Ok(false),
+                // One device number, two mounts (a bind mount): copy.
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+                Err(e) => return Err(Error::io(format!("move {} to", img.display()), &dest, &e)),
+            }
+        }
+        let t = std::time::Instant::now();
+        let st = crate::staging::copy_sparse(img, &dest)?;
+        log::info!(
+            "{}: copied into {} ({} MiB of data, {}, {:.1} s)",
+            img.display(),
+            self.path.display(),
+            st.data >> 20,
+            if st.copy_file_range { "copy_file_range" } else { "read/write" },
+            t.elapsed().as_secs_f64()
+        );
+        Ok(true)
+    }
+
     /// Move a finished layer (layer.img and meta.json in the staging
     /// directory) into place with one rename. If another process or node
     /// published the same layer first, ours is dropped and theirs kept.
+    ///
+    /// Any rename error may be a lost race (a plain rename onto a directory
+    /// another GlusterFS client just created gives ESTALE, not EEXIST), so
+    /// after every one we look at what is at `layers/<hex>`: a whole layer
+    /// is theirs (or ours, when the rename went through but its reply was
+    /// lost) and is kept; a transient error (ESTALE, EIO, ...) is retried
+    /// a few times; anything else is reported with the path.
     pub fn publish_layer(mut self, meta: &LayerMeta) -> Result<PathBuf> {
         let meta_path = self.path.join("meta.json");
         write_synced(&meta_path, serde_json::to_string_pretty(meta).expect("serialize").as_bytes())?;
         sync_path(&self.path.join("layer.img"))?;
         sync_path(&self.path)?;
         let layers = store_subdir(&self.store_dir, "layers", 0o755)?;
-        let dest = self.store_dir.join("layers").join(meta.chain_id.hex());
+        let hex = meta.chain_id.hex();
+        let dest = self.store_dir.join("layers").join(&hex);
         // The layer directory is readable by all, as mounts need nothing more.
         let _ = rustix::fs::chmodat(&self.tmp, self.name.as_str(), Mode::from_raw_mode(0o755), rustix::fs::AtFlags::empty());
-        match rustix::fs::renameat(&self.tmp, self.name.as_str(), &layers, meta.chain_id.hex().as_str()) {
-            Ok(()) => {
-                self.done = true;
-                let _ = sync_path(&self.store_dir.join("layers"));
-                Ok(dest)
-            }
-            // Someone else won the race: theirs is as good as ours, if it
-            // is whole; a directory without metadata is damage, not a race.
-            Err(Errno::EXIST) | Err(Errno::NOTEMPTY) => match Store::read_meta_in(&self.store_dir, &meta.chain_id) {
-                Ok(_) => Ok(dest),
-                Err(e) => Err(Error::Store(format!("{}: in the way of publishing and not a whole layer: {e}", dest.display()))),
+        let renamed = retry_with(
+            PUBLISH_TRIES,
+            PUBLISH_PAUSE,
+            |e| e.errno().is_some_and(transient),
+            std::thread::sleep,
+            || {
+                let e = match rustix::fs::renameat(&self.tmp, self.name.as_str(), &layers, hex.as_str()) {
+                    Ok(()) => return Ok(true),
+                    Err(e) => e,
+                };
+                match Store::whole_layer_in(&self.store_dir, &meta.chain_id) {
+                    Ok(_) => {
+                        log::info!("{}: already published, ours dropped (rename: {})", dest.display(), crate::error::Errno(e));
+                        Ok(false)
+                    }
+                    Err(_) if transient(e) => Err(Error::sys("publish layer", &dest, e)),
+                    Err(c) if c.errno().is_some_and(transient) => Err(c.context("publish layer: look at what is in the way")),
+                    // A directory there without a whole layer is damage, not a race.
+                    Err(c) if e == Errno::EXIST || e == Errno::NOTEMPTY => Err(Error::Store(format!(
+                        "{}: in the way of publishing and not a whole layer: {c}",
+                        dest.display()
+                    ))),
+                    Err(_) => Err(Error::sys("publish layer", &dest, e)),
+                }
             },
-            Err(e) => Err(Error::sys("publish layer", &dest, e)),
+        )?;
+        if renamed {
+            self.done = true;
+            let _ = sync_path(&self.store_dir.join("layers"));
         }
+        Ok(dest)
     }
 }
 
@@ -584,12 +729,30 @@ pub fn write_name(dir: &Path, name: &Name, id: &Digest) -> Result<()> {
     });
     drop(fd);
     let dest = dir.join("names").join(name.file_name());
-    let r = written
-        .map_err(|e| Error::sys("write", &tmp_path, e))
-        .and_then(|_| rustix::fs::renameat(&names, tmp.as_str(), &names, name.file_name().as_str()).map_err(|e| Error::sys("record name", &dest, e)));
-    if r.is_err() {
-        let _ = rustix::fs::unlinkat(&names, tmp.as_str(), rustix::fs::AtFlags::empty());
-    }
+    // As for layers: any rename error may be a race another writer won
+    // (or a reply lost after our rename went through): a record there that
+    // names `id` is success; transient errors are retried.
+    let r = written.map_err(|e| Error::sys("write", &tmp_path, e)).and_then(|_| {
+        retry_with(
+            PUBLISH_TRIES,
+            PUBLISH_PAUSE,
+            |e| e.errno().is_some_and(transient),
+            std::thread::sleep,
+            || {
+                let e = match rustix::fs::renameat(&names, tmp.as_str(), &names, name.file_name().as_str()) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e,
+                };
+                match read_name_in(dir, name) {
+                    Ok(d) if d == *id => Ok(()),
+                    Err(c) if !transient(e) && c.errno().is_some_and(transient) => Err(c.context("record name")),
+                    _ => Err(Error::sys("record name", &dest, e)),
+                }
+            },
+        )
+    });
+    // Gone if it was renamed; ours to remove in every other case.
+    let _ = rustix::fs::unlinkat(&names, tmp.as_str(), rustix::fs::AtFlags::empty());
     r
 }
 
@@ -638,4 +801,165 @@ pub fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn retry_with_follows_the_injected_errno_sequence() {
+        // (what op returns, call by call; retry ESTALE only?; want: Ok(value) or
+        // Err(errno); calls made; pauses slept in ms)
+        type Case = (&'static [Option<Errno>], bool, std::result::Result<u32, Errno>, usize, &'static [u64]);
+        let cases: &[Case] = &[
+            (&[None], true, Ok(1), 1, &[]),
+            (&[Some(Errno::STALE), None], true, Ok(2), 2, &[10]),
+            (&[Some(Errno::STALE), Some(Errno::STALE), None], true, Ok(3), 3, &[10, 20]),
+            // Five tries, then the last error.
+            (&[Some(Errno::STALE); 6], true, Err(Errno::STALE), 5, &[10, 20, 40, 80]),
+            // Anything else: at once.
+            (&[Some(Errno::NOENT), None], true, Err(Errno::NOENT), 1, &[]),
+            (&[Some(Errno::IO), None], true, Err(Errno::IO), 1, &[]),
+            (&[Some(Errno::STALE), Some(Errno::ACCESS), None], true, Err(Errno::ACCESS), 2, &[10]),
+            // The publishing rule: every transient errno.
+            (&[Some(Errno::IO), Some(Errno::STALE), Some(Errno::BUSY), None], false, Ok(4), 4, &[10, 20, 40]),
+            (&[Some(Errno::NOTEMPTY), None], false, Err(Errno::NOTEMPTY), 1, &[]),
+        ];
+        for (i, (seq, stale_only, want, calls, pauses)) in cases.iter().enumerate() {
+            let mut left: VecDeque<Option<Errno>> = seq.iter().copied().collect();
+            let mut n = 0u32;
+            let mut slept = vec![];
+            let retryable = |e: &Error| if *stale_only { e.errno() == Some(Errno::STALE) } else { e.errno().is_some_and(transient) };
+            let got = retry_with(5, Duration::from_millis(10), retryable, |d| slept.push(d.as_millis() as u64), || {
+                n += 1;
+                match left.pop_front().expect("called too often") {
+                    None => Ok(n),
+                    Some(e) => Err(Error::sys("read", "/store/names/x", e)),
+                }
+            });
+            assert_eq!(got.map_err(|e| e.errno().unwrap()), *want, "case {i}");
+            assert_eq!(n as usize, *calls, "case {i}");
+            assert_eq!(slept, *pauses, "case {i}");
+        }
+        // retry_stale is that rule with real sleeps.
+        let mut n = 0;
+        let r = retry_stale(|| {
+            n += 1;
+            if n < 3 { Err(Error::sys("open", "/x", Errno::STALE)) } else { Ok(n) }
+        });
+        assert_eq!(r.unwrap(), 3);
+    }
+
+    struct TestDir(PathBuf);
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn meta_for(tag: &[u8], size: u64) -> LayerMeta {
+        let diff_id = Digest::of_bytes(tag);
+        LayerMeta { chain_id: chain_id(None, &diff_id), diff_id, parent: None, fstype: FsType::Ext4, size, created: 1 }
+    }
+
+    /// A staging directory with a `size`-byte layer.img of `fill` bytes.
+    fn staged(store: &Store, size: usize, fill: u8) -> Staging {
+        let s = Staging::create(store, "layer-test").unwrap();
+        std::fs::write(s.path.join("layer.img"), vec![fill; size]).unwrap();
+        s
+    }
+
+    #[test]
+    fn publish_keeps_a_whole_layer_in_the_way_and_refuses_damage() {
+        let t = TestDir(std::env::temp_dir().join(format!("sl-publish-{}-{}", std::process::id(), unique_suffix())));
+        let store = Store::new(t.0.join("root"), t.0.join("fallback"));
+        let meta = meta_for(b"layer", 4096);
+        let dest = t.0.join("root/layers").join(meta.chain_id.hex());
+        // What is at layers/<hex> when we publish: (files, want Ok or an
+        // error containing this).
+        let theirs_meta = serde_json::to_string(&meta).unwrap();
+        let other_meta = serde_json::to_string(&meta_for(b"other", 4096)).unwrap();
+        let short = serde_json::to_string(&LayerMeta { size: 8192, ..meta.clone() }).unwrap();
+        type Case<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>, std::result::Result<(), &'a str>);
+        let cases: Vec<Case> = vec![
+            ("nothing", vec![], Ok(())),
+            ("a whole layer (theirs)", vec![("meta.json", theirs_meta.clone().into()), ("layer.img", vec![7; 4096])], Ok(())),
+            ("junk, no metadata", vec![("junk", b"x".to_vec())], Err("in the way of publishing and not a whole layer")),
+            ("metadata, no image", vec![("meta.json", theirs_meta.clone().into())], Err("layer.img: No such file or directory")),
+            ("image of the wrong size", vec![("meta.json", short.into()), ("layer.img", vec![7; 4096])], Err("4096 bytes, its metadata says a file of 8192 bytes")),
+            ("another layer's metadata", vec![("meta.json", other_meta.into()), ("layer.img", vec![7; 4096])], Err("metadata names")),
+            ("corrupt metadata", vec![("meta.json", b"{".to_vec()), ("layer.img", vec![7; 4096])], Err("corrupt metadata")),
+        ];
+        for (what, files, want) in cases {
+            let _ = std::fs::remove_dir_all(&dest);
+            if !files.is_empty() {
+                std::fs::create_dir_all(&dest).unwrap();
+                for (f, data) in &files {
+                    std::fs::write(dest.join(f), data).unwrap();
+                }
+            }
+            let before: Vec<_> = files.iter().map(|(f, _)| std::fs::metadata(dest.join(f)).unwrap().ino()).collect();
+            let r = staged(&store, 4096, 1).publish_layer(&meta);
+            match (want, r) {
+                (Ok(()), Ok(p)) => {
+                    assert_eq!(p, dest, "{what}");
+                    Store::whole_layer_in(&store.root, &meta.chain_id).unwrap();
+                    let img = std::fs::read(dest.join("layer.img")).unwrap();
+                    if files.is_empty() {
+                        assert_eq!(img, vec![1; 4096], "{what}: ours published");
+                    } else {
+                        assert_eq!(img, vec![7; 4096], "{what}: theirs kept");
+                    }
+                }
+                (Err(frag), Err(e)) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(&dest.display().to_string()) && msg.contains(frag), "{what}: {msg}");
+                }
+                (want, got) => panic!("{what}: want {want:?}, got {got:?}"),
+            }
+            // Theirs untouched in every case, ours gone.
+            let after: Vec<_> = files.iter().map(|(f, _)| std::fs::metadata(dest.join(f)).unwrap().ino()).collect();
+            assert_eq!(before, after, "{what}");
+            assert_eq!(std::fs::read_dir(t.0.join("root/tmp")).unwrap().count(), 0, "{what}: staging left");
+        }
+    }
+
+    #[test]
+    fn put_image_renames_on_one_filesystem() {
+        let t = TestDir(std::env::temp_dir().join(format!("sl-putimg-{}-{}", std::process::id(), unique_suffix())));
+        let store = Store::new(t.0.join("root"), t.0.join("fallback"));
+        std::fs::create_dir_all(t.0.join("local")).unwrap();
+        let img = t.0.join("local/layer.img");
+        std::fs::write(&img, vec![3; 10000]).unwrap();
+        let ino = std::fs::metadata(&img).unwrap().ino();
+        let s = Staging::create(&store, "layer-put").unwrap();
+        assert!(!s.put_image(&img).unwrap(), "renamed, not copied");
+        assert!(!img.exists());
+        assert_eq!(std::fs::metadata(s.path.join("layer.img")).unwrap().ino(), ino);
+        let p = s.path.clone();
+        drop(s);
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn write_name_replaces_and_reads_back() {
+        let t = TestDir(std::env::temp_dir().join(format!("sl-name-{}-{}", std::process::id(), unique_suffix())));
+        let name = Name::parse("app:1").unwrap();
+        let (a, b) = (Digest::of_bytes(b"a"), Digest::of_bytes(b"b"));
+        write_name(&t.0, &name, &a).unwrap();
+        assert_eq!(read_name_in(&t.0, &name).unwrap(), a);
+        write_name(&t.0, &name, &b).unwrap();
+        assert_eq!(read_name_in(&t.0, &name).unwrap(), b);
+        // Only the record: no temporary left.
+        assert_eq!(std::fs::read_dir(t.0.join("names")).unwrap().count(), 1);
+        // A directory in the way of the record: the error names it.
+        let other = Name::parse("app:2").unwrap();
+        std::fs::create_dir_all(t.0.join("names").join(other.file_name()).join("x")).unwrap();
+        let e = write_name(&t.0, &other, &a).unwrap_err();
+        assert!(e.to_string().starts_with("record name: ") && e.to_string().contains("app:2"), "{e}");
+        assert_eq!(std::fs::read_dir(t.0.join("names")).unwrap().count(), 2);
+    }
 }

@@ -1,12 +1,16 @@
-//! Every `unsafe` block of the crate lives here: the loop driver's ioctls
-//! (rustix wraps none of them) and open-file-description locks (rustix's
-//! `fcntl_lock` takes process-owned POSIX locks, which would die with the
-//! helper; ours must live as long as the loop device that holds the file).
+//! Every `unsafe` block of the crate lives here (the rest of the crate
+//! denies `unsafe_code`): the loop driver's ioctls (rustix wraps none of
+//! them), open-file-description locks (rustix's `fcntl_lock` takes
+//! process-owned POSIX locks, which would die with the helper; ours must
+//! live as long as the loop device that holds the file), and the
+//! between-fork-and-exec hook that ties a child command's life to ours.
 //!
 //! The API is safe: fds in as `AsFd`, plain Rust values out, errno as
 //! `rustix::io::Errno`.
 
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 
 use rustix::io::Errno;
 
@@ -201,6 +205,41 @@ fn flock_whole_file(ty: libc::c_int) -> libc::flock {
     fl.l_type = ty as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl
+}
+
+/// Make the kernel SIGKILL `cmd`'s process as soon as we die, even of
+/// SIGKILL (PR_SET_PDEATHSIG, set in the child between fork and exec; it
+/// survives execve). So a killed sharedloop never leaves a mkfs writing
+/// into the store for a `gc` to delete under it.
+///
+/// The signal fires when the *thread* that forked the child exits, not
+/// the process. That is what we want here: the command runner spawns and
+/// then waits for the child on the same thread, so that thread outlives
+/// the child unless the whole process dies (or the thread unwinds, and
+/// then the child should go too).
+///
+/// It reaches the child only, not its own children: a command that forks
+/// must take them down itself (the xfs copy runs in a PID namespace whose
+/// init dies with it).
+pub fn die_with_parent(cmd: &mut Command) {
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe operations are allowed. It makes two raw system
+    // calls through rustix (prctl, getppid), allocates nothing and takes
+    // no lock; `io::Error::from_raw_os_error` does not allocate. It
+    // captures only a `Pid` (Copy).
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            // The classic race: if we died between fork and the prctl, the
+            // signal never comes and the child now belongs to a reaper.
+            // Returning an error makes the child exit at once, without exec.
+            if rustix::process::getppid() != Some(parent) {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]

@@ -8,14 +8,17 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
+use crate::command::Cmd;
 use crate::error::{Error, Result};
 use crate::ids::Name;
+use crate::mmp::{self as ext4_mmp, MmpState};
 use crate::mountinfo;
+use crate::opts::Mmp;
+use crate::sharedfs::FsKind;
 use crate::store::{FsType, Store, hostname, open_beneath, unique_suffix};
 use crate::sys;
 
@@ -41,6 +44,7 @@ impl Drop for TempFile {
 pub struct CreateOptions {
     pub size: u64,
     pub fstype: FsType,
+    pub mmp: Mmp,
 }
 
 /// The upper named `name` in the store: existing in root, else existing in
@@ -91,14 +95,16 @@ fn finish_open(path: PathBuf, fd: OwnedFd, created: bool) -> Result<UpperImage> 
 }
 
 /// Make a sparse image with a filesystem at a temporary name beside
-/// `dest`, then rename it into place without replacing: if a concurrent
-/// mount created it first, theirs is used (and its lock decides).
+/// `dest`, then move it into place without replacing: if a concurrent
+/// mount (on this node or another) created it first, theirs is used (and
+/// its lock decides).
 fn create_image(dest: &Path, opts: &CreateOptions) -> Result<UpperImage> {
     let dir = dest.parent().unwrap_or(Path::new("/"));
     // Say which directory is missing rather than naming our temporary file.
     if let Err(e) = std::fs::metadata(dir) {
         return Err(Error::io("directory for the upper image", dir, &e));
     }
+    let mmp = wants_mmp(dir, opts);
     let base = dest.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{base}.tmp.{}.{}.{}", hostname(), std::process::id(), unique_suffix()));
     let mut guard = TempFile(Some(tmp.clone()));
@@ -109,79 +115,97 @@ fn create_image(dest: &Path, opts: &CreateOptions) -> Result<UpperImage> {
         .map_err(|e| Error::io("create upper image", &tmp, &e))?;
     f.set_len(opts.size).map_err(|e| Error::io("size upper image", &tmp, &e))?;
     drop(f);
-    mkfs(&tmp, opts.fstype)?;
-    match rustix::fs::renameat_with(
-        rustix::fs::CWD,
-        &tmp,
-        rustix::fs::CWD,
-        dest,
-        rustix::fs::RenameFlags::NOREPLACE,
-    ) {
-        Ok(()) => {
-            guard.0 = None; // renamed into place: nothing to remove
-            let fd = rustix::fs::open(dest, OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty())
-                .map_err(|e| Error::sys("open upper image", dest, e))?;
-            finish_open(dest.to_path_buf(), fd, true)
+    mkfs(&tmp, opts.fstype, mmp)?;
+    let placed = place_noreplace(&tmp, dest)?;
+    if placed == Placed::Renamed {
+        guard.0 = None; // renamed into place: nothing to remove
+    }
+    drop(guard);
+    let fd = rustix::fs::open(dest, OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty())
+        .map_err(|e| Error::sys("open upper image", dest, e))?;
+    finish_open(dest.to_path_buf(), fd, placed != Placed::Existed)
+}
+
+/// Multi-mount protection for a new image: asked for, or (auto) for an
+/// ext4 upper on storage other nodes share.
+fn wants_mmp(dir: &Path, opts: &CreateOptions) -> bool {
+    let shared = FsKind::of(dir).filter(|k| k.shared());
+    match (opts.mmp, opts.fstype) {
+        (Mmp::On, _) => true,
+        (Mmp::Off, _) => false,
+        (Mmp::Auto, FsType::Ext4) => shared.is_some(),
+        (Mmp::Auto, _) => {
+            if let Some(k) = shared {
+                log::warn!(
+                    "{}: new {} upper on shared storage ({}): xfs has no multi-mount protection, so only the \
+                     filesystem's locks keep a second node from mounting it read-write (ext4 uppers get MMP)",
+                    dir.display(),
+                    opts.fstype,
+                    k.name()
+                );
+            }
+            false
         }
-        Err(Errno::EXIST) => {
-            drop(guard);
-            let fd = rustix::fs::open(dest, OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty())
-                .map_err(|e| Error::sys("open upper image", dest, e))?;
-            finish_open(dest.to_path_buf(), fd, false)
-        }
-        Err(e) => Err(Error::sys("create upper image", dest, e)),
     }
 }
 
-fn mkfs(image: &Path, fstype: FsType) -> Result<()> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placed {
+    /// `tmp` is now `dest`.
+    Renamed,
+    /// `dest` is a hard link to `tmp`, which is left to remove.
+    Linked,
+    /// `dest` was there already (someone else's); `tmp` is left to remove.
+    Existed,
+}
+
+/// Move `tmp` to `dest` unless `dest` exists. renameat2(RENAME_NOREPLACE)
+/// where the filesystem takes it; FUSE (GlusterFS, ...) and the NFS client
+/// refuse rename flags with EINVAL (older filesystems: ENOSYS, EOPNOTSUPP),
+/// and there link(2), which never replaces, does the same job.
+fn place_noreplace(tmp: &Path, dest: &Path) -> Result<Placed> {
+    use rustix::fs::{CWD, RenameFlags};
+    match rustix::fs::renameat_with(CWD, tmp, CWD, dest, RenameFlags::NOREPLACE) {
+        Ok(()) => return Ok(Placed::Renamed),
+        Err(Errno::EXIST) => return Ok(Placed::Existed),
+        Err(Errno::INVAL) | Err(Errno::NOSYS) | Err(Errno::OPNOTSUPP) => {}
+        Err(e) => return Err(Error::sys("create upper image", dest, e)),
+    }
+    match rustix::fs::link(tmp, dest) {
+        Ok(()) => Ok(Placed::Linked),
+        // NFS may retransmit a LINK whose reply was lost and then report
+        // EEXIST for our own success: the link count of our file tells
+        // (the lock-file idiom of open(2)).
+        Err(Errno::EXIST) => match rustix::fs::stat(tmp) {
+            Ok(st) if st.st_nlink == 2 => Ok(Placed::Linked),
+            _ => Ok(Placed::Existed),
+        },
+        Err(e) => Err(Error::sys("create upper image (rename flags refused, link)", dest, e)),
+    }
+}
+
+fn mkfs(image: &Path, fstype: FsType, mmp: bool) -> Result<()> {
     let mut cmd = match fstype {
         FsType::Ext4 => {
-            let mut c = Command::new(tool("mkfs.ext4"));
+            let mut c = Cmd::new("mkfs.ext4");
             c.args(["-q", "-F", "-m", "0", "-L", "sl-upper", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"]);
+            if mmp {
+                // The kernel's shortest check interval (5 s): a mount after
+                // an unclean one waits 2 x 5 + 1 s; a clean one does not.
+                c.args(["-O", "mmp", "-E", "mmp_update_interval=5"]);
+            }
             c
         }
         FsType::Xfs => {
-            let mut c = Command::new(tool("mkfs.xfs"));
+            let mut c = Cmd::new("mkfs.xfs");
             c.args(["-q", "-f", "-K", "-L", "sl-upper"]);
             c
         }
         FsType::Erofs => return Err(Error::Usage("an upper cannot be erofs (read-only)".into())),
     };
     cmd.arg(image);
-    run(cmd, "create upper filesystem")
-}
-
-/// mount(8) runs helpers with a sanitized PATH that lacks /sbin: look in
-/// the system directories first.
-pub fn tool(name: &str) -> PathBuf {
-    let path = std::env::var("PATH").unwrap_or_default();
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .into_iter()
-        .map(String::from)
-        .chain(path.split(':').filter(|d| !d.is_empty()).map(String::from))
-        .map(|d| Path::new(&d).join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(name))
-}
-
-/// Run a command, turning failure into an error with its stderr tail.
-pub fn run(mut cmd: Command, what: &str) -> Result<()> {
-    let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| Error::io(format!("{what}: run"), cmd.get_program(), &e))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let err = String::from_utf8_lossy(&out.stderr);
-    let tail: Vec<&str> = err.lines().rev().take(3).collect();
-    Err(Error::Command {
-        what: what.into(),
-        cmd: shown,
-        status: out.status.to_string(),
-        stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),
-    })
+    cmd.run("create upper filesystem")?;
+    Ok(())
 }
 
 /// Recognise ext4 and xfs by their superblock magic (what blkid does, for
@@ -201,23 +225,80 @@ fn probe_fstype(fd: &OwnedFd, path: &Path) -> Result<FsType> {
 /// Take the writer's lock, or say where the upper is in use.
 pub fn lock(img: &UpperImage) -> Result<()> {
     match sys::ofd_try_write_lock(img.fd.as_fd()) {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            note_unclean_mmp(img);
+            Ok(())
+        }
         Err(Errno::AGAIN) | Err(Errno::ACCESS) => Err(Error::InUse(format!(
             "upper image {}: already mounted read-write{}",
             img.path.display(),
-            where_in_use(&img.path)
+            where_in_use(img)
         ))),
         Err(e) => Err(Error::sys("lock upper image", &img.path, e)),
     }
 }
 
-fn where_in_use(path: &Path) -> String {
+/// The MMP block, read through a description of our own: the one given to
+/// the loop device may have O_DIRECT set, which wants aligned buffers.
+fn mmp_of(img: &UpperImage) -> Option<ext4_mmp::MmpBlock> {
+    if img.fstype != FsType::Ext4 {
+        return None;
+    }
+    let fd = rustix::fs::open(&img.path, OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK, Mode::empty()).ok()?;
+    ext4_mmp::read(&fd)
+}
+
+fn mmp_holder(b: &ext4_mmp::MmpBlock) -> String {
+    let age = crate::store::now_secs().saturating_sub(b.time);
+    format!("node {:?} (device {}, MMP block updated {age} s ago)", b.node, b.device)
+}
+
+/// A multi-mount protected image whose last writer did not unmount
+/// cleanly makes the kernel wait two update intervals before it mounts:
+/// say why the mount pauses.
+fn note_unclean_mmp(img: &UpperImage) {
+    if let Some(b) = mmp_of(img).filter(|b| b.state() == MmpState::Active) {
+        log::info!(
+            "upper image {}: multi-mount protection: last used by {} without a clean unmount; the kernel checks for {} s that no node still writes it",
+            img.path.display(),
+            mmp_holder(&b),
+            2 * u64::from(b.interval.max(5)) + 1
+        );
+    }
+}
+
+/// What a failed mount of the upper's filesystem means: EBUSY from an ext4
+/// image with multi-mount protection is another node writing it (the lock
+/// service did not tell us: a server restart lost the lock, or the
+/// filesystem does not pass locks between nodes).
+pub fn explain_mount_failure(img: &UpperImage, e: Error) -> Error {
+    if e.errno() != Some(Errno::BUSY) {
+        return e;
+    }
+    match mmp_of(img) {
+        Some(b) if b.state() == MmpState::Fsck => Error::InUse(format!(
+            "upper image {}: e2fsck is running on it (or was killed: run e2fsck on the image, or `tune2fs -f -E clear_mmp`): {e}",
+            img.path.display()
+        )),
+        Some(b) => Error::InUse(format!(
+            "upper image {}: already mounted read-write on another node: ext4 multi-mount protection refused it, last update by {}: {e}",
+            img.path.display(),
+            mmp_holder(&b)
+        )),
+        None => e,
+    }
+}
+
+fn where_in_use(img: &UpperImage) -> String {
     let mounts = mountinfo::read().unwrap_or_default();
     let recs = crate::state::live(&mounts);
-    let hit = recs.iter().find(|r| r.upper.as_ref().and_then(|u| u.image.as_deref()) == Some(path));
-    match hit {
-        Some(r) => format!(" at {} (source {})", r.target.display(), r.source),
-        None => " by another process or node (it holds the lock)".into(),
+    let hit = recs.iter().find(|r| r.upper.as_ref().and_then(|u| u.image.as_deref()) == Some(img.path.as_path()));
+    match (hit, mmp_of(img)) {
+        (Some(r), _) => format!(" at {} (source {})", r.target.display(), r.source),
+        (None, Some(b)) if b.state() == MmpState::Active => {
+            format!(" by another process or node (it holds the lock; multi-mount protection names {})", mmp_holder(&b))
+        }
+        (None, _) => " by another process or node (it holds the lock)".into(),
     }
 }
 

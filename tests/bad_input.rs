@@ -422,7 +422,10 @@ fn layers_only_in_fallback_mount() {
     let env = Env::new("fallback-only");
     let (_, _, top) = chain3(&env);
     let m = env.mnt("m");
-    // The whole root store moves to the fallback: root is missing.
+    // The whole root store moves to the fallback: root is missing. (The
+    // fallback held only the adds' node-local staging, empty now.)
+    assert_eq!(std::fs::read_dir(env.fallback.join("tmp")).unwrap().count(), 0);
+    std::fs::remove_dir_all(&env.fallback).unwrap();
     std::fs::rename(&env.root, &env.fallback).unwrap();
     assert!(!env.root.exists());
     for src in [top.as_str(), "bad:top", &hex(&top)[..12]] {

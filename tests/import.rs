@@ -1221,7 +1221,368 @@ fn staging_is_private_while_an_image_is_unpacked() {
         assert!(!r.status.success(), "nobody can list {}", p.display());
     }
     assert_eq!(std::fs::metadata(env.root.join("tmp")).unwrap().permissions().mode() & 0o777, 0o700);
+    // The unpacked tree itself is in node-local staging (tmp/ of the
+    // fallback store): private the same way.
+    let local = tmp_entries(&env.fallback);
+    assert_eq!(local.len(), 1, "{local:?}");
+    let p = env.fallback.join("tmp").join(&local[0]);
+    assert!(p.join("rootfs/bin/su").is_file(), "the setuid file lives there");
+    assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(std::fs::metadata(env.fallback.join("tmp")).unwrap().permissions().mode() & 0o777, 0o700);
+    let r = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "ls"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(!r.status.success(), "nobody can list {}", p.display());
     rustix::process::kill_process(rustix::process::Pid::from_raw(k.id() as i32).unwrap(), rustix::process::Signal::TERM).unwrap();
     assert_eq!(k.wait().unwrap().code(), Some(8));
+    env.assert_clean();
+}
+
+// ================================================================ node-local staging
+
+/// A `sharedloop` command (full argv) started with a failpoint, read up to
+/// its "paused at"/"stopped at" line; its stderr stays open.
+fn spawn_at(env: &Env, argv: &[String], extra: &[(&str, &str)], failpoint: &str) -> (std::process::Child, BufReader<std::process::ChildStderr>) {
+    let a: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut c = env.command(&a);
+    for (k, v) in extra {
+        c.env(k, v);
+    }
+    c.env("SHAREDLOOP_FAILPOINT", failpoint).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut k = c.spawn().unwrap();
+    let mut err = BufReader::new(k.stderr.take().unwrap());
+    let mut line = String::new();
+    let mut seen = String::new();
+    while !line.contains("paused at") && !line.contains("stopped at") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "ended before {failpoint}: {seen}");
+        seen.push_str(&line);
+    }
+    (k, err)
+}
+
+fn signal(k: &std::process::Child, sig: rustix::process::Signal) {
+    rustix::process::kill_process(rustix::process::Pid::from_raw(k.id() as i32).unwrap(), sig).unwrap();
+}
+
+/// Entries of `dir` whose name starts with `prefix`.
+fn entries_with(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|r| r.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(prefix)).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// `<store>/tmp` holds nothing but claims and empty staging directories
+/// for finished images: no unpacked tree, no image being built.
+#[track_caller]
+fn store_tmp_has_no_work(store: &Path) {
+    for e in tmp_entries(store) {
+        if e.starts_with("claim.") {
+            continue;
+        }
+        assert!(e.starts_with("layer-"), "unexpected {e} in {}/tmp", store.display());
+        let inside: Vec<_> = std::fs::read_dir(store.join("tmp").join(&e)).unwrap().flatten().map(|x| x.file_name()).collect();
+        assert!(inside.is_empty(), "{e} in {}/tmp holds {inside:?} while the work is elsewhere", store.display());
+    }
+}
+
+/// (offset, length) of the data regions of a file (SEEK_DATA/SEEK_HOLE).
+fn data_map(p: &Path) -> Vec<(u64, u64)> {
+    use rustix::fs::SeekFrom;
+    let f = std::fs::File::open(p).unwrap();
+    let len = f.metadata().unwrap().len();
+    let (mut out, mut off) = (vec![], 0);
+    while off < len {
+        let Ok(d) = rustix::fs::seek(&f, SeekFrom::Data(off)) else { break };
+        let h = rustix::fs::seek(&f, SeekFrom::Hole(d)).unwrap().min(len);
+        out.push((d, h - d));
+        off = h;
+    }
+    out
+}
+
+#[test]
+fn import_unpacks_and_builds_in_local_staging_never_in_the_store() {
+    let env = Env::new("stage-local");
+    let dir = env.dir.join("sem");
+    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let src = format!("oci:{}:v1", dir.display());
+    // (failpoint, what the local work directory holds there)
+    // (Each run publishes the layers before the one it stops in.)
+    let points = [
+        ("pause:import-unpacked@1", "rootfs/newdir/link"),
+        ("pause:import-publish@1", "layer.img"),
+        ("pause:import-build@2", "rootfs/h/b"),
+    ];
+    for (point, holds) in points {
+        let (mut k, _err) = spawn_at(&env, &import_args(&env, &src, &[]), &[], point);
+        store_tmp_has_no_work(&env.root);
+        let work = entries_with(&env.fallback.join("tmp"), "import-");
+        assert_eq!(work.len(), 1, "{point}: {work:?}");
+        let name = work[0].file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.contains(&format!(".{}.", k.id())), "{point}: {name} carries host and pid");
+        assert!(work[0].join(holds).exists(), "{point}: {} lacks {holds}", work[0].display());
+        assert_eq!(work[0].join("rootfs").exists(), !holds.starts_with("layer"), "{point}: the tree goes once built");
+        assert_eq!(std::fs::metadata(&work[0]).unwrap().mode() & 0o777, 0o700);
+        signal(&k, rustix::process::Signal::TERM);
+        assert_eq!(k.wait().unwrap().code(), Some(8), "{point}");
+        assert!(tmp_entries(&env.root).is_empty() && tmp_entries(&env.fallback).is_empty(), "{point}: left {:?} {:?}", tmp_entries(&env.root), tmp_entries(&env.fallback));
+    }
+    // The whole import, hardlinks into lower layers included (the lower
+    // view is mounted from the store while the tree is local).
+    let r = import(&env, &src, &[]);
+    r.ok();
+    let m = mount(&env, "v1", "m");
+    check_semantics(&view(&env, &m), false);
+    umount(&env, &m);
+    assert_eq!(layer_dirs(&env.root).len(), 3);
+    assert!(layer_dirs(&env.fallback).is_empty(), "the fallback holds staging, never layers");
+    assert!(!r.stderr.contains("copied in"), "one filesystem: renamed, not copied: {}", r.stderr);
+    env.assert_clean();
+}
+
+#[test]
+fn staging_dir_option_and_configuration_key_are_honoured() {
+    let env = Env::new("stage-opt");
+    let dir = env.dir.join("sem");
+    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let src = format!("oci:{}:v1", dir.display());
+    let (opt, cfg) = (env.dir.join("scratch-opt"), env.dir.join("scratch/cfg"));
+    let conf = env.dir.join("sl.conf");
+    std::fs::write(&conf, format!("# node-local\nstaging_dir={}\n", cfg.display())).unwrap();
+    let conf_env = [("SHAREDLOOP_CONFIG", conf.to_str().unwrap())];
+    let layer_src = env.dir.join("layer-src");
+    make_tree(&layer_src, &[("f", E::File("content")), ("d/g", E::File("g"))]);
+    let add_argv = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = vec![BIN.into(), "add".into(), layer_src.to_string_lossy().into(), "--loopback-root".into(), env.root.to_string_lossy().into(), "--loopback-fallback".into(), env.fallback.to_string_lossy().into()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let opt_s = opt.to_string_lossy().into_owned();
+    // (argv, environment, failpoint, where the work must be, its label)
+    type Case<'a> = (Vec<String>, &'a [(&'a str, &'a str)], &'a str, &'a Path, &'a str);
+    let cases: Vec<Case> = vec![
+        (import_args(&env, &src, &["--staging-dir", &opt_s]), &[], "pause:import-build@0", &opt, "import-"),
+        (import_args(&env, &src, &[]), &conf_env, "pause:import-build@0", &cfg, "import-"),
+        (import_args(&env, &src, &["--staging-dir", &opt_s]), &conf_env, "pause:import-build@0", &opt, "import-"),
+        (add_argv(&["--staging-dir", &opt_s]), &[], "pause:add-publish", &opt, "add-"),
+        (add_argv(&[]), &conf_env, "pause:add-publish", &cfg, "add-"),
+    ];
+    for (i, (argv, extra, point, at, label)) in cases.iter().enumerate() {
+        let (mut k, _err) = spawn_at(&env, argv, extra, point);
+        let work = entries_with(at, label);
+        assert_eq!(work.len(), 1, "case {i}: {work:?}");
+        let holds = if *label == "add-" { "layer.img" } else { "rootfs/lower/target" };
+        assert!(work[0].join(holds).exists(), "case {i}: {} lacks {holds}", work[0].display());
+        for other in [&opt, &cfg, &env.fallback.join("tmp")] {
+            if other != at {
+                assert!(entries_with(other, "").is_empty(), "case {i}: {} used too", other.display());
+            }
+        }
+        store_tmp_has_no_work(&env.root);
+        signal(&k, rustix::process::Signal::TERM);
+        assert_eq!(k.wait().unwrap().code(), Some(8), "case {i}");
+        assert!(entries_with(at, "").is_empty(), "case {i}: left in {}", at.display());
+    }
+    // Created private when missing.
+    assert_eq!(std::fs::metadata(&cfg).unwrap().mode() & 0o777, 0o700);
+    // Whole runs through each.
+    import_ok(&env, &src, &["--staging-dir", &opt_s]);
+    let r = env.run_env(&add_argv(&[]).iter().map(String::as_str).collect::<Vec<_>>(), &conf_env);
+    r.ok();
+    assert!(entries_with(&opt, "").is_empty() && entries_with(&cfg, "").is_empty());
+    assert!(!env.fallback.exists(), "an explicit staging directory leaves the fallback alone");
+    assert_eq!(layer_dirs(&env.root).len(), 4);
+    // A staging directory that was asked for and cannot be used is an error
+    // naming it, not a silent fallback onto the store.
+    std::fs::write(env.dir.join("afile"), b"").unwrap();
+    let bad = env.dir.join("afile/sub");
+    make_tree(&layer_src, &[("new", E::File("a layer not stored yet"))]);
+    let r = env.run(&add_argv(&["--staging-dir", bad.to_str().unwrap()]).iter().map(String::as_str).collect::<Vec<_>>());
+    r.fails(32, &format!("staging directory: create directory: {}: Not a directory", bad.display()));
+    // mount -o has no use for it.
+    let m = env.mnt("m");
+    env.run(&["mount", "-t", "sharedloop", "v1", m.to_str().unwrap(), "-o", &format!("{},staging_dir=/x", env.store_opts())])
+        .fails(1, "staging_dir: not a mount option");
+    // The default place unusable (a read-only fallback): the store's own
+    // tmp/, with a warning.
+    let other = Env::new("stage-rofb");
+    std::fs::create_dir_all(&other.fallback).unwrap();
+    let fb = other.fallback.display().to_string();
+    other.sh(&format!("mount --bind {fb} {fb} && mount -o remount,bind,ro {fb}")).ok();
+    let (mut k, mut err) = spawn_at(&other, &import_args(&other, &src, &[]), &[], "pause:import-build@1");
+    assert_eq!(entries_with(&other.root.join("tmp"), "import-").len(), 1, "{:?}", tmp_entries(&other.root));
+    signal(&k, rustix::process::Signal::TERM);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert_eq!(k.wait().unwrap().code(), Some(8));
+    let r = import(&other, &src, &["-q"]);
+    r.ok();
+    assert!(r.stderr.contains("warning: node-local staging unusable") && r.stderr.contains("Read-only file system"), "{}", r.stderr);
+    assert!(tmp_entries(&other.root).is_empty());
+    other.sh(&format!("umount {fb}")).ok();
+    other.assert_clean();
+    env.assert_clean();
+}
+
+#[test]
+fn a_store_on_another_filesystem_gets_a_sparse_identical_copy() {
+    let env = Env::new("stage-copy");
+    // A second store root on a tmpfs that only the test's namespace has.
+    let troot = env.dir.join("tmpfs-root");
+    std::fs::create_dir_all(&troot).unwrap();
+    env.sh(&format!("mount -t tmpfs -o size=512m,mode=0755 sl-test-tmpfs {}", troot.display())).ok();
+    let tview = env.view(&troot);
+    // A layer with some real data: a 6 MiB file (pseudo-random), small files.
+    let src = env.dir.join("layer-src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let big: Vec<u8> = (0..6 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(src.join("big"), &big).unwrap();
+    for i in 0..50 {
+        std::fs::write(src.join("d").join(i.to_string()), format!("small {i}")).unwrap();
+    }
+    let add = |root: &Path| -> Run {
+        env.run(&[BIN, "add", src.to_str().unwrap(), "--loopback-root", root.to_str().unwrap(), "--loopback-fallback", env.fallback.to_str().unwrap(), "-v"])
+    };
+    // Same filesystem: renamed. Another one: copied (ext4 to tmpfs is not
+    // a copy_file_range pair: reads and writes).
+    // A failure (or signal) in the middle of the copy leaves nothing, here
+    // or there.
+    let r = env.run_env(
+        &[BIN, "add", src.to_str().unwrap(), "--loopback-root", troot.to_str().unwrap(), "--loopback-fallback", env.fallback.to_str().unwrap()],
+        &[("SHAREDLOOP_FAILPOINT", "stage-copy")],
+    );
+    r.fails(32, "injected failure at stage-copy");
+    assert!(tmp_entries(&tview).is_empty() && tmp_entries(&env.fallback).is_empty(), "{:?} {:?}", tmp_entries(&tview), tmp_entries(&env.fallback));
+    assert!(layer_dirs(&tview).is_empty());
+    let same = add(&env.root);
+    same.ok();
+    assert!(!same.stderr.contains("copied into"), "{}", same.stderr);
+    let copied = add(&troot);
+    copied.ok();
+    assert!(copied.stderr.contains("copied into") && copied.stderr.contains("read/write"), "{}", copied.stderr);
+    let id = same.stdout.trim();
+    assert_eq!(copied.stdout.trim(), id);
+    let rel = format!("layers/{}/layer.img", &id[7..]);
+    let (a, b) = (env.root.join(&rel), tview.join(&rel));
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "the copy is byte-identical");
+    // Same data regions, same holes; except that a region of zeros
+    // (mke2fs preallocates some: unwritten extents, which ext4 reports as
+    // data only while they are in the page cache) may become a hole.
+    let (ma, mb) = (data_map(&a), data_map(&b));
+    let bytes = std::fs::read(&a).unwrap();
+    for r in &mb {
+        assert!(ma.contains(r), "copy region {r:?} is not a source region: {ma:?} vs {mb:?}");
+    }
+    for (at, n) in ma.iter().filter(|r| !mb.contains(r)) {
+        assert!(bytes[*at as usize..(at + n) as usize].iter().all(|&x| x == 0), "data region {at}+{n} lost: {ma:?} vs {mb:?}");
+    }
+    assert!(mb.iter().map(|r| r.1).sum::<u64>() >= 6 << 20, "{mb:?}");
+    let (sa, sb) = (std::fs::metadata(&a).unwrap(), std::fs::metadata(&b).unwrap());
+    let data: u64 = mb.iter().map(|r| r.1).sum();
+    assert!(data < sa.len() / 2, "the image is sparse: {data} of {} bytes", sa.len());
+    // Allocation: the data regions, give or take ext4's extent blocks.
+    assert!(sb.blocks() * 512 <= sa.blocks() * 512 + 64 * 1024 && sb.blocks() * 512 >= data, "{} vs {} allocated", sb.blocks() * 512, sa.blocks() * 512);
+    let size = |store: &Path| json_file(&store.join(format!("layers/{}/meta.json", &id[7..])))["size"].as_u64();
+    assert_eq!((size(&env.root), size(&tview)), (Some(sa.len()), Some(sb.len())));
+    // A whole image through the copy path, its lower view read from the
+    // tmpfs store: mounted and checked.
+    let dir = env.dir.join("sem");
+    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let args = [BIN, "import", &format!("oci:{}:v1", dir.display()), "--loopback-root", troot.to_str().unwrap(), "--loopback-fallback", env.fallback.to_str().unwrap()];
+    let r = env.run(&args);
+    r.ok();
+    assert_eq!(r.stderr.matches("copied in").count(), 3, "{}", r.stderr);
+    let m = env.mnt("m");
+    let opts = format!("loopback_root={},loopback_fallback={}", troot.display(), env.fallback.display());
+    env.run(&["mount", "-t", "sharedloop", "v1", m.to_str().unwrap(), "-o", &opts]).ok();
+    check_semantics(&view(&env, &m), false);
+    umount(&env, &m);
+    assert!(tmp_entries(&tview).is_empty(), "{:?}", tmp_entries(&tview));
+    env.sh(&format!("umount {}", troot.display())).ok();
+    env.assert_clean();
+}
+
+#[test]
+fn publish_keeps_the_layer_another_import_published_first() {
+    let env = Env::new("stage-race");
+    let dir = env.dir.join("sem");
+    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let src = format!("oci:{}:v1", dir.display());
+    let chain = layout_chain(&dir);
+    // A stops with its first image built, before it publishes ...
+    let (k, mut err) = spawn_at(&env, &import_args(&env, &src, &["-v"]), &[], "stop:import-publish@0");
+    let stopped = Instant::now();
+    while !std::fs::read_to_string(format!("/proc/{}/stat", k.id())).unwrap().rsplit_once(')').unwrap().1.trim_start().starts_with('T') {
+        assert!(stopped.elapsed() < Duration::from_secs(10), "importer did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // ... B imports the whole image meanwhile ...
+    assert_eq!(import_ok(&env, &src, &["-q"]), chain);
+    let inodes = |f: &str| -> Vec<u64> { layer_dirs(&env.root).iter().map(|l| std::fs::metadata(env.root.join("layers").join(l).join(f)).unwrap().ino()).collect() };
+    let (metas, images) = (inodes("meta.json"), inodes("layer.img"));
+    assert_eq!(metas.len(), 3);
+    // ... and A goes on: its rename meets B's layer, which it keeps.
+    signal(&k, rustix::process::Signal::CONT);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let o = k.wait_with_output().unwrap();
+    assert!(o.status.success(), "{rest}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), chain);
+    assert!(rest.contains("already published, ours dropped"), "{rest}");
+    assert_eq!((inodes("meta.json"), inodes("layer.img")), (metas, images), "theirs kept");
+    assert_eq!(names(&env.root), BTreeMap::from([("v1".to_string(), chain.clone())]));
+    let m = mount(&env, "v1", "m");
+    check_semantics(&view(&env, &m), false);
+    umount(&env, &m);
+    env.assert_clean();
+}
+
+#[test]
+fn publish_refuses_a_damaged_layer_directory_in_the_way() {
+    let env = Env::new("stage-damage");
+    let dir = env.dir.join("sem");
+    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let (_, config) = oci_docs(&dir);
+    let bottom = config["rootfs"]["diff_ids"][0].as_str().unwrap().trim_start_matches("sha256:").to_string();
+    let junk = env.root.join("layers").join(&bottom).join("junk");
+    std::fs::create_dir_all(junk.parent().unwrap()).unwrap();
+    std::fs::write(&junk, b"not a layer").unwrap();
+    let r = import(&env, &format!("oci:{}:v1", dir.display()), &[]);
+    r.fails(32, &format!("{}: in the way of publishing and not a whole layer: ", junk.parent().unwrap().display()));
+    assert!(r.stderr.contains("meta.json: No such file or directory"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&junk).unwrap(), b"not a layer", "left as it was");
+    assert_eq!(layer_dirs(&env.root), BTreeSet::from([bottom.clone()]));
+    assert!(names(&env.root).is_empty());
+    // The same for add.
+    let src = env.dir.join("layer-src");
+    make_tree(&src, &[("f", E::File("x"))]);
+    let scratch = env.dir.join("scratch-store");
+    let argv = |root: &Path| -> Vec<String> {
+        [BIN, "add", src.to_str().unwrap(), "--loopback-root", root.to_str().unwrap(), "--loopback-fallback", env.fallback.to_str().unwrap()].iter().map(|s| s.to_string()).collect()
+    };
+    let run = |root: &Path| env.run(&argv(root).iter().map(String::as_str).collect::<Vec<_>>());
+    let r = run(&scratch);
+    r.ok();
+    let hex = r.stdout.trim()[7..].to_string();
+    let dest = env.root.join("layers").join(&hex);
+    std::fs::create_dir_all(dest.join("sub")).unwrap();
+    run(&env.root).fails(32, &format!("{}: in the way of publishing and not a whole layer: ", dest.display()));
+    assert!(!dest.join("layer.img").exists() && dest.join("sub").is_dir());
+    std::fs::remove_dir_all(env.root.join("layers").join(&bottom)).unwrap();
+    std::fs::remove_dir_all(&dest).unwrap();
+    std::fs::remove_dir_all(&scratch).unwrap();
     env.assert_clean();
 }

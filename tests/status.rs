@@ -40,7 +40,8 @@ fn status_shows_driver_store_and_shared_layers() {
     assert_eq!(v["kernel"]["layers_as_fds"], true);
     assert_eq!(v["kernel"]["mount_api"], "fd");
     assert_eq!(v["store"]["root"]["layers"], 2);
-    assert_eq!(v["store"]["fallback"]["present"], false);
+    // The fallback holds only the adds' node-local staging (tmp/, empty).
+    assert_eq!(v["store"]["fallback"]["layers"], 0);
     let mounts = v["mounts"].as_array().unwrap();
     assert_eq!(mounts.len(), 2);
     assert_eq!(mounts[0]["target"], m1.to_str().unwrap());

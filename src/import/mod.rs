@@ -5,14 +5,17 @@
 //! IDs alone, so a layer that either store directory has already is
 //! skipped without its blob even being opened. Any other layer's blob is
 //! streamed once — decompressed, both digests checked on the way — into a
-//! directory tree in overlay form in a staging directory under the store's
-//! tmp/ (`unpack`), built into a filesystem image by `layer_build`, and
-//! published with one rename. A layer is published before the next is
-//! unpacked, so the next can read the chain below it when its tar needs to
-//! (`lower`). Every staging directory is held by a guard and removed on
-//! every path out, errors and SIGINT/SIGTERM included; after a SIGKILL only
-//! `tmp/import-*` and `tmp/layer-*` directories stay, which no later import
-//! looks at (each import's staging names carry host, pid and time).
+//! directory tree in overlay form in a node-local work directory
+//! (`crate::staging`; `unpack`), built there into a filesystem image by
+//! `layer_build`; only the image goes to a staging directory under the
+//! store's tmp/ (renamed, or copied when the store is another filesystem)
+//! and is published with one rename. A layer is published before the next
+//! is unpacked, so the next can read the chain below it when its tar needs
+//! to (`lower`). Every staging and work directory is held by a guard and
+//! removed on every path out, errors and SIGINT/SIGTERM included; after a
+//! SIGKILL only `import-*` and `layer-*` directories stay (in the store's
+//! and the local staging's tmp/), which no later import looks at (each
+//! import's staging names carry host, pid and time).
 //!
 //! Concurrent imports of one image (processes, mount namespaces or nodes
 //! sharing the store) each build what they find missing; the first rename
@@ -30,6 +33,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::ids::{Digest, Name, chain_id};
 use crate::interrupt::step;
+use crate::staging::{WorkDir, Workspace};
 use crate::store::{self, FsType, LayerMeta, MAX_LAYERS, Staging, Store, Which};
 
 use lower::{Lower, Mounts};
@@ -44,13 +48,17 @@ pub struct ImportOptions<'a> {
     pub name: Option<&'a Name>,
     pub fstype: FsType,
     pub quiet: bool,
+    /// Node-local staging directory (`--staging-dir`, `staging_dir=`);
+    /// `None`: `tmp/` of the fallback store.
+    pub staging_dir: Option<&'a Path>,
 }
 
 /// Import the image; returns the chain ID of its top layer.
 pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
     crate::interrupt::install();
     let src = SourceRef::parse(opts.source)?;
-    let (image, _spool) = open_image(store, &src)?;
+    let work = Workspace::new(store, opts.staging_dir);
+    let (image, _spool) = open_image(&work, &src)?;
     let n = image.layers.len();
     let what = format!("{}:{}", src.transport.as_str(), src.path.display());
     if n == 0 {
@@ -86,7 +94,7 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
             }
             None => {
                 let ctx = format!("layer {}/{n} ({})", i + 1, l.digest.map(|d| d.to_string()).unwrap_or_else(|| l.rel.clone()));
-                let job = Job { store, image: &image, index: i, layer: l, parent, chain, fstype: opts.fstype, progress: &progress };
+                let job = Job { store, work: &work, image: &image, index: i, layer: l, parent, chain, fstype: opts.fstype, progress: &progress };
                 let (bytes, note) = job.run(&mut mounts).map_err(|e| match e {
                     Error::Interrupted => e,
                     e => e.context(&ctx),
@@ -130,7 +138,7 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
 
 /// The image behind SOURCE (and the spooled copy of a piped archive,
 /// removed when dropped).
-fn open_image(store: &Store, src: &SourceRef) -> Result<(Image, Option<Staging>)> {
+fn open_image(work: &Workspace, src: &SourceRef) -> Result<(Image, Option<WorkDir>)> {
     let what = format!("{}:{}", src.transport.as_str(), src.path.display());
     let reference = src.reference.as_deref();
     match src.transport {
@@ -143,7 +151,7 @@ fn open_image(store: &Store, src: &SourceRef) -> Result<(Image, Option<Staging>)
             Ok((img, None))
         }
         Transport::OciArchive | Transport::DockerArchive => {
-            let (file, spool) = open_archive(store, &src.path)?;
+            let (file, spool) = open_archive(work, &src.path)?;
             let layout = Box::new(ArchiveLayout::scan(file, &src.path)?);
             let img = if src.transport == Transport::OciArchive {
                 source::open_oci(layout, reference, &what)?
@@ -157,8 +165,8 @@ fn open_image(store: &Store, src: &SourceRef) -> Result<(Image, Option<Staging>)
 
 /// The archive file. One that cannot be read in place — a pipe, or a
 /// compressed archive (`docker save | gzip`) — is first copied, plain,
-/// into a staging file.
-fn open_archive(store: &Store, path: &Path) -> Result<(File, Option<Staging>)> {
+/// into a node-local staging file.
+fn open_archive(work: &Workspace, path: &Path) -> Result<(File, Option<WorkDir>)> {
     use std::os::unix::fs::FileExt;
     let f = File::open(path).map_err(|e| Error::io("open archive", path, &e))?;
     let m = f.metadata().map_err(|e| Error::io("stat", path, &e))?;
@@ -172,7 +180,7 @@ fn open_archive(store: &Store, path: &Path) -> Result<(File, Option<Staging>)> {
             return Ok((f, None));
         }
     }
-    let spool = Staging::create(store, "import-spool")?;
+    let spool = work.create("import-spool")?;
     let p = spool.path.join("archive.tar");
     let mut out = File::create_new(&p).map_err(|e| Error::io("create", &p, &e))?;
     let (mut r, c) = unpack::decompressed(std::io::BufReader::with_capacity(1 << 20, f))
@@ -187,6 +195,7 @@ fn open_archive(store: &Store, path: &Path) -> Result<(File, Option<Staging>)> {
 /// One layer to convert.
 struct Job<'a> {
     store: &'a Store,
+    work: &'a Workspace<'a>,
     image: &'a Image,
     index: usize,
     layer: &'a LayerSpec,
@@ -197,13 +206,17 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Unpack, build, publish. Returns the blob's size and a note for the
-    /// progress line.
+    /// Unpack and build in node-local staging, copy (or rename) the image
+    /// into the store's staging, publish. Returns the blob's size and a
+    /// note for the progress line.
     fn run(&self, mounts: &mut Mounts) -> Result<(u64, String)> {
         let (i, l, chain) = (self.index, self.layer, self.chain);
         let t = std::time::Instant::now();
-        let tree_stage = Staging::create(self.store, &format!("import-{}", chain.hex()))?;
-        let tree = tree_stage.path.join("rootfs");
+        // The destination first: a store that cannot take the layer fails
+        // before the work. It receives the finished image only.
+        let out = Staging::create(self.store, &format!("layer-{}", chain.hex()))?;
+        let work = self.work.create(&format!("import-{}", chain.hex()))?;
+        let tree = work.path.join("rootfs");
         std::fs::create_dir(&tree).map_err(|e| Error::io("create staging tree", &tree, &e))?;
         let (reader, _) = self.image.layout.open(&l.rel)?;
         let mut lower = Lower::new(self.store, self.parent, mounts);
@@ -229,10 +242,16 @@ impl Job<'_> {
         }
         step("import-build", Some(i))?;
         self.progress.phase(&chain, &format!("building {} image", self.fstype));
-        let out = Staging::create(self.store, &format!("layer-{}", chain.hex()))?;
-        let size = crate::layer_build::build_image(&tree, self.fstype, &out.path.join("layer.img"))?;
-        drop(tree_stage);
+        let img = work.path.join("layer.img");
+        let size = crate::layer_build::build_image(&tree, self.fstype, &img)?;
+        // The tree is not needed any more: free the local disk now.
+        if let Err(e) = std::fs::remove_dir_all(&tree) {
+            log::warn!("{}: {e} (removed with its staging directory later)", tree.display());
+        }
         step("import-publish", Some(i))?;
+        self.progress.phase(&chain, "moving the image into the store");
+        let copied = out.put_image(&img)?;
+        drop(work);
         let which = out.which;
         let meta = LayerMeta {
             chain_id: chain,
@@ -245,9 +264,10 @@ impl Job<'_> {
         out.publish_layer(&meta)?;
         let place = if which == Which::Root { "" } else { ", in the fallback store" };
         let note = format!(
-            "{}, {} image{place}, {:.1} s",
+            "{}, {} image{}{place}, {:.1} s",
             stats.compression.unwrap_or("?"),
             self.fstype,
+            if copied { " copied in" } else { "" },
             t.elapsed().as_secs_f64()
         );
         Ok((stats.blob_bytes, note))

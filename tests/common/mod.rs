@@ -19,6 +19,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_sharedloop");
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -29,9 +31,14 @@ pub struct Env {
     pub fallback: PathBuf,
     pub state: PathBuf,
     holder: Child,
+    /// The process that holds the test's namespaces (for a node of a
+    /// cluster, a grandchild of `holder`).
     pub pid: u32,
     /// Extra environment for every command (SHAREDLOOP_CONFIG, ...).
     pub envs: Vec<(String, String)>,
+    /// The namespaces commands enter (nsenter flags): the mount namespace,
+    /// and for a cluster node its UTS, network and PID namespaces too.
+    ns_flags: Vec<&'static str>,
 }
 
 #[derive(Debug)]
@@ -91,29 +98,26 @@ impl Env {
         let root = dir.join("root");
         let fallback = dir.join("fallback");
         let state = dir.join("state");
-        let helpers = dir.join("helpers");
-        std::fs::create_dir_all(&helpers).unwrap();
-        for n in ["mount.sharedloop", "umount.sharedloop", "sharedloop"] {
-            std::os::unix::fs::symlink(BIN, helpers.join(n)).unwrap();
-        }
-        let script = format!(
-            "set -e; mount -t tmpfs tmpfs /run/mount 2>/dev/null || {{ mkdir -p /run/mount; mount -t tmpfs tmpfs /run/mount; }}; \
-             mount -t overlay sl-test-sbin -o lowerdir={}:{} {}; echo ready; exec sleep 100000",
-            helpers.display(),
-            sbin().display(),
-            sbin().display()
-        );
-        let mut holder = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "--", "sh", "-c", &script])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn unshare");
-        let mut line = String::new();
-        BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "namespace holder did not start");
+        let mut c = Command::new("unshare");
+        c.args(["-m", "--propagation", "private", "--", "sh", "-c", &holder_script(&dir, "")]);
+        let holder = spawn_holder(c, "namespace holder");
         let pid = holder.id();
-        Env { dir, root, fallback, state, holder, pid, envs: vec![] }
+        Env { dir, root, fallback, state, holder, pid, envs: vec![], ns_flags: vec!["-m"] }
+    }
+
+    /// An Env whose namespace holder is started by `cmd` (which must run
+    /// `holder_script`) as a grandchild: `holder` is the direct child and
+    /// `pid` the process found below it. Commands enter `ns_flags`.
+    pub fn with_holder(dir: PathBuf, root: PathBuf, cmd: Command, ns_flags: Vec<&'static str>) -> Env {
+        let fallback = dir.join("fallback");
+        let state = dir.join("state");
+        let mut holder = spawn_holder(cmd, "node holder");
+        let Some(pid) = descendant_running(holder.id(), "sleep") else {
+            let _ = holder.kill();
+            let _ = holder.wait();
+            panic!("node holder did not start");
+        };
+        Env { dir, root, fallback, state, holder, pid, envs: vec![], ns_flags }
     }
 
     pub fn store_opts(&self) -> String {
@@ -135,7 +139,7 @@ impl Env {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
-        c.args(["-t", &self.pid.to_string(), "-m", "--"]).args(args);
+        c.args(["-t", &self.pid.to_string()]).args(&self.ns_flags).arg("--").args(args);
         c.env("SHAREDLOOP_STATE_DIR", &self.state);
         c.env("SHAREDLOOP_CONFIG", self.dir.join("no-config"));
         c.env_remove("SHAREDLOOP_FAILPOINT");
@@ -206,7 +210,9 @@ impl Env {
             .filter(|l| {
                 let f: Vec<&str> = l.split(' ').collect();
                 let (mp, rest) = (f[4], l.split(" - ").nth(1).unwrap_or(""));
-                mp.starts_with(&d) || (rest.starts_with("overlay ") && !rest.starts_with("overlay sl-test-sbin"))
+                // A cluster node's store (a FUSE mount) is the harness's.
+                (mp.starts_with(&d) && !rest.starts_with("fuse.glusterfs "))
+                    || (rest.starts_with("overlay ") && !rest.starts_with("overlay sl-test-sbin"))
             })
             .collect()
     }
@@ -240,13 +246,97 @@ impl Env {
         let scratch = self.state.join("scratch");
         let left: Vec<_> = std::fs::read_dir(&scratch).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
         assert!(left.is_empty(), "scratch left: {left:?}");
-        let tmp = leftovers(&self.dir);
+        let tmp = self.leftovers();
         assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
+    }
+
+    /// `leftovers` as this test's namespace sees its directory (a cluster
+    /// node's store is a FUSE mount only its namespace has).
+    pub fn leftovers(&self) -> Vec<PathBuf> {
+        let view = PathBuf::from(format!("/proc/{}/root{}", self.pid, self.dir.display()));
+        leftovers(&view).into_iter().map(|p| self.dir.join(p.strip_prefix(&view).unwrap())).collect()
+    }
+
+    /// A path of this test's namespace, readable from the host.
+    pub fn view(&self, p: &Path) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{}", self.pid, p.display()))
+    }
+}
+
+/// The shell script a namespace holder runs after `pre` (extra set-up):
+/// a private utab, mount.sharedloop/umount.sharedloop where mount(8)
+/// looks, then "ready" and sleep until killed.
+pub fn holder_script(dir: &Path, pre: &str) -> String {
+    let helpers = dir.join("helpers");
+    std::fs::create_dir_all(&helpers).unwrap();
+    for n in ["mount.sharedloop", "umount.sharedloop", "sharedloop"] {
+        let l = helpers.join(n);
+        if std::fs::symlink_metadata(&l).is_err() {
+            std::os::unix::fs::symlink(BIN, l).unwrap();
+        }
+    }
+    format!(
+        "set -e; {pre} mount -t tmpfs tmpfs /run/mount 2>/dev/null || {{ mkdir -p /run/mount; mount -t tmpfs tmpfs /run/mount; }}; \
+         mount -t overlay sl-test-sbin -o lowerdir={}:{} {}; echo ready; exec sleep 100000",
+        helpers.display(),
+        sbin().display(),
+        sbin().display()
+    )
+}
+
+/// Start a holder and wait for its "ready" line.
+pub fn spawn_holder(mut c: Command, what: &str) -> Child {
+    // If the test process dies without unwinding, the holder goes too
+    // (and with it every namespace and process below it).
+    sharedloop::sys::die_with_parent(&mut c);
+    let mut holder = c.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn holder");
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    if line.trim() != "ready" {
+        let _ = holder.kill();
+        let _ = holder.wait();
+        panic!("{what} did not start (said {line:?})");
+    }
+    holder
+}
+
+/// Child processes of `pid` (all threads).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = vec![];
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in rd.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// The first descendant of `pid` (itself included) whose comm is `comm`,
+/// waiting up to 10 s for it (a holder says "ready" just before its exec).
+pub fn descendant_running(pid: u32, comm: &str) -> Option<u32> {
+    let t = Instant::now();
+    loop {
+        let mut stack = vec![pid];
+        while let Some(p) = stack.pop() {
+            if std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm) {
+                return Some(p);
+            }
+            stack.extend(children_of(p));
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 impl Drop for Env {
     fn drop(&mut self) {
+        if self.pid != self.holder.id() {
+            let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
+        }
         let _ = self.holder.kill();
         let _ = self.holder.wait();
         wait_no_loops(&self.dir, Duration::from_secs(10));
@@ -266,7 +356,8 @@ pub fn leftovers(dir: &Path) -> Vec<PathBuf> {
             let p = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             let parent = d.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-            if (parent == "tmp" && (d.starts_with(dir.join("root")) || d.starts_with(dir.join("fallback"))))
+            let grandparent = d.parent().and_then(|g| g.file_name()).map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            if (parent == "tmp" && (grandparent == "root" || grandparent == "fallback"))
                 || name.contains(".tmp.")
                 || (parent == "names" && name.starts_with('.'))
             {

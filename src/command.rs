@@ -1,0 +1,206 @@
+//! The one way sharedloop runs an external command (mkfs.*, debugfs, the
+//! xfs copy, the filesystem checkers).
+//!
+//! A [`Cmd`] finds its tool in the system directories first (mount(8) runs
+//! helpers with a PATH that lacks /sbin), runs it with `LC_ALL=C` (messages
+//! we match on stay English), stdin from /dev/null or from piped input,
+//! stdout and stderr captured, and dies with us: a killed sharedloop never
+//! leaves a mkfs writing into the store ([`sys::die_with_parent`]). A
+//! failure becomes `Error::Command` with the command line, how it ended
+//! (`status N` or `signal N`) and the last lines of its stderr.
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::ops::{Deref, DerefMut};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// Lines of stderr an error keeps.
+const STDERR_TAIL: usize = 3;
+
+/// An external command, set up as described in the module documentation.
+/// It derefs to `std::process::Command` for arguments and environment.
+pub struct Cmd {
+    cmd: Command,
+    /// The tool as asked for (`mkfs.ext4`), shown in messages.
+    name: String,
+}
+
+impl Cmd {
+    pub fn new(name: &str) -> Cmd {
+        let mut cmd = Command::new(tool(name));
+        cmd.env("LC_ALL", "C");
+        sys::die_with_parent(&mut cmd);
+        Cmd { cmd, name: name.to_string() }
+    }
+
+    /// Run to completion. Ok: its stderr (some tools report there even when
+    /// they succeed). Err: `Error::Command`, or `Error::Sys` if it could not
+    /// be started.
+    pub fn run(&mut self, what: &str) -> Result<String> {
+        self.run_with(what, None)
+    }
+
+    /// The same, with `input` on its stdin.
+    pub fn run_with_input(&mut self, what: &str, input: &[u8]) -> Result<String> {
+        self.run_with(what, Some(input))
+    }
+
+    fn run_with(&mut self, what: &str, input: Option<&[u8]>) -> Result<String> {
+        let program = PathBuf::from(self.cmd.get_program());
+        self.cmd
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self.cmd.spawn().map_err(|e| Error::io(format!("{what}: run"), &program, &e))?;
+        if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+            match stdin.write_all(data) {
+                // It exited without reading all: its status and stderr say why.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::io(format!("{what}: write to"), &program, &e));
+                }
+                Ok(()) => {}
+            }
+        }
+        let out = child.wait_with_output().map_err(|e| Error::io(format!("{what}: wait for"), &program, &e))?;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() {
+            return Ok(stderr);
+        }
+        let status = match (out.status.code(), out.status.signal()) {
+            (Some(c), _) => format!("status {c}"),
+            (None, s) => format!("signal {}", s.unwrap_or(0)),
+        };
+        Err(Error::Command { what: what.into(), cmd: self.render(), status, stderr: tail(&stderr, STDERR_TAIL) })
+    }
+
+    /// Run with stdin from /dev/null and hand back everything, for callers
+    /// that judge the result themselves (a checker's report on stdout).
+    pub fn output(&mut self) -> std::io::Result<Output> {
+        self.cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).output()
+    }
+
+    /// The command line as a shell would take it, with the tool's name as
+    /// asked for.
+    pub fn render(&self) -> String {
+        std::iter::once(OsStr::new(&self.name))
+            .chain(self.cmd.get_args())
+            .map(|a| shell_quote(&a.to_string_lossy()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+impl Deref for Cmd {
+    type Target = Command;
+    fn deref(&self) -> &Command {
+        &self.cmd
+    }
+}
+
+impl DerefMut for Cmd {
+    fn deref_mut(&mut self) -> &mut Command {
+        &mut self.cmd
+    }
+}
+
+/// mount(8) runs helpers with a sanitized PATH that lacks /sbin: look in
+/// the system directories first, then in PATH; the bare name if nowhere.
+pub fn tool(name: &str) -> PathBuf {
+    let path = std::env::var("PATH").unwrap_or_default();
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .into_iter()
+        .map(String::from)
+        .chain(path.split(':').filter(|d| !d.is_empty()).map(String::from))
+        .map(|d| Path::new(&d).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// The last `n` non-empty lines, trimmed, joined with "; ".
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("; ")
+}
+
+fn shell_quote(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./:=,^@%+-".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_sbin_tools_without_path() {
+        assert!(tool("mkfs.ext4").is_absolute(), "{}", tool("mkfs.ext4").display());
+        assert_eq!(tool("no-such-tool-here"), PathBuf::from("no-such-tool-here"));
+    }
+
+    #[test]
+    fn success_gives_stderr_failure_gives_command_error() {
+        let mut c = Cmd::new("sh");
+        c.args(["-c", "echo $LC_ALL >&2; cat >&2"]);
+        assert_eq!(c.run_with_input("test", b"in\n").unwrap(), "C\nin\n");
+
+        let mut c = Cmd::new("sh");
+        c.args(["-c", "printf 'a\\n\\n b \\nc\\nd\\n' >&2; exit 3", "it's"]);
+        match c.run("do the thing").unwrap_err() {
+            Error::Command { what, cmd, status, stderr } => {
+                assert_eq!(what, "do the thing");
+                assert_eq!(cmd, r#"sh -c 'printf '\''a\n\n b \nc\nd\n'\'' >&2; exit 3' 'it'\''s'"#);
+                assert_eq!(status, "status 3");
+                assert_eq!(stderr, "b; c; d");
+            }
+            e => panic!("want Error::Command, got {e:?}"),
+        }
+
+        let mut c = Cmd::new("sh");
+        c.args(["-c", "kill -9 $$"]);
+        let e = c.run("die").unwrap_err();
+        assert_eq!(e.to_string(), "die: sh -c 'kill -9 $$' exited with signal 9");
+
+        let e = Cmd::new("no-such-tool-here").run("try").unwrap_err();
+        assert_eq!(e.errno(), Some(rustix::io::Errno::NOENT));
+        assert!(e.to_string().starts_with("try: run: no-such-tool-here: "), "{e}");
+    }
+
+    /// PR_SET_PDEATHSIG follows the spawning thread: a child whose
+    /// spawning thread ends without waiting is killed.
+    #[test]
+    fn child_dies_with_the_thread_that_spawned_it() {
+        let pid = std::thread::spawn(|| {
+            let mut c = Cmd::new("sleep");
+            c.arg("100").stdin(Stdio::null());
+            c.spawn().unwrap().id()
+        })
+        .join()
+        .unwrap();
+        let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+        let start = std::time::Instant::now();
+        loop {
+            match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG).unwrap() {
+                Some((_, st)) => {
+                    assert_eq!(st.terminating_signal(), Some(libc::SIGKILL), "{st:?}");
+                    break;
+                }
+                None => {
+                    assert!(start.elapsed().as_secs() < 10, "sleep outlived the thread that spawned it");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+    }
+}
