@@ -21,8 +21,19 @@ use crate::sys::{self, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONL
 
 const LOOP_CONTROL: &str = "/dev/loop-control";
 /// LOOP_CTL_GET_FREE hands the same device to racing processes; the loser
-/// gets EBUSY and asks again. Bounded so a broken system cannot spin us.
-const MAX_ATTACH_TRIES: u32 = 64;
+/// gets EBUSY and asks again. On a node where many jobs start at once,
+/// other processes attach and detach devices all the time and can win
+/// many races in a row (a 500-layer mount lost 64 in about 60 ms), so the
+/// bound is a realistic deadline, not a count; signals still end the wait.
+const ATTACH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Back-off after the Nth lost race: 50 us doubling up to 10 ms, spread
+/// by our pid so that racing processes do not retry in lockstep.
+fn attach_backoff(attempt: u32) -> std::time::Duration {
+    let base = (50u64 << attempt.min(8)).min(10_000);
+    let spread = u64::from(std::process::id().wrapping_mul(2_654_435_761).wrapping_add(attempt)) % (base / 2 + 1);
+    std::time::Duration::from_micros(base / 2 + spread)
+}
 
 #[derive(Debug)]
 pub struct LoopDevice {
@@ -166,8 +177,20 @@ pub fn attach(backing: impl AsFd, backing_path: &Path, opts: AttachOptions) -> R
     let ctl = rustix::fs::open(LOOP_CONTROL, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| Error::sys("open loop control", LOOP_CONTROL, e))?;
     let mut dio = opts.direct_io;
-    let mut last = Errno::BUSY;
-    for attempt in 0..MAX_ATTACH_TRIES {
+    let start = std::time::Instant::now();
+    let mut attempt: u32 = 0;
+    loop {
+        if crate::interrupt::interrupted() {
+            return Err(Error::Interrupted);
+        }
+        if start.elapsed() > ATTACH_DEADLINE {
+            return Err(Error::sys(
+                format!("attach loop device (gave up after {attempt} tries in {} s)", ATTACH_DEADLINE.as_secs()),
+                backing_path,
+                Errno::BUSY,
+            ));
+        }
+        attempt += 1;
         let claim = claim_free(&ctl)?;
         let n = claim.0;
         let path = dev_path(n);
@@ -195,9 +218,8 @@ pub fn attach(backing: impl AsFd, backing_path: &Path, opts: AttachOptions) -> R
             }
             Err(Errno::BUSY) => {
                 // Another process took it; back off a little, more each time.
-                last = Errno::BUSY;
                 drop(claim);
-                std::thread::sleep(std::time::Duration::from_micros(50 * u64::from(attempt.min(20) + 1)));
+                std::thread::sleep(attach_backoff(attempt));
                 continue;
             }
             // A backing filesystem without O_DIRECT: buffered I/O still works.
@@ -209,11 +231,6 @@ pub fn attach(backing: impl AsFd, backing_path: &Path, opts: AttachOptions) -> R
             Err(e) => return Err(Error::sys("attach loop device", &path, e).context(&format!("{}", backing_path.display()))),
         }
     }
-    Err(Error::sys(
-        format!("attach loop device (gave up after {MAX_ATTACH_TRIES} tries)"),
-        backing_path,
-        last,
-    ))
 }
 
 /// The pre-5.8 way. If SET_STATUS64 fails the half-attached device is

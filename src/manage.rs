@@ -559,6 +559,24 @@ impl Users {
         v
     }
 
+    /// The image of `id` is locked by a process this node does not know
+    /// as a user of it: a mount on another node sharing the store (its
+    /// loop device's read lock), or an import reading it there. Only
+    /// asked when this node has no loop device on it, since our own
+    /// devices' locks would answer yes.
+    fn held_elsewhere(&self, inv: &Inventory, id: &Digest) -> bool {
+        if !self.loops_of(inv, id).is_empty() {
+            return false;
+        }
+        inv.copies(id).any(|l| {
+            let rel = format!("layers/{}/layer.img", id.hex());
+            inv.handle(l.which).is_some_and(|h| {
+                openat_beneath(&h.fd, &h.path, &rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())
+                    .is_ok_and(|fd| sys::ofd_write_lock_free(&fd) == Ok(false))
+            })
+        })
+    }
+
     /// Why layer `id` must stay on this node's account, if it must.
     fn in_use(&self, inv: &Inventory, id: &Digest) -> Option<String> {
         let mounts = self.mounts_of(id);
@@ -812,7 +830,9 @@ fn children_first(inv: &Inventory, ids: impl IntoIterator<Item = Digest>) -> Vec
 ///       "store": "root" | "fallback",
 ///       "names": ["debian:12"],              names whose chain holds it
 ///       "mounts": 1,                         live sharedloop mounts on this node using it
-///       "loop_devices": [7] }                loop devices its image is attached to
+///       "loop_devices": [7],                 loop devices its image is attached to
+///       "held_elsewhere": false }            locked by a user this node does not know:
+///                                            a mount on another node sharing the store
 ///   ],
 ///   "problems": [                            what could not be read
 ///     { "store": "root", "path": "…", "error": "…" }
@@ -847,6 +867,7 @@ pub struct LayerEntry {
     pub names: Vec<String>,
     pub mounts: usize,
     pub loop_devices: Vec<u32>,
+    pub held_elsewhere: bool,
 }
 
 pub fn listing(store: &Store) -> Result<Listing> {
@@ -894,11 +915,54 @@ pub fn listing(store: &Store) -> Result<Listing> {
             store: l.which,
             names: names.get(&l.id).map(|s| s.iter().cloned().collect()).unwrap_or_default(),
             mounts: users.mounts_of(&l.id).len(),
+            held_elsewhere: loop_devices.is_empty() && users.held_elsewhere(&inv, &l.id),
             loop_devices,
         });
     }
     layers.sort_by(|a, b| a.meta.chain_id.cmp(&b.meta.chain_id).then((a.store as u8).cmp(&(b.store as u8))));
     Ok(Listing { root: inv.root.clone(), fallback: inv.fallback.clone(), images, layers, problems })
+}
+
+/// What other nodes sharing the store hold, as far as this node can
+/// tell: images locked by users it does not know (their mounts' loop
+/// devices hold the locks) and, for uppers with multi-mount protection,
+/// the node named in the image.
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct Elsewhere {
+    /// Layers locked by a user this node does not know.
+    pub layers: Vec<Digest>,
+    pub uppers: Vec<UpperElsewhere>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct UpperElsewhere {
+    pub image: PathBuf,
+    /// The node an MMP-protected image names as its last writer.
+    pub node: Option<String>,
+}
+
+pub fn held_elsewhere(store: &Store) -> Result<Elsewhere> {
+    let inv = Inventory::scan(store)?;
+    let users = Users::scan();
+    let mut out = Elsewhere { layers: inv.ids().filter(|id| users.held_elsewhere(&inv, id)).copied().collect(), uppers: vec![] };
+    for (_, h) in &inv.dirs {
+        for (name, path) in list_dir(h, "uppers").unwrap_or_default() {
+            if name.starts_with('.') || !name.ends_with(".img") {
+                continue;
+            }
+            let Ok(fd) = openat_beneath(&h.fd, &h.path, &format!("uppers/{name}"), OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty()) else {
+                continue;
+            };
+            let Ok(st) = rustix::fs::fstat(&fd) else { continue };
+            let file = FileId { dev: st.st_dev as u64, ino: st.st_ino as u64 };
+            if !users.loops_of_file(file, &path).is_empty() || sys::ofd_write_lock_free(&fd) != Ok(false) {
+                continue;
+            }
+            let node = crate::mmp::read(&fd).filter(|b| b.state() == crate::mmp::MmpState::Active).map(|b| b.node);
+            out.uppers.push(UpperElsewhere { image: path, node });
+        }
+    }
+    Ok(out)
 }
 
 /// Bytes for people: 512B, 4.0KiB, 12.3MiB.
@@ -964,6 +1028,7 @@ pub fn render(l: &Listing) -> String {
                 human_size(x.meta.size),
                 x.store.to_string(),
                 x.mounts.to_string(),
+                if x.held_elsewhere { "yes".into() } else { "-".into() },
                 if x.names.is_empty() { "-".into() } else { x.names.join(",") },
             ]
         })
@@ -971,7 +1036,7 @@ pub fn render(l: &Listing) -> String {
     format!(
         "{}\n{}",
         table(&["NAME", "TOP", "LAYERS", "SIZE", "STORE"], &images),
-        table(&["CHAIN ID", "DIFF ID", "PARENT", "FSTYPE", "SIZE", "STORE", "MOUNTS", "NAMES"], &layers)
+        table(&["CHAIN ID", "DIFF ID", "PARENT", "FSTYPE", "SIZE", "STORE", "MOUNTS", "ELSEWHERE", "NAMES"], &layers)
     )
 }
 
@@ -1242,16 +1307,85 @@ fn age_of(p: &Path, now: u64) -> u64 {
     now.saturating_sub(newest)
 }
 
-/// Why a temporary `(host, pid, created)` is stale, if it is.
-fn stale(host: Option<&str>, pid: u32, created: Option<u64>, age: u64, me: &str) -> Option<String> {
-    match host {
-        Some(h) if h == me => (!pid_alive(pid, created)).then(|| format!("left by process {pid}, which is gone")),
-        Some(h) => (age > OTHER_HOST_GRACE).then(|| format!("left on host {h} {} ago", human_age(age))),
-        None if age > OTHER_HOST_GRACE => Some(format!("{} old", human_age(age))),
-        None if age > NAME_TMP_GRACE && !pid_alive(pid, created) => {
-            Some(format!("{} old, no process {pid} here", human_age(age)))
+/// What `gc` makes of a temporary `(host, pid, created)`.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Left by a process that is gone: removed, for this reason.
+    Stale(String),
+    /// Kept, for this reason (shown by `gc -v`).
+    Keep(String),
+}
+
+impl Verdict {
+    fn stale(self) -> Option<String> {
+        match self {
+            Verdict::Stale(why) => Some(why),
+            Verdict::Keep(_) => None,
         }
-        None => None,
+    }
+}
+
+/// Whether host `host`'s process `pid` holds the lock on one of its claims
+/// in a store's `tmp/` (None: it has no claim there).
+type ClaimHeld<'a> = &'a dyn Fn(&str, u32) -> Option<bool>;
+
+/// Judge a temporary of `(host, pid, created)`, `age` seconds old. On this
+/// host the process table decides. Another host's process cannot be seen:
+/// a lock it holds on its claim (taken for its whole life) says it is at
+/// work; without one its leftovers go once they are 24 hours old, since a
+/// filesystem that does not pass locks between nodes would make a live
+/// import look dead.
+fn judge(host: Option<&str>, pid: u32, created: Option<u64>, age: u64, me: &str, held: ClaimHeld) -> Verdict {
+    match host {
+        Some(h) if h == me => {
+            if pid_alive(pid, created) {
+                Verdict::Keep(format!("process {pid} of this host is still at work"))
+            } else {
+                Verdict::Stale(format!("left by process {pid}, which is gone"))
+            }
+        }
+        Some(h) => match held(h, pid) {
+            Some(true) => Verdict::Keep(format!(
+                "host {h}'s process {pid} is at work (it holds the lock on its claim), {} old",
+                human_age(age)
+            )),
+            _ if age > OTHER_HOST_GRACE => Verdict::Stale(format!("left on host {h} {} ago", human_age(age))),
+            lock => Verdict::Keep(format!(
+                "left by host {h}'s process {pid}, which {}: another host's, removed once {} old (now {})",
+                if lock == Some(false) { "no longer holds its claim's lock (dead?)" } else { "holds no claim here" },
+                human_age(OTHER_HOST_GRACE),
+                human_age(age)
+            )),
+        },
+        None if age > OTHER_HOST_GRACE => Verdict::Stale(format!("{} old", human_age(age))),
+        None if age > NAME_TMP_GRACE && !pid_alive(pid, created) => {
+            Verdict::Stale(format!("{} old, no process {pid} here", human_age(age)))
+        }
+        None => Verdict::Keep(format!("{} old, being written", human_age(age))),
+    }
+}
+
+/// Why a temporary is stale, if it is (see `judge`).
+fn stale(host: Option<&str>, pid: u32, created: Option<u64>, age: u64, me: &str, held: ClaimHeld) -> Option<String> {
+    judge(host, pid, created, age, me, held).stale()
+}
+
+/// `held` for the store directory `h`: looks for `tmp/claim.<host>.<pid>.*`
+/// and asks whether its lock is taken (F_OFD_GETLK: any process on any
+/// node whose locks reach us).
+fn claim_lock_held(h: &DirHandle) -> impl Fn(&str, u32) -> Option<bool> + '_ {
+    move |host: &str, pid: u32| {
+        let prefix = format!("{}.{host}.{pid}.", store::CLAIM_LABEL);
+        let claims: Vec<(String, PathBuf)> =
+            list_dir(h, "tmp").unwrap_or_default().into_iter().filter(|(n, _)| n.starts_with(&prefix)).collect();
+        if claims.is_empty() {
+            return None;
+        }
+        Some(claims.iter().any(|(n, _)| {
+            openat_beneath(&h.fd, &h.path, &format!("tmp/{n}"), OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())
+                .ok()
+                .is_some_and(|fd| sys::ofd_write_lock_free(&fd) == Ok(false))
+        }))
     }
 }
 
@@ -1275,7 +1409,7 @@ fn claimed(inv: &Inventory, now: u64) -> Vec<Digest> {
     for (_, h) in &inv.dirs {
         for (name, path) in list_dir(h, "tmp").unwrap_or_default() {
             let Some((label, host, pid, created)) = split_host_pid_uniq(&name) else { continue };
-            if label != store::CLAIM_LABEL || stale(Some(host), pid, created, age_of(&path, now), &me).is_some() {
+            if label != store::CLAIM_LABEL || stale(Some(host), pid, created, age_of(&path, now), &me, &claim_lock_held(h)).is_some() {
                 continue;
             }
             match std::fs::read_to_string(&path) {
@@ -1301,7 +1435,7 @@ fn work_in_progress_since(inv: &Inventory, now: u64) -> Option<u64> {
                 continue;
             }
             let age = age_of(&path, now);
-            if stale(Some(host), pid, created, age, &me).is_none() {
+            if stale(Some(host), pid, created, age, &me, &claim_lock_held(h)).is_none() {
                 let began = created.unwrap_or(now.saturating_sub(age));
                 since = Some(since.map_or(began, |s| s.min(began)));
             }
@@ -1313,8 +1447,18 @@ fn work_in_progress_since(inv: &Inventory, now: u64) -> Option<u64> {
 /// Stale temporaries of one store directory.
 fn stale_temporaries(which: Which, h: &DirHandle, users: &Users, now: u64, out: &mut Vec<Garbage>) {
     let me = store::hostname();
-    let mut consider = |sub: &'static str, name: String, path: PathBuf, why: Option<String>| {
-        let Some(why) = why else { return };
+    let held = claim_lock_held(h);
+    // Every temporary is either collected or kept with its reason, which
+    // `gc -v` prints: an administrator must be able to tell a live import
+    // of another node from a dead one waiting out its grace period.
+    let mut consider = |sub: &'static str, name: String, path: PathBuf, verdict: Verdict| {
+        let why = match verdict {
+            Verdict::Stale(why) => why,
+            Verdict::Keep(why) => {
+                log::info!("{}: kept: {why}", path.display());
+                return;
+            }
+        };
         if let Some(dev) = users.attached_below(&path) {
             log::info!("{}: kept, attached to {dev}", path.display());
             return;
@@ -1328,13 +1472,23 @@ fn stale_temporaries(which: Which, h: &DirHandle, users: &Users, now: u64, out: 
             vec![]
         })
     };
+    let prefixed = |what: &str, v: Verdict| match v {
+        Verdict::Stale(w) => Verdict::Stale(format!("{what}, {w}")),
+        Verdict::Keep(w) => Verdict::Keep(format!("{what}, {w}")),
+    };
     for (name, path) in list("tmp") {
         let age = age_of(&path, now);
-        let why = match split_host_pid_uniq(&name) {
-            Some((_, host, pid, created)) => stale(Some(host), pid, created, age, &me),
-            None => (age > OTHER_HOST_GRACE).then(|| format!("unrecognised, {} old", human_age(age))),
+        let what = match split_host_pid_uniq(&name) {
+            Some((label, _, _, _)) if label == store::CLAIM_LABEL => "claim of an import or add",
+            Some((label, _, _, _)) if label.ends_with(".deleting") => "layer being removed",
+            _ => "staging",
         };
-        consider("tmp", name, path, why.map(|w| format!("staging {w}")));
+        let verdict = match split_host_pid_uniq(&name) {
+            Some((_, host, pid, created)) => judge(Some(host), pid, created, age, &me, &held),
+            None if age > OTHER_HOST_GRACE => Verdict::Stale(format!("unrecognised, {} old", human_age(age))),
+            None => Verdict::Keep(format!("unrecognised, removed once {} old (now {})", human_age(OTHER_HOST_GRACE), human_age(age))),
+        };
+        consider("tmp", name, path, prefixed(what, verdict));
     }
     for (name, path) in list("uppers") {
         let Some(inner) = name.strip_prefix('.') else { continue };
@@ -1342,23 +1496,22 @@ fn stale_temporaries(which: Which, h: &DirHandle, users: &Users, now: u64, out: 
         if !label.ends_with(".tmp") {
             continue;
         }
-        let why = stale(Some(host), pid, created, age_of(&path, now), &me);
+        let mut verdict = judge(Some(host), pid, created, age_of(&path, now), &me, &held);
         // An upper being created is not locked yet; one that is, is in use.
-        let locked = why.is_some()
+        let locked = matches!(verdict, Verdict::Stale(_))
             && rustix::fs::open(&path, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty())
                 .ok()
                 .is_some_and(|fd| !sys::ofd_write_lock_free(&fd).unwrap_or(true));
         if locked {
-            log::info!("{}: kept, locked by a writer", path.display());
-            continue;
+            verdict = Verdict::Keep("locked by a writer".into());
         }
-        consider("uppers", name, path, why.map(|w| format!("upper being created, {w}")));
+        consider("uppers", name, path, prefixed("upper being created", verdict));
     }
     for (name, path) in list("names") {
         let Some(inner) = name.strip_prefix('.') else { continue };
         let Some((_, pid, created)) = split_pid_uniq(inner) else { continue };
-        let why = stale(None, pid, created, age_of(&path, now), &me);
-        consider("names", name, path, why.map(|w| format!("name record being written, {w}")));
+        let verdict = judge(None, pid, created, age_of(&path, now), &me, &held);
+        consider("names", name, path, prefixed("name record being written", verdict));
     }
 }
 
@@ -1382,18 +1535,52 @@ pub fn gc(store: &Store, o: &GcOptions) -> Result<()> {
                 now.saturating_sub(created) < min_age || busy_since.is_some_and(|t| created >= t)
             })
         };
+        // Why each kept layer stays (`gc -v` says it): the first reason found.
+        let mut why: BTreeMap<Digest, String> = BTreeMap::new();
+        for n in &inv.names {
+            if let Ok(top) = &n.target {
+                for id in inv.chain(top).0 {
+                    why.entry(id).or_insert_with(|| format!("in the chain of image {} ({})", n.name, n.which));
+                }
+            }
+        }
+        let claims = claimed(&inv, now);
+        for id in inv.closure(claims.iter().copied()) {
+            why.entry(id).or_insert_with(|| "claimed by an import or add still at work".into());
+        }
+        for id in inv.ids().filter(|id| young(id)) {
+            why.entry(*id).or_insert_with(|| {
+                format!("published less than --min-age {} ago, or since an add or import still at work began", human_age(min_age))
+            });
+        }
         let roots = inv
             .names
             .iter()
             .filter_map(|n| n.target.as_ref().ok().copied())
             .chain(inv.ids().filter(|id| young(id)).copied())
-            .chain(claimed(&inv, now));
+            .chain(claims);
         let mut needed = inv.closure(roots);
         // What is in use stays with its ancestors (asked of the candidates
         // only: a lock query may cost a round trip to a file server).
-        let busy: Vec<Digest> =
-            inv.ids().filter(|id| !needed.contains(id) && users.in_use(&inv, id).is_some()).copied().collect();
+        let busy: Vec<Digest> = inv
+            .ids()
+            .filter(|id| !needed.contains(id))
+            .filter(|id| match users.in_use(&inv, id) {
+                Some(w) => {
+                    why.insert(**id, format!("it {w}"));
+                    true
+                }
+                None => false,
+            })
+            .copied()
+            .collect();
         needed.extend(inv.closure(busy));
+        for id in &needed {
+            match why.get(id) {
+                Some(w) => log::info!("layer {id} kept: {w}"),
+                None => log::info!("layer {id} kept: the parent of a layer that stays"),
+            }
+        }
         // A layer whose metadata cannot be read is left to `verify`.
         let unknown: BTreeSet<Digest> = inv.ids().filter(|id| inv.meta_of(id).is_none()).copied().collect();
         for id in &unknown {
@@ -1647,6 +1834,37 @@ pub fn verify(store: &Store, refs: &[String], o: &VerifyOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verdicts_on_temporaries() {
+        let me = "node-b";
+        let mine = std::process::id();
+        let dead = 4_194_303; // above any pid_max in use here
+        let day = 86_400;
+        // (host, pid, age, claim lock held, keep?, words the reason has)
+        let cases: &[(Option<&str>, u32, u64, Option<bool>, bool, &str)] = &[
+            (Some("node-a"), 7, 60, Some(true), true, "host node-a's process 7 is at work (it holds the lock on its claim)"),
+            (Some("node-a"), 7, 2 * day, Some(true), true, "is at work"),
+            (Some("node-a"), 7, 60, Some(false), true, "no longer holds its claim's lock (dead?): another host's, removed once 24h old (now 60s)"),
+            (Some("node-a"), 7, 60, None, true, "holds no claim here"),
+            (Some("node-a"), 7, 2 * day, Some(false), false, "left on host node-a 2d ago"),
+            (Some("node-a"), 7, 2 * day, None, false, "left on host node-a 2d ago"),
+            (Some(me), mine, 2 * day, None, true, "still at work"),
+            (Some(me), dead, 60, None, false, "which is gone"),
+            (None, dead, 60, None, true, "being written"),
+            (None, dead, 2 * 3600, None, false, "no process"),
+            (None, mine, 2 * day, None, false, "2d old"),
+        ];
+        for (i, &(host, pid, age, held, keep, words)) in cases.iter().enumerate() {
+            let v = judge(host, pid, None, age, me, &|h: &str, p: u32| if h == "node-a" && p == 7 { held } else { None });
+            let (kept, why) = match v {
+                Verdict::Keep(w) => (true, w),
+                Verdict::Stale(w) => (false, w),
+            };
+            assert_eq!(kept, keep, "case {i}: {why}");
+            assert!(why.contains(words), "case {i}: {why:?} lacks {words:?}");
+        }
+    }
 
     #[test]
     fn durations() {

@@ -28,6 +28,8 @@ pub struct Status {
     /// Layers attached on this node by the mounts above, with how many
     /// mounts share each.
     pub layers_in_use: Vec<LayerUse>,
+    /// What other nodes sharing the store hold (their locks).
+    pub held_elsewhere: crate::manage::Elsewhere,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -178,6 +180,10 @@ pub fn gather(store: &Store, opts: &MountOptions) -> Result<Status> {
         store: StoreTotals { root: dir_totals(&store.root), fallback: dir_totals(&store.fallback) },
         mounts: recs.iter().map(mount_info).collect(),
         layers_in_use: layers_in_use(&recs),
+        held_elsewhere: crate::manage::held_elsewhere(store).unwrap_or_else(|e| {
+            log::warn!("{e}: what other nodes hold not known");
+            Default::default()
+        }),
     })
 }
 
@@ -245,6 +251,17 @@ pub fn format_status(s: &Status) -> String {
             ));
         }
     }
+    let e = &s.held_elsewhere;
+    if !e.layers.is_empty() || !e.uppers.is_empty() {
+        o.push_str("Held On Other Nodes:\n");
+        o.push_str(&format!(" Layers: {}\n", e.layers.len()));
+        for u in &e.uppers {
+            match &u.node {
+                Some(n) => o.push_str(&format!(" Upper: {} (node {n:?}, by its multi-mount protection block)\n", u.image.display())),
+                None => o.push_str(&format!(" Upper: {} (locked)\n", u.image.display())),
+            }
+        }
+    }
     o
 }
 
@@ -299,6 +316,10 @@ mod tests {
                 since: 0,
             }],
             layers_in_use: vec![LayerUse { chain_id: "sha256:aa".into(), loop_device: Some("/dev/loop0".into()), image: "/x".into(), mounts: 2 }],
+            held_elsewhere: crate::manage::Elsewhere {
+                layers: vec![crate::ids::Digest::parse(&format!("sha256:{}", "b".repeat(64))).unwrap()],
+                uppers: vec![crate::manage::UpperElsewhere { image: "/s/uppers/u.img".into(), node: Some("node-a".into()) }],
+            },
         }
     }
 
@@ -311,6 +332,10 @@ mod tests {
         assert!(t.contains(" Fallback: (not present)\n"), "{t}");
         assert!(t.contains("Active Mounts: 1\n /srv/a\n  Source: debian:12\n  Top Layer: sha256:aa (3 layers)\n  Loop Devices: /dev/loop0 /dev/loop1\n  Upper: none (read-only)\n"), "{t}");
         assert!(t.contains(" sha256:aa  /dev/loop0  shared by 2 mounts\n"), "{t}");
+        assert!(
+            t.ends_with("Held On Other Nodes:\n Layers: 1\n Upper: /s/uppers/u.img (node \"node-a\", by its multi-mount protection block)\n"),
+            "{t}"
+        );
     }
 
     #[test]
@@ -322,6 +347,8 @@ mod tests {
         assert_eq!(v["store"]["root"]["layers"], 3);
         assert_eq!(v["mounts"][0]["loop_devices"][1], "/dev/loop1");
         assert_eq!(v["layers_in_use"][0]["mounts"], 2);
+        assert_eq!(v["held_elsewhere"]["layers"][0], format!("sha256:{}", "b".repeat(64)));
+        assert_eq!(v["held_elsewhere"]["uppers"][0], serde_json::json!({"image": "/s/uppers/u.img", "node": "node-a"}));
     }
 
     #[test]

@@ -209,12 +209,41 @@ fn read_small(fd: OwnedFd, path: &Path, limit: u64) -> Result<String> {
     String::from_utf8(buf).map_err(|_| Error::Store(format!("{}: not UTF-8 text", path.display())))
 }
 
-/// What `names/<name>` in the store directory `dir` points to.
+/// The inode number `names/<file>` has in a read of the directory, or
+/// None if the directory does not list it. A client of shared storage
+/// answers a lookup from its cache for a while (GlusterFS FUSE: 1 s,
+/// NFS: up to acregmax) and so can open the record another node has just
+/// replaced; a directory read goes to the server (and with readdirplus
+/// refreshes those cached entries).
+fn listed_ino(dir: &Path, sub: &str, file: &str) -> Result<Option<u64>> {
+    let d = open_beneath(dir, sub, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+    let path = dir.join(sub);
+    for ent in rustix::fs::Dir::read_from(&d).map_err(|e| Error::sys("read directory", &path, e))? {
+        let ent = ent.map_err(|e| Error::sys("read directory", &path, e))?;
+        if ent.file_name().to_bytes() == file.as_bytes() {
+            return Ok(Some(ent.ino()));
+        }
+    }
+    Ok(None)
+}
+
+/// What `names/<name>` in the store directory `dir` points to, as the
+/// server has it now.
 pub fn read_name_in(dir: &Path, name: &Name) -> Result<Digest> {
     let rel = format!("names/{}", name.file_name());
     retry_stale(|| {
-        let fd = open_beneath(dir, &rel, OFlags::RDONLY, Mode::empty())?;
         let path = dir.join(&rel);
+        let Some(ino) = listed_ino(dir, "names", &name.file_name())? else {
+            return Err(Error::sys("open", &path, Errno::NOENT));
+        };
+        let fd = open_beneath(dir, &rel, OFlags::RDONLY, Mode::empty())?;
+        // Opened through a cached entry older than the directory: the
+        // record was replaced since. ESTALE, so we look again.
+        let st = rustix::fs::fstat(&fd).map_err(|e| Error::sys("stat", &path, e))?;
+        if st.st_ino as u64 != ino {
+            log::debug!("{}: cached entry (inode {}) older than the directory's ({ino}), looking again", path.display(), st.st_ino);
+            return Err(Error::sys("open", &path, Errno::STALE));
+        }
         let text = read_small(fd, &path, 200)?;
         Digest::parse(text.trim())
             .map_err(|_| Error::Store(format!("name {name}: {}: corrupt name record", path.display())))
@@ -671,6 +700,10 @@ impl Drop for Staging {
 pub struct Claim {
     tmp: OwnedFd,
     name: String,
+    /// Holds an OFD write lock on the claim for as long as we live: `gc`
+    /// on another node sharing the store tells a live import from a dead
+    /// one by it (where the filesystem passes locks between nodes).
+    _fd: OwnedFd,
 }
 
 pub const CLAIM_LABEL: &str = "claim";
@@ -688,13 +721,22 @@ impl Claim {
                 Mode::from_raw_mode(0o600),
             )
             .map_err(|e| Error::sys("create claim", &path, e))?;
-            let claim = Claim { tmp, name };
+            if let Err(e) = crate::sys::ofd_try_write_lock(&fd) {
+                // ENOLCK (no lock service): gc then goes by age alone.
+                log::debug!("{}: no lock on the claim: {}", path.display(), crate::error::Errno(e));
+            }
             let text: String = ids.iter().map(|d| format!("{d}\n")).collect();
             let mut off = 0;
             while off < text.len() {
-                off += rustix::io::write(&fd, &text.as_bytes()[off..]).map_err(|e| Error::sys("write claim", &path, e))?;
+                match rustix::io::write(&fd, &text.as_bytes()[off..]) {
+                    Ok(n) => off += n,
+                    Err(e) => {
+                        let _ = rustix::fs::unlinkat(&tmp, name.as_str(), rustix::fs::AtFlags::empty());
+                        return Err(Error::sys("write claim", &path, e));
+                    }
+                }
             }
-            Ok(claim)
+            Ok(Claim { tmp, name, _fd: fd })
         })
     }
 

@@ -159,6 +159,7 @@ fn ls_shows_images_and_layers_human_and_json() {
             human(size(&env, id)),
             "root".to_string(),
             mounts.to_string(),
+            "-".to_string(),
             names.to_string(),
         ]
     };
@@ -169,7 +170,7 @@ fn ls_shows_images_and_layers_human_and_json() {
         row(&u, "", "ext4", "0", "-"),
     ];
     rows.sort();
-    let mut layers = vec![strs(&["CHAIN ID", "DIFF ID", "PARENT", "FSTYPE", "SIZE", "STORE", "MOUNTS", "NAMES"])];
+    let mut layers = vec![strs(&["CHAIN ID", "DIFF ID", "PARENT", "FSTYPE", "SIZE", "STORE", "MOUNTS", "ELSEWHERE", "NAMES"])];
     layers.extend(rows);
     assert_eq!(r.stdout, format!("{}\n{}", render(&images), render(&layers)));
     assert!(r.stderr.contains("junk: not a layer"), "{}", r.stderr);
@@ -208,7 +209,8 @@ fn ls_shows_images_and_layers_human_and_json() {
         assert_eq!(
             keys(l),
             BTreeSet::from([
-                "chain_id", "diff_id", "parent", "fstype", "size", "created", "store", "names", "mounts", "loop_devices"
+                "chain_id", "diff_id", "parent", "fstype", "size", "created", "store", "names", "mounts", "loop_devices",
+                "held_elsewhere"
             ])
         );
     }

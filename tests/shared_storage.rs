@@ -31,7 +31,30 @@ fn harness_two_nodes_see_one_volume() {
     assert_eq!(read_in(&b, &m.join("f.txt")).as_deref(), Some("from a"));
     let ls = sl(&b, &["ls", "--json"]);
     assert!(ls.ok().stdout.contains(&id[7..]), "{}", ls.stdout);
+    // Node A sees that another node holds its layer, and keeps it.
+    let held = |env: &Env| -> serde_json::Value {
+        let j: serde_json::Value = serde_json::from_str(&sl(env, &["ls", "--json"]).ok().stdout).unwrap();
+        j["layers"][0].clone()
+    };
+    let la = held(&a);
+    assert_eq!((la["chain_id"].as_str(), la["mounts"].as_u64(), la["held_elsewhere"].as_bool()), (Some(id.as_str()), Some(0), Some(true)));
+    assert_eq!(held(&b)["held_elsewhere"], false, "B's own mount is not 'elsewhere' for B");
+    let human = sl(&a, &["ls"]).ok().stdout.clone();
+    assert!(human.lines().any(|l| l.starts_with(&id[7..19]) && l.contains(" yes ")), "{human}");
+    let st: serde_json::Value = serde_json::from_str(&sl(&a, &["status", "--json"]).ok().stdout).unwrap();
+    assert_eq!(st["held_elsewhere"]["layers"], serde_json::json!([id]));
+    sl(&a, &["rm", "app:1"]).fails(32, "locked by another process or node");
+    let gc = sl(&a, &["rm", "--name-only", "app:1"]);
+    gc.ok();
+    let gc = sl(&a, &["gc", "-v", "--min-age", "0"]);
+    gc.ok();
+    assert!(gc.stderr.contains(&format!("layer {id} kept: it has its image")), "{}", gc.stderr);
+    assert!(gc.stderr.contains("locked by another process or node"), "{}", gc.stderr);
+    assert_eq!(entries(&a, &a.root.join("layers")), vec![id[7..].to_string()]);
     b.run(&["umount", m.to_str().unwrap()]).ok();
+    assert_eq!(held(&a)["held_elsewhere"], false);
+    sl(&a, &["gc", "--min-age", "0"]).ok();
+    assert_eq!(entries(&a, &a.root.join("layers")), Vec::<String>::new());
     b.assert_clean();
     a.assert_clean();
     std::fs::remove_file(a.view(&a.root.join("probe"))).unwrap();
@@ -121,6 +144,13 @@ fn one_writer_through_a_volume_restart_without_strict_locks() {
     let mb = b.mnt("m");
     // The lock refuses B at once while the lock service works.
     mount(&b, "app:1", &mb, "upper=shared").fails(32, "already mounted read-write");
+    // B's status names the upper another node holds, and the node its
+    // multi-mount protection block names (the kernel's own hostname).
+    let st: serde_json::Value = serde_json::from_str(&sl(&b, &["status", "--json"]).ok().stdout).unwrap();
+    let ups = st["held_elsewhere"]["uppers"].as_array().unwrap().clone();
+    assert_eq!(ups.len(), 1, "{st}");
+    assert_eq!(ups[0]["image"], b.root.join("uppers/shared.img").to_str().unwrap());
+    assert_eq!(ups[0]["node"], rustix::system::uname().nodename().to_str().unwrap());
     c.restart_volume(&[&a, &b]);
     a.sh(&format!("echo after > {}/a2.txt && sync -f {0}", ma.display())).ok();
     let r = mount(&b, "app:1", &mb, "upper=shared");
@@ -200,5 +230,220 @@ fn killed_client_gives_eio_and_releases_the_upper() {
     assert_eq!(r.code, 0, "{r:?}");
     assert!(a.overlay_at(&ma).is_none());
     assert!(wait_no_loops(&a.dir, std::time::Duration::from_secs(20)), "loops left: {:?}", a.my_loops());
+    b.assert_clean();
+}
+
+// ================================================================ imports
+
+/// A three-layer OCI image built with umoci (in the cluster's directory,
+/// which every node sees): `oci:DIR/L:v1`.
+fn umoci_image(dir: &std::path::Path) -> String {
+    let script = r#"set -eu
+umoci init --layout L
+umoci new --image L:v1
+umoci unpack --image L:v1 B >/dev/null
+r=B/rootfs
+mkdir -p $r/etc $r/data
+printf 'one\n' > $r/etc/one; head -c 2000000 /dev/urandom > $r/data/big1
+umoci repack --refresh-bundle --image L:v1 B
+printf 'two\n' > $r/etc/two; ln $r/etc/one $r/data/one-link; for i in $(seq 1 200); do printf "$i" > $r/data/f$i; done
+umoci repack --refresh-bundle --image L:v1 B
+rm $r/etc/one; printf 'three\n' > $r/etc/three; head -c 1000000 /dev/urandom > $r/data/big3
+umoci repack --image L:v1 B
+rm -rf B
+"#;
+    std::fs::create_dir_all(dir).unwrap();
+    let o = std::process::Command::new("sh").arg("-c").arg(script).current_dir(dir).output().unwrap();
+    assert!(o.status.success(), "umoci: {}", String::from_utf8_lossy(&o.stderr));
+    format!("oci:{}:v1", dir.join("L").display())
+}
+
+fn import_args(env: &Env, root: &std::path::Path, source: &str) -> Vec<String> {
+    vec![
+        BIN.into(),
+        "import".into(),
+        source.into(),
+        "-q".into(),
+        "--loopback-root".into(),
+        root.to_string_lossy().into(),
+        "--loopback-fallback".into(),
+        env.fallback.to_string_lossy().into(),
+    ]
+}
+
+fn run_args(env: &Env, a: &[String]) -> Run {
+    env.run(&a.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn entries(env: &Env, dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(env.view(dir))
+        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The process `sharedloop` below a spawned command (nsenter forks it).
+fn sharedloop_pid(k: &std::process::Child) -> u32 {
+    descendant_running(k.id(), "sharedloop").expect("sharedloop process")
+}
+
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('T')))
+}
+
+/// Finding 2: node B has its first layer built and is about to publish it
+/// when node A publishes the whole image; B's rename meets A's layer
+/// directory (GlusterFS: ESTALE, not EEXIST). B keeps A's copy and ends
+/// well. Then three nodes import another image into one store at once.
+#[test]
+fn nodes_importing_one_image_at_once_publish_one_copy() {
+    use std::io::{BufRead, BufReader};
+    let c = Cluster::new("imports", Layout::Replica2, &[("client.strict-locks", "on")]);
+    let a = c.node("a", "");
+    let b = c.node("b", "");
+    let src = umoci_image(&c.dir.join("image"));
+    let mut cmd = b.command(&import_args(&b, &b.root, &src).iter().map(String::as_str).collect::<Vec<_>>());
+    cmd.env("SHAREDLOOP_FAILPOINT", "stop:import-publish@0").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut k = cmd.spawn().unwrap();
+    let mut err = BufReader::new(k.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("stopped at") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "import ended before its failpoint");
+    }
+    let pid = sharedloop_pid(&k);
+    let t = std::time::Instant::now();
+    while !stopped(pid) {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let ra = run_args(&a, &import_args(&a, &a.root, &src));
+    let chain = ra.ok().stdout.trim().to_string();
+    let layers = entries(&a, &a.root.join("layers"));
+    assert_eq!(layers.len(), 3, "{layers:?}");
+    // nsenter (which forked for the PID namespace) stops itself when its
+    // child stops, and passes SIGCONT on to it.
+    for p in [k.id(), pid] {
+        let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(p as i32).unwrap(), rustix::process::Signal::CONT);
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let o = k.wait_with_output().unwrap();
+    assert!(o.status.success(), "node B: {rest}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), chain);
+    assert_eq!(entries(&a, &a.root.join("layers")), layers, "one copy of each layer");
+    assert_eq!(entries(&a, &a.root.join("names")), vec!["v1".to_string()]);
+    // Three nodes at once, into a fresh store on the volume.
+    let cn = c.node("c", "");
+    let nodes = [&a, &b, &cn];
+    let kids: Vec<std::process::Child> = nodes
+        .iter()
+        .map(|n| {
+            let root2 = n.dir.join("store/root2");
+            let mut c = n.command(&import_args(n, &root2, &src).iter().map(String::as_str).collect::<Vec<_>>());
+            c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    for (i, k) in kids.into_iter().enumerate() {
+        let o = k.wait_with_output().unwrap();
+        assert!(o.status.success(), "node {i}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), chain);
+    }
+    let root2 = a.dir.join("store/root2");
+    assert_eq!(entries(&a, &root2.join("layers")), layers);
+    assert_eq!(entries(&a, &root2.join("tmp")), Vec::<String>::new());
+    // Every node mounts it.
+    for n in nodes {
+        let m = n.mnt("m");
+        mount(n, "v1", &m, "").ok();
+        assert_eq!(read_in(n, &m.join("etc/three")).as_deref(), Some("three\n"));
+        assert_eq!(read_in(n, &m.join("etc/one")), None);
+        umount(n, &m);
+    }
+    for n in nodes {
+        n.assert_clean();
+    }
+}
+
+/// An import killed with SIGKILL on one node while another node imports
+/// the same image: the other finishes; what the dead one left in the
+/// shared store is kept by the other node's gc (another host's, and says
+/// so) and removed by its own node's gc.
+#[test]
+fn killed_importer_while_another_node_finishes() {
+    use std::io::{BufRead, BufReader};
+    let c = Cluster::new("killimport", Layout::Single, &[("client.strict-locks", "on")]);
+    let a = c.node("a", "");
+    let b = c.node("b", "");
+    let src = umoci_image(&c.dir.join("image"));
+    let mut cmd = a.command(&import_args(&a, &a.root, &src).iter().map(String::as_str).collect::<Vec<_>>());
+    cmd.env("SHAREDLOOP_FAILPOINT", "stop:import-build@1").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let mut k = cmd.spawn().unwrap();
+    let mut err = BufReader::new(k.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("stopped at") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "import ended before its failpoint");
+    }
+    let pid = sharedloop_pid(&k);
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), rustix::process::Signal::KILL).unwrap();
+    // nsenter stopped itself with its child: let it go on to reap it.
+    let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(k.id() as i32).unwrap(), rustix::process::Signal::CONT);
+    let _ = k.wait();
+    let left = entries(&a, &a.root.join("tmp"));
+    assert!(!left.is_empty(), "the killed import left nothing in the shared tmp/");
+    assert!(left.iter().all(|e| e.contains(".node-a.")), "{left:?}");
+    let chain = run_args(&b, &import_args(&b, &b.root, &src)).ok().stdout.trim().to_string();
+    assert!(chain.starts_with("sha256:"));
+    // B's gc keeps A's leftovers and says why.
+    let gc = sl(&b, &["gc", "-v"]);
+    gc.ok();
+    assert_eq!(entries(&b, &b.root.join("tmp")), left);
+    for e in &left {
+        assert!(gc.stderr.contains(e.as_str()), "gc -v does not say why it keeps {e}: {}", gc.stderr);
+    }
+    assert!(gc.stderr.contains("node-a"), "{}", gc.stderr);
+    // A's own gc knows the process is gone.
+    sl(&a, &["gc"]).ok();
+    assert_eq!(entries(&a, &a.root.join("tmp")), Vec::<String>::new());
+    let m = b.mnt("m");
+    mount(&b, "v1", &m, "").ok();
+    assert_eq!(read_in(&b, &m.join("etc/two")).as_deref(), Some("two\n"));
+    umount(&b, &m);
+    a.assert_clean();
+    b.assert_clean();
+}
+
+/// Finding 7: node A re-points a name; node B, which has just read it,
+/// mounts what the name points to now, not what its client cached.
+#[test]
+fn repointed_name_is_seen_at_once_by_another_node() {
+    let c = Cluster::new("names", Layout::Single, &[("client.strict-locks", "on")]);
+    let a = c.node("a", "");
+    let b = c.node("b", "");
+    a.add(None, Some("app:latest"), &[("v.txt", E::File("one"))]);
+    a.add(None, None, &[("v.txt", E::File("two"))]);
+    let m = b.mnt("m");
+    let mut stale = vec![];
+    for round in 0..4 {
+        let (now, next) = if round % 2 == 0 { ("one", "two") } else { ("two", "one") };
+        // B reads the name (its client caches what it caches) ...
+        mount(&b, "app:latest", &m, "").ok();
+        umount(&b, &m);
+        // ... A re-points it (add of an existing layer only names it) ...
+        a.add(None, Some("app:latest"), &[("v.txt", E::File(next))]);
+        // ... and B mounts it again at once.
+        mount(&b, "app:latest", &m, "").ok();
+        let got = read_in(&b, &m.join("v.txt")).unwrap();
+        umount(&b, &m);
+        if got != next {
+            stale.push(format!("round {round}: wanted {next}, mounted {got} (was {now})"));
+        }
+    }
+    assert!(stale.is_empty(), "node B mounted what the name pointed to before: {stale:#?}");
+    a.assert_clean();
     b.assert_clean();
 }
