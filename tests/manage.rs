@@ -13,11 +13,7 @@ use serde_json::Value;
 
 /// `sharedloop ARGS` on this test's store.
 fn sl(env: &Env, args: &[&str]) -> Run {
-    let (root, fb) = (env.root.to_str().unwrap().to_string(), env.fallback.to_str().unwrap().to_string());
-    let mut v: Vec<&str> = vec![BIN];
-    v.extend_from_slice(args);
-    v.extend_from_slice(&["--loopback-root", &root, "--loopback-fallback", &fb]);
-    env.run(&v)
+    env.sl(args)
 }
 
 fn hex(id: &str) -> &str {

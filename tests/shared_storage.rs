@@ -3,15 +3,11 @@
 //! per "node" (see tests/common/cluster.rs).
 
 mod common;
-use common::cluster::{Cluster, Layout};
+use common::cluster::{self, Cluster, Layout};
 use common::*;
 
 fn sl(env: &Env, args: &[&str]) -> Run {
-    let (root, fb) = (env.root.to_str().unwrap().to_string(), env.fallback.to_str().unwrap().to_string());
-    let mut v: Vec<&str> = vec![BIN];
-    v.extend_from_slice(args);
-    v.extend_from_slice(&["--loopback-root", &root, "--loopback-fallback", &fb]);
-    env.run(&v)
+    env.sl(args)
 }
 
 #[test]
@@ -293,21 +289,21 @@ fn stopped(pid: u32) -> bool {
         .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('T')))
 }
 
-/// Finding 2: node B has its first layer built and is about to publish it
-/// when node A publishes the whole image; B's rename meets A's layer
-/// directory (GlusterFS: ESTALE, not EEXIST). B keeps A's copy and ends
-/// well. Then three nodes import another image into one store at once.
-#[test]
-fn nodes_importing_one_image_at_once_publish_one_copy() {
-    use std::io::{BufRead, BufReader};
-    let c = Cluster::new("imports", Layout::Replica2, &[("client.strict-locks", "on")]);
-    let a = c.node("a", "");
-    let b = c.node("b", "");
-    let src = umoci_image(&c.dir.join("image"));
-    let mut cmd = b.command(&import_args(&b, &b.root, &src).iter().map(String::as_str).collect::<Vec<_>>());
-    cmd.env("SHAREDLOOP_FAILPOINT", "stop:import-publish@0").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+/// `sharedloop import` on `env` started with the failpoint `stop:STEP`,
+/// returned once it has stopped there: the command (nsenter), its stderr
+/// and the pid of the stopped sharedloop process.
+fn spawn_stopped_import(
+    env: &Env,
+    src: &str,
+    step: &str,
+) -> (std::process::Child, std::io::BufReader<std::process::ChildStderr>, u32) {
+    use std::io::BufRead;
+    let mut cmd = env.command(&import_args(env, &env.root, src).iter().map(String::as_str).collect::<Vec<_>>());
+    cmd.env("SHAREDLOOP_FAILPOINT", format!("stop:{step}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let mut k = cmd.spawn().unwrap();
-    let mut err = BufReader::new(k.stderr.take().unwrap());
+    let mut err = std::io::BufReader::new(k.stderr.take().unwrap());
     let mut line = String::new();
     while !line.contains("stopped at") {
         line.clear();
@@ -316,9 +312,23 @@ fn nodes_importing_one_image_at_once_publish_one_copy() {
     let pid = sharedloop_pid(&k);
     let t = std::time::Instant::now();
     while !stopped(pid) {
-        assert!(t.elapsed() < std::time::Duration::from_secs(10));
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "import did not stop");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    (k, err, pid)
+}
+
+/// Finding 2: node B has its first layer built and is about to publish it
+/// when node A publishes the whole image; B's rename meets A's layer
+/// directory (GlusterFS: ESTALE, not EEXIST). B keeps A's copy and ends
+/// well. Then three nodes import another image into one store at once.
+#[test]
+fn nodes_importing_one_image_at_once_publish_one_copy() {
+    let c = Cluster::new("imports", Layout::Replica2, &[("client.strict-locks", "on")]);
+    let a = c.node("a", "");
+    let b = c.node("b", "");
+    let src = umoci_image(&c.dir.join("image"));
+    let (k, mut err, pid) = spawn_stopped_import(&b, &src, "import-publish@0");
     let ra = run_args(&a, &import_args(&a, &a.root, &src));
     let chain = ra.ok().stdout.trim().to_string();
     let layers = entries(&a, &a.root.join("layers"));
@@ -374,21 +384,11 @@ fn nodes_importing_one_image_at_once_publish_one_copy() {
 /// so) and removed by its own node's gc.
 #[test]
 fn killed_importer_while_another_node_finishes() {
-    use std::io::{BufRead, BufReader};
     let c = Cluster::new("killimport", Layout::Single, &[("client.strict-locks", "on")]);
     let a = c.node("a", "");
     let b = c.node("b", "");
     let src = umoci_image(&c.dir.join("image"));
-    let mut cmd = a.command(&import_args(&a, &a.root, &src).iter().map(String::as_str).collect::<Vec<_>>());
-    cmd.env("SHAREDLOOP_FAILPOINT", "stop:import-build@1").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
-    let mut k = cmd.spawn().unwrap();
-    let mut err = BufReader::new(k.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("stopped at") {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0, "import ended before its failpoint");
-    }
-    let pid = sharedloop_pid(&k);
+    let (mut k, _err, pid) = spawn_stopped_import(&a, &src, "import-build@1");
     rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), rustix::process::Signal::KILL).unwrap();
     // nsenter stopped itself with its child: let it go on to reap it.
     let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(k.id() as i32).unwrap(), rustix::process::Signal::CONT);
@@ -446,4 +446,32 @@ fn repointed_name_is_seen_at_once_by_another_node() {
     assert!(stale.is_empty(), "node B mounted what the name pointed to before: {stale:#?}");
     a.assert_clean();
     b.assert_clean();
+}
+
+/// A shared store turned read-only (here: the volume's read-only option):
+/// new layers and uppers go to each node's fallback store, layers already
+/// on the volume are still mounted from it, and a node's mount shows both.
+#[test]
+fn read_only_shared_store_falls_back_per_layer() {
+    let c = Cluster::new("readonly", Layout::Single, &[("client.strict-locks", "on")]);
+    let a = c.node("a", "");
+    let base = a.add(None, Some("base:1"), &[("base.txt", E::File("on the volume"))]);
+    c.gluster(&["volume", "set", cluster::VOLUME, "features.read-only", "on"]).ok();
+    let t = std::time::Instant::now();
+    while a.sh(&format!("touch {}/probe", a.root.display())).code == 0 {
+        a.sh(&format!("rm -f {}/probe", a.root.display()));
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "volume never became read-only");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let top = a.add(Some(&base), Some("app:1"), &[("app.txt", E::File("in the fallback"))]);
+    assert_eq!(entries(&a, &a.fallback.join("layers")), vec![top[7..].to_string()]);
+    assert_eq!(entries(&a, &a.root.join("layers")), vec![base[7..].to_string()]);
+    let m = a.mnt("m");
+    mount(&a, "app:1", &m, "upper=u1,upper_size=64M").ok();
+    assert_eq!(read_in(&a, &m.join("base.txt")).as_deref(), Some("on the volume"));
+    assert_eq!(read_in(&a, &m.join("app.txt")).as_deref(), Some("in the fallback"));
+    a.sh(&format!("echo w > {}/w.txt", m.display())).ok();
+    umount(&a, &m);
+    assert_eq!(entries(&a, &a.fallback.join("uppers")), vec!["u1.img".to_string()]);
+    a.assert_clean();
 }

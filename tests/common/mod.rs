@@ -154,6 +154,15 @@ impl Env {
         self.run(&["sh", "-c", script])
     }
 
+    /// `sharedloop ARGS` on this test's store.
+    pub fn sl(&self, args: &[&str]) -> Run {
+        let (root, fb) = (self.root.to_str().unwrap().to_string(), self.fallback.to_str().unwrap().to_string());
+        let mut v: Vec<&str> = vec![BIN];
+        v.extend_from_slice(args);
+        v.extend_from_slice(&["--loopback-root", &root, "--loopback-fallback", &fb]);
+        self.run(&v)
+    }
+
     /// `sharedloop add` with this test's store; returns the chain ID.
     pub fn add(&self, parent: Option<&str>, name: Option<&str>, entries: &[(&str, E)]) -> String {
         self.add_with(parent, name, entries, &[])
