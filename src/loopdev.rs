@@ -259,6 +259,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn attach_backoff_grows_to_ten_milliseconds() {
+        // (attempt, lowest, highest) in microseconds: half the base and up.
+        let cases: &[(u32, u64, u64)] = &[(1, 50, 100), (2, 100, 200), (4, 400, 800), (7, 3200, 6400), (8, 5000, 10_000), (500, 5000, 10_000)];
+        for &(attempt, lo, hi) in cases {
+            let d = attach_backoff(attempt).as_micros() as u64;
+            assert!((lo..=hi).contains(&d), "attempt {attempt}: {d} us");
+        }
+        // The deadline is what bounds the wait, not a count of tries.
+        let total: u64 = (1..=3000).map(|a| attach_backoff(a).as_micros() as u64).sum();
+        assert!(total > ATTACH_DEADLINE.as_micros() as u64 / 2, "{total}");
+    }
+
+    #[test]
     fn index_from_partitions() {
         let text = "major minor  #blocks  name\n\n 254        0  264241152 vda\n   7        0       4096 loop0\n   7        3       4096 loop3\n 259        0       4096 loop12p1\n";
         let idx = LoopIndex::from_partitions(text, |n| match n {

@@ -210,12 +210,9 @@ fn list_dir(h: &DirHandle, sub: &str) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
-fn read_limited(fd: OwnedFd, path: &Path, limit: u64) -> std::result::Result<String, String> {
+fn read_limited(fd: OwnedFd, path: &Path, limit: u64) -> Result<String> {
     let mut s = String::new();
-    std::fs::File::from(fd)
-        .take(limit)
-        .read_to_string(&mut s)
-        .map_err(|e| Error::io("read", path, &e).to_string())?;
+    std::fs::File::from(fd).take(limit).read_to_string(&mut s).map_err(|e| Error::io("read", path, &e))?;
     Ok(s)
 }
 
@@ -320,10 +317,13 @@ impl Inventory {
                 continue;
             };
             let rel = format!("names/{file}");
-            let target = openat_beneath(&h.fd, &h.path, &rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())
-                .map_err(|e| e.to_string())
-                .and_then(|fd| read_limited(fd, &path, 256))
-                .and_then(|t| {
+            // ESTALE: another node replaced the record a moment ago.
+            let target = store::retry_stale(|| {
+                let fd = openat_beneath(&h.fd, &h.path, &rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())?;
+                read_limited(fd, &path, 256)
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
                     Digest::parse(t.trim()).map_err(|_| format!("{}: corrupt name record", path.display()))
                 });
             self.names.push(StoredName { name, which, path, target });

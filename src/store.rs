@@ -231,12 +231,16 @@ fn listed_ino(dir: &Path, sub: &str, file: &str) -> Result<Option<u64>> {
 /// server has it now.
 pub fn read_name_in(dir: &Path, name: &Name) -> Result<Digest> {
     let rel = format!("names/{}", name.file_name());
-    retry_stale(|| {
+    // Names are replaced in place, so a client may hold the old file for
+    // as long as its entry cache lasts (GlusterFS: 1 s): try for longer
+    // than that (10 ms doubling, 1.3 s in all).
+    retry_with(NAME_TRIES, STALE_PAUSE, |e| e.errno() == Some(Errno::STALE), std::thread::sleep, || {
         let path = dir.join(&rel);
         let Some(ino) = listed_ino(dir, "names", &name.file_name())? else {
             return Err(Error::sys("open", &path, Errno::NOENT));
         };
-        let fd = open_beneath(dir, &rel, OFlags::RDONLY, Mode::empty())?;
+        // O_NONBLOCK: a FIFO planted in the store must not hang us.
+        let fd = open_beneath(dir, &rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())?;
         // Opened through a cached entry older than the directory: the
         // record was replaced since. ESTALE, so we look again.
         let st = rustix::fs::fstat(&fd).map_err(|e| Error::sys("stat", &path, e))?;
@@ -254,6 +258,7 @@ pub fn read_name_in(dir: &Path, name: &Name) -> Result<Digest> {
 /// ESTALE, `STALE_PAUSE` apart at first, then twice as long each time.
 const STALE_TRIES: u32 = 5;
 const STALE_PAUSE: Duration = Duration::from_millis(10);
+const NAME_TRIES: u32 = 8;
 /// Publishing renames (layers, names): tries and first pause.
 const PUBLISH_TRIES: u32 = 5;
 const PUBLISH_PAUSE: Duration = Duration::from_millis(25);
@@ -558,12 +563,22 @@ impl Store {
 /// planted there (say `names -> /etc`) is refused, never written through.
 pub fn store_subdir(dir: &Path, sub: &str, mode: u32) -> Result<OwnedFd> {
     mkdir_p(dir)?;
-    let dfd = open_dir(dir)?;
-    match rustix::fs::mkdirat(&dfd, sub, Mode::from_raw_mode(mode)) {
-        Ok(()) | Err(Errno::EXIST) => {}
-        Err(e) => return Err(Error::sys("create directory", dir.join(sub), e)),
-    }
-    openat_beneath(&dfd, dir, sub, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())
+    // Another node may be creating it too: ENOENT or ESTALE right after
+    // our EEXIST is that race, not an answer (see `mkdir_p`).
+    retry_with(
+        PUBLISH_TRIES,
+        PUBLISH_PAUSE,
+        |e| matches!(e.errno(), Some(Errno::STALE) | Some(Errno::NOENT)),
+        std::thread::sleep,
+        || {
+            let dfd = open_dir(dir)?;
+            match rustix::fs::mkdirat(&dfd, sub, Mode::from_raw_mode(mode)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(Error::sys("create directory", dir.join(sub), e)),
+            }
+            openat_beneath(&dfd, dir, sub, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())
+        },
+    )
 }
 
 /// A staging directory under `<store>/tmp`, removed on drop unless
@@ -710,7 +725,11 @@ pub const CLAIM_LABEL: &str = "claim";
 
 impl Claim {
     pub fn create(store: &Store, ids: &[Digest]) -> Result<Claim> {
-        store.with_fallback(|dir, _| {
+        store.with_fallback(|dir, _| retry_stale(|| Self::create_in(dir, ids)))
+    }
+
+    fn create_in(dir: &Path, ids: &[Digest]) -> Result<Claim> {
+        {
             let tmp = store_subdir(dir, "tmp", 0o700)?;
             let name = format!("{CLAIM_LABEL}.{}.{}.{}", hostname(), std::process::id(), unique_suffix());
             let path = dir.join("tmp").join(&name);
@@ -737,7 +756,7 @@ impl Claim {
                 }
             }
             Ok(Claim { tmp, name, _fd: fd })
-        })
+        }
     }
 
     /// The chain IDs a claim file lists (lines that are not IDs are ignored).
@@ -756,6 +775,12 @@ impl Drop for Claim {
 /// the `names` directory's fd.
 pub fn write_name(dir: &Path, name: &Name, id: &Digest) -> Result<()> {
     let names = store_subdir(dir, "names", 0o755)?;
+    // A record that says it already stays: every import of an image would
+    // otherwise replace it, and other nodes whose clients still hold the
+    // replaced file get ESTALE reading it for a while (GlusterFS).
+    if read_name_in(dir, name).is_ok_and(|d| d == *id) {
+        return Ok(());
+    }
     let tmp = format!(".{}.{}.{}", name.file_name(), std::process::id(), unique_suffix());
     let tmp_path = dir.join("names").join(&tmp);
     let fd = rustix::fs::openat(
@@ -798,8 +823,25 @@ pub fn write_name(dir: &Path, name: &Name, id: &Digest) -> Result<()> {
     r
 }
 
+/// `mkdir -p`, also when other nodes create the same directories at the
+/// same time: on shared storage the loser of a mkdir race can get EEXIST
+/// and then, for a moment, ENOENT or ESTALE when it looks at the winner's
+/// directory (GlusterFS). A directory that is there in the end is success.
 pub fn mkdir_p(p: &Path) -> Result<()> {
-    std::fs::create_dir_all(p).map_err(|e| Error::io("create directory", p, &e))
+    retry_with(
+        PUBLISH_TRIES,
+        PUBLISH_PAUSE,
+        |e| matches!(e.errno(), Some(Errno::STALE) | Some(Errno::NOENT) | Some(Errno::EXIST)),
+        std::thread::sleep,
+        || match std::fs::create_dir_all(p) {
+            Ok(()) => Ok(()),
+            Err(e) if std::fs::metadata(p).is_ok_and(|m| m.is_dir()) => {
+                log::debug!("{}: created by someone else meanwhile ({e})", p.display());
+                Ok(())
+            }
+            Err(e) => Err(Error::io("create directory", p, &e)),
+        },
+    )
 }
 
 pub fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
