@@ -954,7 +954,7 @@ pub fn held_elsewhere(store: &Store) -> Result<Elsewhere> {
                 continue;
             };
             let Ok(st) = rustix::fs::fstat(&fd) else { continue };
-            let file = FileId { dev: st.st_dev as u64, ino: st.st_ino as u64 };
+            let file = FileId { dev: st.st_dev, ino: st.st_ino };
             if !users.loops_of_file(file, &path).is_empty() || sys::ofd_write_lock_free(&fd) != Ok(false) {
                 continue;
             }
@@ -1842,7 +1842,8 @@ mod tests {
         let dead = 4_194_303; // above any pid_max in use here
         let day = 86_400;
         // (host, pid, age, claim lock held, keep?, words the reason has)
-        let cases: &[(Option<&str>, u32, u64, Option<bool>, bool, &str)] = &[
+        type Case<'a> = (Option<&'a str>, u32, u64, Option<bool>, bool, &'a str);
+        let cases: &[Case] = &[
             (Some("node-a"), 7, 60, Some(true), true, "host node-a's process 7 is at work (it holds the lock on its claim)"),
             (Some("node-a"), 7, 2 * day, Some(true), true, "is at work"),
             (Some("node-a"), 7, 60, Some(false), true, "no longer holds its claim's lock (dead?): another host's, removed once 24h old (now 60s)"),

@@ -189,7 +189,7 @@ impl Cluster {
         self.processes().into_iter().find(|p| {
             std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "glusterfs")
                 && std::fs::read(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|c| c.split(|&b| b == 0).filter(|a| !a.is_empty()).last() == Some(store.as_os_str().as_encoded_bytes()))
+                    .is_ok_and(|c| c.split(|&b| b == 0).rfind(|a| !a.is_empty()) == Some(store.as_os_str().as_encoded_bytes()))
         })
     }
 
