@@ -195,6 +195,30 @@ fn pressure_us(res: &str) -> Option<u64> {
     s.lines().find(|l| l.starts_with("some"))?.split_whitespace().find_map(|f| f.strip_prefix("total="))?.parse().ok()
 }
 
+/// CPU and I/O pressure (PSI "some") over a section, as shares of its wall
+/// time: a hint of load from outside the bench, but the bench's own
+/// parallel work counts too (mount's attach threads, an import's threads,
+/// eight imports at once on 2 CPUs).
+struct Pressure {
+    cpu: Option<u64>,
+    io: Option<u64>,
+    since: Instant,
+}
+
+impl Pressure {
+    fn now() -> Pressure {
+        Pressure { cpu: pressure_us("cpu"), io: pressure_us("io"), since: Instant::now() }
+    }
+    fn report(&self) -> String {
+        let secs = self.since.elapsed().as_secs_f64();
+        let share = |a: Option<u64>, res: &str| match (a, pressure_us(res)) {
+            (Some(a), Some(b)) => format!("{:.0}%", (b - a) as f64 / 1e4 / secs),
+            _ => "?".into(),
+        };
+        format!("CPU {}, I/O {}", share(self.cpu, "cpu"), share(self.io, "io"))
+    }
+}
+
 /// CPU seconds used so far by this process's waited-for children (every
 /// command is a child: nsenter waits for what it runs) and by the
 /// cluster's processes (glusterd, brick, FUSE clients).
@@ -434,7 +458,9 @@ struct MountRow {
     local_umount: Series,
 }
 
-fn bench_mount(node: &Env, what: &str, src: &str, check: &str, extra: &str, shared: &Store, local: &Store, reps: usize) -> MountRow {
+/// Section 2, one row: `stores` is (on the volume, on local disk).
+fn bench_mount(node: &Env, what: &str, src: &str, check: &str, extra: &str, stores: (&Store, &Store), reps: usize) -> MountRow {
+    let (shared, local) = stores;
     let mut row = MountRow {
         what: what.into(),
         shared_mount: Series::default(),
@@ -503,6 +529,19 @@ fn until_ok(n: &Env, argv: &[&str]) -> (Option<Duration>, usize) {
     (None, tries)
 }
 
+/// What the brick itself holds below the store directory `dir` of node
+/// `n` (`DIR/node-X/store/REL` is `CLUSTER/brick0/REL`), bypassing every
+/// client cache.
+fn cluster_brick_list(n: &Env, dir: &Path) -> String {
+    let store = n.dir.join("store");
+    let (Ok(rel), Some(cluster)) = (dir.strip_prefix(&store), n.dir.parent()) else { return "brick: ?".into() };
+    let b = cluster.join("brick0").join(rel);
+    match std::fs::read_dir(&b) {
+        Ok(r) => format!("the brick holds {:?}", r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect::<BTreeSet<_>>()),
+        Err(e) => format!("brick {}: {e}", b.display()),
+    }
+}
+
 /// Check the shared store after an import of `chain` by `nodes` (all
 /// exited): first what a user does next, once, at once (every node mounts
 /// the image by name; node 0 runs `sharedloop verify`), then the store's
@@ -517,9 +556,12 @@ fn check_store(nodes: &[Env], roots: &[Store], chain: &[String], tag: &str, f: &
         let r = n.run(&argv);
         if r.code != 0 {
             let took = t.elapsed();
+            // What this node's client lists in names/ against the brick.
+            let listed = entries(n, &s.root.join("names"));
+            let brick = cluster_brick_list(n, &s.root.join("names"));
             let (later, tries) = until_ok(n, &argv);
             f.use_after.push(format!(
-                "{what}: {}: `mount -t sharedloop {tag}` right after the import: exit {} after {:.0} ms: {} (then {})",
+                "{what}: {}: `mount -t sharedloop {tag}` right after the import: exit {} after {:.0} ms: {} [the node lists names/ {listed:?}, {brick}] (then {})",
                 n.dir.file_name().unwrap().to_string_lossy(),
                 r.code,
                 took.as_secs_f64() * 1e3,
@@ -563,9 +605,33 @@ fn check_store(nodes: &[Env], roots: &[Store], chain: &[String], tag: &str, f: &
     if layers != want {
         f.publish.push(format!("{what}: layers/ holds {layers:?}, want exactly {want:?}"));
     }
+    // tmp/ as node 0 lists it; if not empty, list again for up to 5 s (a
+    // client may list entries another node has just removed) and from every
+    // node, so the report tells a leftover from a stale listing.
     let tmp = entries(n0, &s0.root.join("tmp"));
     if !tmp.is_empty() {
-        f.publish.push(format!("{what}: tmp/ not empty: {tmp:?}"));
+        let t = Instant::now();
+        let mut now = tmp.clone();
+        while !now.is_empty() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(250));
+            now = entries(n0, &s0.root.join("tmp"));
+        }
+        let others: Vec<String> = nodes
+            .iter()
+            .zip(roots)
+            .map(|(n, s)| format!("{} lists {}", n.dir.file_name().unwrap().to_string_lossy(), entries(n, &s.root.join("tmp")).len()))
+            .collect();
+        let brick = cluster_brick_list(n0, &s0.root.join("tmp"));
+        if now.is_empty() {
+            eprintln!("  note: {what}: tmp/ listed {tmp:?} right after the imports, empty {:.2} s later", t.elapsed().as_secs_f64());
+        } else {
+            f.publish.push(format!(
+                "{what}: tmp/ not empty: {tmp:?}; still {} entries {:.0} s later ({}; {brick})",
+                now.len(),
+                t.elapsed().as_secs_f64(),
+                others.join(", ")
+            ));
+        }
     }
     // The record as published: node 0's client may answer ESTALE or
     // ENOENT for a while if it cached the record another node replaced
@@ -857,13 +923,15 @@ fn bench() -> i32 {
         ok(n0.run(&["true"]), "true");
         nsenter.push(t.elapsed());
     }
-    let cpu0 = pressure_us("cpu");
-    let io0 = pressure_us("io");
-    let t_measure = Instant::now();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    let p1 = Pressure::now();
 
     // ------------------------------------------------------------ 1. import
     eprintln!("1. import ({} reps after one warm-up, alternating)", args.reps);
     let imp = bench_import(&cluster, n0, &src, &chain, &shared, &local, args.reps);
+
+    let p1 = p1.report();
+    let p2 = Pressure::now();
 
     // ------------------------------------------------------------ 2. mount
     // Both stores keep the image of the last import; add the small chain.
@@ -871,8 +939,8 @@ fn bench() -> i32 {
     let add_times: Vec<Duration> = [&shared, &local].iter().map(|s| add_chain(n0, s, &work.0, small_layers)).collect();
     let last = format!("layer-{:02}.txt", small_layers - 1);
     let mut rows = vec![
-        bench_mount(n0, &format!("{tag} image ({} layers), upper=tmpfs", chain.len()), tag, "big/second", "upper=tmpfs", &shared, &local, args.reps),
-        bench_mount(n0, &format!("chain of {small_layers} small layers, upper=tmpfs"), "chain", &last, "upper=tmpfs", &shared, &local, args.reps),
+        bench_mount(n0, &format!("{tag} image ({} layers), upper=tmpfs", chain.len()), tag, "big/second", "upper=tmpfs", (&shared, &local), args.reps),
+        bench_mount(n0, &format!("chain of {small_layers} small layers, upper=tmpfs"), "chain", &last, "upper=tmpfs", (&shared, &local), args.reps),
     ];
     // A persistent upper: created by an untimed first mount on each side.
     let mut create = vec![];
@@ -893,20 +961,17 @@ fn bench() -> i32 {
         tag,
         "big/second",
         "upper=bench",
-        &shared,
-        &local,
+        (&shared, &local),
         args.reps,
     ));
+
+    let p2 = p2.report();
+    let p3 = Pressure::now();
 
     // ------------------------------------------------------------ 3. concurrent
     eprintln!("3. concurrent import by {} nodes ({} reps, alternating with one node alone)", nodes.len(), args.reps);
     let conc = bench_concurrent(&cluster, &nodes, &src, &chain, tag, args.reps, args.same_dir);
-    let measure_secs = t_measure.elapsed().as_secs_f64();
-    let share = |a: Option<u64>, res: &str| match (a, pressure_us(res)) {
-        (Some(a), Some(b)) => format!("{:.0}%", (b - a) as f64 / 1e4 / measure_secs),
-        _ => "?".into(),
-    };
-    let (cpu_p, io_p) = (share(cpu0, "cpu"), share(io0, "io"));
+    let p3 = p3.report();
 
     // ------------------------------------------------------------ teardown
     let node_dirs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.clone()).collect();
@@ -1019,7 +1084,9 @@ fn bench() -> i32 {
     o.push_str(&codes.join(" "));
     o.push('\n');
     o.push_str(&format!(
-        "\nPressure during the measurements (PSI \"some\", share of wall time): CPU {cpu_p}, I/O {io_p}.\n\
+        "\nLoad average at the start {load}. Pressure (PSI \"some\", share of wall time) during 1. import {p1}; \
+         2. mount {p2}; 3. concurrent {p3} \
+         (the bench's own parallel work counts too).\n\
          binary {BIN}; total run {:.0} s\n",
         started.elapsed().as_secs_f64()
     ));

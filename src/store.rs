@@ -248,7 +248,14 @@ pub fn read_name_in(dir: &Path, name: &Name) -> Result<Digest> {
             log::debug!("{}: cached entry (inode {}) older than the directory's ({ino}), looking again", path.display(), st.st_ino);
             return Err(Error::sys("open", &path, Errno::STALE));
         }
-        let text = read_small(fd, &path, 200)?;
+        // A read that fails ENOENT after the open worked means the file
+        // went while we opened it (GlusterFS's open-behind opens lazily):
+        // stale, look again; never "not in this store", which would send
+        // us to the fallback.
+        let text = read_small(fd, &path, 200).map_err(|e| match e.errno() {
+            Some(Errno::NOENT) => Error::sys("read", &path, Errno::STALE),
+            _ => e,
+        })?;
         Digest::parse(text.trim())
             .map_err(|_| Error::Store(format!("name {name}: {}: corrupt name record", path.display())))
     })
