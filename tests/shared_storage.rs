@@ -124,18 +124,27 @@ fn uppers_created_on_the_shared_store() {
     b.assert_clean();
 }
 
+/// A cluster with nodes A and B, the image app:1 (one layer, with a
+/// 1 MiB file never read yet) added on A, and A mounting it at its `m`
+/// with the persistent upper `shared` on the volume.
+fn a_holds_the_upper(name: &str, layout: Layout, options: &[(&str, &str)]) -> (Cluster, Env, Env, std::path::PathBuf) {
+    let c = Cluster::new(name, layout, options);
+    let a = c.node("a", "");
+    let b = c.node("b", "");
+    let big = "x".repeat(1 << 20);
+    a.add(None, Some("app:1"), &[("f.txt", E::File("base")), ("big.bin", E::File(&big))]);
+    let ma = a.mnt("m");
+    mount(&a, "app:1", &ma, "upper=shared,upper_size=64M").ok();
+    (c, a, b, ma)
+}
+
 /// Finding 3: node A holds an upper; a volume restart drops every lock on
 /// the bricks (client.strict-locks off, GlusterFS's default), A's client
 /// reconnects and A goes on writing. Node B must still be refused: the
 /// image's multi-mount protection sees A's kernel updating it.
 #[test]
 fn one_writer_through_a_volume_restart_without_strict_locks() {
-    let c = Cluster::new("restart", Layout::Single, &[]);
-    let a = c.node("a", "");
-    let b = c.node("b", "");
-    a.add(None, Some("app:1"), &[("f.txt", E::File("base"))]);
-    let ma = a.mnt("m");
-    mount(&a, "app:1", &ma, "upper=shared,upper_size=64M").ok();
+    let (c, a, b, ma) = a_holds_the_upper("restart", Layout::Single, &[]);
     a.sh(&format!("echo before > {}/a.txt && sync -f {0}", ma.display())).ok();
     let mb = b.mnt("m");
     // The lock refuses B at once while the lock service works.
@@ -172,12 +181,7 @@ fn one_writer_through_a_volume_restart_without_strict_locks() {
 /// A's unmount is still clean, and the image is consistent.
 #[test]
 fn strict_locks_fence_the_old_writer() {
-    let c = Cluster::new("fence", Layout::Single, &[("client.strict-locks", "on")]);
-    let a = c.node("a", "");
-    let b = c.node("b", "");
-    a.add(None, Some("app:1"), &[("f.txt", E::File("base"))]);
-    let ma = a.mnt("m");
-    mount(&a, "app:1", &ma, "upper=shared,upper_size=64M").ok();
+    let (c, a, b, ma) = a_holds_the_upper("fence", Layout::Single, &[("client.strict-locks", "on")]);
     a.sh(&format!("echo before > {}/a.txt && sync -f {0}", ma.display())).ok();
     c.restart_volume(&[&a, &b]);
     // A is fenced: its writes no longer reach the store.
@@ -201,13 +205,7 @@ fn strict_locks_fence_the_old_writer() {
 /// and the dead node's unmount leaves no loop device.
 #[test]
 fn killed_client_gives_eio_and_releases_the_upper() {
-    let c = Cluster::new("killed", Layout::Replica2, &[("client.strict-locks", "on")]);
-    let a = c.node("a", "");
-    let b = c.node("b", "");
-    let big = "x".repeat(1 << 20);
-    a.add(None, Some("app:1"), &[("f.txt", E::File("base")), ("big.bin", E::File(&big))]);
-    let ma = a.mnt("m");
-    mount(&a, "app:1", &ma, "upper=shared,upper_size=64M").ok();
+    let (c, a, b, ma) = a_holds_the_upper("killed", Layout::Replica2, &[("client.strict-locks", "on")]);
     assert!(!a.my_loops().is_empty());
     c.kill_client(&a);
     // Never read before: the layer's pages must come from the dead store.
