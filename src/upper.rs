@@ -257,6 +257,10 @@ fn mmp_holder(b: &ext4_mmp::MmpBlock) -> String {
 /// cleanly makes the kernel wait two update intervals before it mounts:
 /// say why the mount pauses.
 fn note_unclean_mmp(img: &UpperImage) {
+    // Only for -v: reading the block costs round trips to a file server.
+    if !log::log_enabled!(log::Level::Info) {
+        return;
+    }
     if let Some(b) = mmp_of(img).filter(|b| b.state() == MmpState::Active) {
         log::info!(
             "upper image {}: multi-mount protection: last used by {} without a clean unmount; the kernel checks for {} s that no node still writes it",
