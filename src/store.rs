@@ -195,10 +195,16 @@ pub fn openat_beneath(
 fn read_small(fd: OwnedFd, path: &Path, limit: u64) -> Result<String> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
+    // Stop at the size the file has (metadata and name records never
+    // change in place) instead of reading on to EOF: on a network
+    // filesystem that last empty read is one more round trip per layer.
+    // The attributes come from the lookup just made; size 0 (a FIFO, a
+    // file of /proc) reads to EOF as before.
+    let size = rustix::fs::fstat(&fd).map(|st| st.st_size.max(0) as u64).unwrap_or(0);
     loop {
         let n = rustix::io::read(&fd, &mut buf[len..]).map_err(|e| Error::sys("read", path, e))?;
         len += n;
-        if n == 0 || len as u64 >= limit {
+        if n == 0 || len as u64 >= limit || (size > 0 && len as u64 >= size) {
             break;
         }
         if len == buf.len() {
