@@ -95,7 +95,6 @@
 //! reads and its chain is complete. Exits with 32 when anything failed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -210,12 +209,6 @@ fn list_dir(h: &DirHandle, sub: &str) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
-fn read_limited(fd: OwnedFd, path: &Path, limit: u64) -> Result<String> {
-    let mut s = String::new();
-    std::fs::File::from(fd).take(limit).read_to_string(&mut s).map_err(|e| Error::io("read", path, &e))?;
-    Ok(s)
-}
-
 fn stat_image(h: &DirHandle, id: &Digest) -> std::result::Result<ImageInfo, String> {
     let rel = format!("layers/{}/layer.img", id.hex());
     let path = h.path.join(&rel);
@@ -316,16 +309,11 @@ impl Inventory {
                 self.problem(which, path, "not a name record (invalid name)");
                 continue;
             };
-            let rel = format!("names/{file}");
-            // ESTALE: another node replaced the record a moment ago.
-            let target = store::retry_stale(|| {
-                let fd = openat_beneath(&h.fd, &h.path, &rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())?;
-                read_limited(fd, &path, 256)
-            })
-            .map_err(|e| e.to_string())
-            .and_then(|t| {
-                    Digest::parse(t.trim()).map_err(|_| format!("{}: corrupt name record", path.display()))
-                });
+            // The one way a name record is read (store::read_name_in): as
+            // the server has it, riding out a record another node has just
+            // replaced. It lists names/ again for each name: fine for the
+            // tens to hundreds of names a store holds.
+            let target = store::read_name_in(&h.path, &name).map_err(|e| e.to_string());
             self.names.push(StoredName { name, which, path, target });
         }
     }
@@ -718,7 +706,7 @@ fn retire_layer(h: &DirHandle, id: &Digest) -> Result<Option<String>> {
     store::mkdir_p(&h.path.join("tmp"))?;
     let layers = open_subdir(h, "layers")?;
     let tmp = open_subdir(h, "tmp")?;
-    let dest = format!("{}.deleting.{}.{}.{}", id.hex(), store::hostname(), std::process::id(), store::unique_suffix());
+    let dest = store::temp_name(&format!("{}.deleting", id.hex()));
     match rustix::fs::renameat(&layers, id.hex(), &tmp, &dest) {
         Ok(()) => Ok(Some(dest)),
         // Removed meanwhile (another node's gc): nothing left to do.
