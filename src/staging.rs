@@ -120,12 +120,7 @@ impl<'a> Workspace<'a> {
 }
 
 fn make_work_dir(parent: &OwnedFd, parent_path: &Path, label: &str) -> Result<WorkDir> {
-    let name = format!(
-        "{label}.{}.{}.{}",
-        store::hostname(),
-        std::process::id(),
-        store::unique_suffix()
-    );
+    let name = store::temp_name(label);
     let path = parent_path.join(&name);
     rustix::fs::mkdirat(parent, name.as_str(), Mode::from_raw_mode(0o700))
         .map_err(|e| Error::sys("create staging directory", &path, e))?;

@@ -613,7 +613,7 @@ impl Staging {
     pub fn create(store: &Store, label: &str) -> Result<Staging> {
         store.with_fallback(|dir, which| {
             let tmp = store_subdir(dir, "tmp", 0o700)?;
-            let name = format!("{label}.{}.{}.{}", hostname(), std::process::id(), unique_suffix());
+            let name = temp_name(label);
             let path = dir.join("tmp").join(&name);
             rustix::fs::mkdirat(&tmp, name.as_str(), Mode::from_raw_mode(0o700))
                 .map_err(|e| Error::sys("create staging directory", &path, e))?;
@@ -744,7 +744,7 @@ impl Claim {
     fn create_in(dir: &Path, ids: &[Digest]) -> Result<Claim> {
         {
             let tmp = store_subdir(dir, "tmp", 0o700)?;
-            let name = format!("{CLAIM_LABEL}.{}.{}.{}", hostname(), std::process::id(), unique_suffix());
+            let name = temp_name(CLAIM_LABEL);
             let path = dir.join("tmp").join(&name);
             let fd = rustix::fs::openat(
                 &tmp,
@@ -877,6 +877,15 @@ pub fn sync_path(p: &Path) -> Result<()> {
     let fd = rustix::fs::open(p, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| Error::sys("open", p, e))?;
     rustix::fs::fsync(fd.as_fd()).map_err(|e| Error::sys("fsync", p, e))
+}
+
+/// The name of a temporary in a store: `<label>.<host>.<pid>.<uniq>`
+/// (staging directories, claims, uppers being created, layers being
+/// removed). `gc` reads host, pid and creation time back from it
+/// (`manage::split_host_pid_uniq`) to tell whose it is and whether its
+/// process is gone.
+pub fn temp_name(label: &str) -> String {
+    format!("{label}.{}.{}.{}", hostname(), std::process::id(), unique_suffix())
 }
 
 pub fn hostname() -> String {

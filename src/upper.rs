@@ -19,7 +19,7 @@ use crate::mmp::{self as ext4_mmp, MmpState};
 use crate::mountinfo;
 use crate::opts::Mmp;
 use crate::sharedfs::FsKind;
-use crate::store::{FsType, Store, hostname, open_beneath, unique_suffix};
+use crate::store::{FsType, Store, open_beneath, temp_name};
 use crate::sys;
 
 /// An upper image opened read-write and locked for us.
@@ -106,7 +106,7 @@ fn create_image(dest: &Path, opts: &CreateOptions) -> Result<UpperImage> {
     }
     let mmp = wants_mmp(dir, opts);
     let base = dest.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{base}.tmp.{}.{}.{}", hostname(), std::process::id(), unique_suffix()));
+    let tmp = dir.join(temp_name(&format!(".{base}.tmp")));
     let mut guard = TempFile(Some(tmp.clone()));
     let f = std::fs::OpenOptions::new()
         .write(true)
