@@ -54,25 +54,13 @@ fn argv0(pid: u32) -> String {
     String::from_utf8_lossy(b.split(|&c| c == 0).next().unwrap_or_default()).into_owned()
 }
 
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = vec![];
-    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in rd.flatten() {
-            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(c.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
-            }
-        }
-    }
-    out
-}
-
 /// Every process below `pid` (not `pid` itself).
 fn descendants(pid: u32) -> Vec<u32> {
     let mut out = vec![];
-    let mut stack = children(pid);
+    let mut stack = children_of(pid);
     while let Some(p) = stack.pop() {
         out.push(p);
-        stack.extend(children(p));
+        stack.extend(children_of(p));
     }
     out
 }

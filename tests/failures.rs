@@ -251,18 +251,6 @@ fn argv0(pid: u32) -> Option<String> {
     Some(String::from_utf8_lossy(first).into_owned())
 }
 
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = vec![];
-    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in rd.flatten() {
-            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(c.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
-            }
-        }
-    }
-    out
-}
-
 /// The mount.sharedloop process at or below `root` (nsenter may exec it
 /// itself or fork it: look at the process and its descendants).
 fn find_helper(root: u32) -> u32 {
@@ -273,7 +261,7 @@ fn find_helper(root: u32) -> u32 {
             if argv0(p).is_some_and(|a| a.ends_with("mount.sharedloop")) {
                 return p;
             }
-            stack.extend(children(p));
+            stack.extend(children_of(p));
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -591,6 +591,15 @@ fn layout_chain(dir: &Path) -> String {
 
 // ================================================================ semantics
 
+/// The three semantics layers as an OCI layout `<test dir>/sem` tagged
+/// v1 (layers 1 and 3 gzip): (layout directory, `oci:DIR:v1`).
+fn semantics_image(env: &Env) -> (PathBuf, String) {
+    let dir = env.dir.join("sem");
+    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let src = format!("oci:{}:v1", dir.display());
+    (dir, src)
+}
+
 /// Three layers exercising what OCI layers do and tools rarely write on
 /// purpose.
 fn semantics_layers() -> Vec<Vec<u8>> {
@@ -743,8 +752,7 @@ fn check_semantics(v: &Path, ns: bool) {
 #[test]
 fn layer_semantics_through_oci_and_docker_archive() {
     let env = Env::new("imp-sem");
-    let dir = env.dir.join("sem");
-    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let (dir, _) = semantics_image(&env);
     let chain = layout_chain(&dir);
     let id = import_ok(&env, &format!("oci:{}:v1", dir.display()), &[]);
     assert_eq!(id, chain);
@@ -1074,8 +1082,7 @@ fn four_hundred_layers() {
 fn concurrent_imports_keep_one_copy_of_each_layer() {
     let env = Env::new("imp-conc");
     let other = Env::new("imp-conc-ns");
-    let dir = env.dir.join("sem");
-    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let (dir, _) = semantics_image(&env);
     let chain = layout_chain(&dir);
     let args = import_args(&env, &format!("oci:{}:v1", dir.display()), &["-q"]);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -1106,9 +1113,7 @@ fn concurrent_imports_keep_one_copy_of_each_layer() {
 #[test]
 fn sigkill_leaves_only_staging_that_later_imports_ignore() {
     let env = Env::new("imp-kill");
-    let dir = env.dir.join("sem");
-    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
-    let src = format!("oci:{}:v1", dir.display());
+    let (_, src) = semantics_image(&env);
     let args = import_args(&env, &src, &[]);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     // Stop in layer 2 right after its unpack, while the lower layers are
@@ -1181,8 +1186,7 @@ fn spawn_paused_import(env: &Env, dir: &Path) -> (std::process::Child, BufReader
 #[test]
 fn sigterm_undoes_everything() {
     let env = Env::new("imp-term");
-    let dir = env.dir.join("sem");
-    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let (dir, _) = semantics_image(&env);
     let (mut k, _err) = spawn_paused_import(&env, &dir);
     rustix::process::kill_process(rustix::process::Pid::from_raw(k.id() as i32).unwrap(), rustix::process::Signal::TERM).unwrap();
     let st = k.wait().unwrap();
@@ -1198,8 +1202,7 @@ fn staging_is_private_while_an_image_is_unpacked() {
     // An image's setuid files and world-writable directories are live in the
     // staging tree while it is built: no other user may reach them.
     let env = Env::new("imp-private");
-    let dir = env.dir.join("sem");
-    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let (dir, _) = semantics_image(&env);
     let (mut k, _err) = spawn_paused_import(&env, &dir);
     use std::os::unix::fs::PermissionsExt;
     let staging = tmp_entries(&env.root);
@@ -1308,9 +1311,7 @@ fn data_map(p: &Path) -> Vec<(u64, u64)> {
 #[test]
 fn import_unpacks_and_builds_in_local_staging_never_in_the_store() {
     let env = Env::new("stage-local");
-    let dir = env.dir.join("sem");
-    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
-    let src = format!("oci:{}:v1", dir.display());
+    let (_, src) = semantics_image(&env);
     // (failpoint, what the local work directory holds there)
     // (Each run publishes the layers before the one it stops in.)
     let points = [
@@ -1348,9 +1349,7 @@ fn import_unpacks_and_builds_in_local_staging_never_in_the_store() {
 #[test]
 fn staging_dir_option_and_configuration_key_are_honoured() {
     let env = Env::new("stage-opt");
-    let dir = env.dir.join("sem");
-    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
-    let src = format!("oci:{}:v1", dir.display());
+    let (_, src) = semantics_image(&env);
     let (opt, cfg) = (env.dir.join("scratch-opt"), env.dir.join("scratch/cfg"));
     let conf = env.dir.join("sl.conf");
     std::fs::write(&conf, format!("# node-local\nstaging_dir={}\n", cfg.display())).unwrap();
@@ -1499,8 +1498,7 @@ fn a_store_on_another_filesystem_gets_a_sparse_identical_copy() {
     assert_eq!((size(&env.root), size(&tview)), (Some(sa.len()), Some(sb.len())));
     // A whole image through the copy path, its lower view read from the
     // tmpfs store: mounted and checked.
-    let dir = env.dir.join("sem");
-    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let (dir, _) = semantics_image(&env);
     let args = [BIN, "import", &format!("oci:{}:v1", dir.display()), "--loopback-root", troot.to_str().unwrap(), "--loopback-fallback", env.fallback.to_str().unwrap()];
     let r = env.run(&args);
     r.ok();
@@ -1518,9 +1516,7 @@ fn a_store_on_another_filesystem_gets_a_sparse_identical_copy() {
 #[test]
 fn publish_keeps_the_layer_another_import_published_first() {
     let env = Env::new("stage-race");
-    let dir = env.dir.join("sem");
-    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
-    let src = format!("oci:{}:v1", dir.display());
+    let (dir, src) = semantics_image(&env);
     let chain = layout_chain(&dir);
     // A stops with its first image built, before it publishes ...
     let (k, mut err) = spawn_at(&env, &import_args(&env, &src, &["-v"]), &[], "stop:import-publish@0");
@@ -1553,8 +1549,7 @@ fn publish_keeps_the_layer_another_import_published_first() {
 #[test]
 fn publish_refuses_a_damaged_layer_directory_in_the_way() {
     let env = Env::new("stage-damage");
-    let dir = env.dir.join("sem");
-    write_oci(&dir, &semantics_layers(), &[true, false, true], Some("v1"), None);
+    let (dir, _) = semantics_image(&env);
     let (_, config) = oci_docs(&dir);
     let bottom = config["rootfs"]["diff_ids"][0].as_str().unwrap().trim_start_matches("sha256:").to_string();
     let junk = env.root.join("layers").join(&bottom).join("junk");
