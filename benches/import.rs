@@ -19,39 +19,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+#[path = "util/mod.rs"]
+mod util;
+use util::{Work, run, sh, umoci_image};
+
 const BIN: &str = env!("CARGO_BIN_EXE_sharedloop");
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn sh(script: &str) {
-    run(Command::new("sh").args(["-ec", script]));
-}
-
-/// Removes the work directory however the bench ends.
-struct Work(PathBuf);
-impl Drop for Work {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn umoci_image(layout: &Path, tag: &str, steps: &[&str]) {
-    let b = layout.with_file_name(format!("bundle-{tag}"));
-    if !layout.exists() {
-        run(Command::new("umoci").args(["init", "--layout"]).arg(layout));
-    }
-    run(Command::new("umoci").args(["new", "--image"]).arg(format!("{}:{tag}", layout.display())));
-    for step in steps {
-        let _ = std::fs::remove_dir_all(&b);
-        run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:{tag}", layout.display())).arg(&b));
-        sh(&format!("cd {}/rootfs && {step}", b.display()));
-        run(Command::new("umoci").args(["repack", "--image"]).arg(format!("{}:{tag}", layout.display())).arg(&b));
-    }
-    let _ = std::fs::remove_dir_all(&b);
-}
 
 /// The gzip blobs of an image's layers, bottom first, and their
 /// uncompressed size.

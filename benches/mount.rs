@@ -92,6 +92,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "util/mod.rs"]
+mod util;
+use util::Pressure;
+
 use rustix::mount::{MountPropagationFlags, UnmountFlags};
 use rustix::thread::UnshareFlags;
 use sharedloop::ids::{Digest, chain_id};
@@ -202,11 +206,6 @@ fn usage(msg: &str) -> ! {
 /// Microseconds some task waited for `res` ("cpu", "io") since boot
 /// (PSI); the bench itself keeps at most one task runnable most of the
 /// time, so CPU pressure during a run mostly means other load.
-fn pressure_us(res: &str) -> Option<u64> {
-    let t = std::fs::read_to_string(format!("/proc/pressure/{res}")).ok()?;
-    t.lines().find(|l| l.starts_with("some "))?.split_whitespace().find_map(|f| f.strip_prefix("total="))?.parse().ok()
-}
-
 fn kernel_at_least(major: u32, minor: u32) -> bool {
     let rel = rustix::system::uname().release().to_string_lossy().into_owned();
     let mut it = rel.split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse::<u32>().ok());
@@ -923,28 +922,6 @@ fn enter_private_namespace() {
     unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS) }.expect("unshare(CLONE_NEWNS): the bench must run as root");
     rustix::mount::mount_change("/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
         .expect("make / recursively private");
-}
-
-/// PSI counters at the start of the run.
-struct Pressure {
-    cpu: Option<u64>,
-    io: Option<u64>,
-    since: Instant,
-}
-
-impl Pressure {
-    fn now() -> Pressure {
-        Pressure { cpu: pressure_us("cpu"), io: pressure_us("io"), since: Instant::now() }
-    }
-
-    /// Share of the wall time since `now()` during which some task stalled.
-    fn share(&self, res: &str) -> String {
-        let start = if res == "cpu" { self.cpu } else { self.io };
-        match (start, pressure_us(res)) {
-            (Some(a), Some(b)) => format!("{:.0}%", (b - a) as f64 / 1e4 / self.since.elapsed().as_secs_f64()),
-            _ => "?".into(),
-        }
-    }
 }
 
 fn main() {

@@ -79,6 +79,9 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, Layout};
 use common::{BIN, Env, Run, loops_under, wait_no_loops};
+#[path = "util/mod.rs"]
+mod util;
+use util::{Pressure, Work, umoci_image};
 
 // ---------------------------------------------------------------- arguments
 
@@ -190,35 +193,6 @@ fn verdict(r: f64, target: f64) -> &'static str {
 }
 
 /// PSI "some" totals (µs) of cpu and io, to tell outside load apart.
-fn pressure_us(res: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/pressure/{res}")).ok()?;
-    s.lines().find(|l| l.starts_with("some"))?.split_whitespace().find_map(|f| f.strip_prefix("total="))?.parse().ok()
-}
-
-/// CPU and I/O pressure (PSI "some") over a section, as shares of its wall
-/// time: a hint of load from outside the bench, but the bench's own
-/// parallel work counts too (mount's attach threads, an import's threads,
-/// eight imports at once on 2 CPUs).
-struct Pressure {
-    cpu: Option<u64>,
-    io: Option<u64>,
-    since: Instant,
-}
-
-impl Pressure {
-    fn now() -> Pressure {
-        Pressure { cpu: pressure_us("cpu"), io: pressure_us("io"), since: Instant::now() }
-    }
-    fn report(&self) -> String {
-        let secs = self.since.elapsed().as_secs_f64();
-        let share = |a: Option<u64>, res: &str| match (a, pressure_us(res)) {
-            (Some(a), Some(b)) => format!("{:.0}%", (b - a) as f64 / 1e4 / secs),
-            _ => "?".into(),
-        };
-        format!("CPU {}, I/O {}", share(self.cpu, "cpu"), share(self.io, "io"))
-    }
-}
-
 /// CPU seconds used so far by this process's waited-for children (every
 /// command is a child: nsenter waits for what it runs) and by the
 /// cluster's processes (glusterd, brick, FUSE clients).
@@ -262,42 +236,12 @@ fn dirty_mb() -> String {
 
 // ---------------------------------------------------------------- helpers
 
-fn run_host(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 #[track_caller]
 fn ok(r: Run, what: &str) -> Run {
     assert_eq!(r.code, 0, "{what}: exit {}: {}{}", r.code, r.stdout, r.stderr);
     r
 }
 
-/// Removes the bench's own work directory (the OCI layout, layer sources)
-/// however the bench ends.
-struct Work(PathBuf);
-impl Drop for Work {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// One tag of an OCI layout built with umoci, one `umoci repack` per step
-/// (each step a shell script run in the rootfs): one layer per step.
-fn umoci_image(layout: &Path, tag: &str, steps: &[&str]) {
-    let b = layout.with_file_name(format!("bundle-{tag}"));
-    if !layout.exists() {
-        run_host(Command::new("umoci").args(["init", "--layout"]).arg(layout));
-    }
-    run_host(Command::new("umoci").args(["new", "--image"]).arg(format!("{}:{tag}", layout.display())));
-    for step in steps {
-        let _ = std::fs::remove_dir_all(&b);
-        run_host(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:{tag}", layout.display())).arg(&b));
-        run_host(Command::new("sh").args(["-ec", &format!("cd {}/rootfs && {step}", b.display())]));
-        run_host(Command::new("umoci").args(["repack", "--image"]).arg(format!("{}:{tag}", layout.display())).arg(&b));
-    }
-    let _ = std::fs::remove_dir_all(&b);
-}
 
 fn json(p: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
