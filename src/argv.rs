@@ -4,73 +4,120 @@
 //! umount(8): /sbin/umount.TYPE TARGET [-n] [-l] [-f] [-v] [-r] [-t TYPE] [-N NS]
 //! Flags may come before or after the positional arguments and may be
 //! bundled (`-fv`); `-o` may be given more than once (joined with ',').
+//!
+//! Arguments are bytes, not text: a mount point is any path the kernel
+//! takes (`/srv/caf\xe9`), and an option value may name one. Nothing here
+//! assumes UTF-8; only the flag letters are ASCII.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MountArgs {
-    pub source: String,
-    pub target: String,
+    pub source: OsString,
+    pub target: PathBuf,
     pub sloppy: bool,
     pub fake: bool,
     pub no_mtab: bool,
     pub verbose: bool,
-    pub options: String,
-    pub fstype: Option<String>,
-    pub namespace: Option<String>,
+    /// Every `-o` joined with ',', as bytes.
+    pub options: Vec<u8>,
+    pub fstype: Option<OsString>,
+    pub namespace: Option<OsString>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UmountArgs {
-    pub target: String,
+    pub target: PathBuf,
     pub no_mtab: bool,
     pub lazy: bool,
     pub force: bool,
     pub verbose: bool,
     pub remount_ro: bool,
-    pub fstype: Option<String>,
-    pub namespace: Option<String>,
+    pub fstype: Option<OsString>,
+    pub namespace: Option<OsString>,
 }
 
-/// Walk argv: `flag(c)` handles value-less flags, `valued` lists flags that
-/// take a value. Returns (positionals, [(flag, value)]).
-fn scan(args: &[String], flags: &str, valued: &str) -> Result<(Vec<String>, Vec<(char, Option<String>)>)> {
+/// `--help` or `--version`, which mount(8) never passes but a person may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Info {
+    Help,
+    Version,
+}
+
+/// What a helper's argv asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Parsed<T> {
+    Run(T),
+    Info(Info),
+}
+
+pub const MOUNT_USAGE: &str = "usage: mount.sharedloop SOURCE TARGET [-sfnvrw] [-o OPTIONS] [-t TYPE] [-N NAMESPACE]";
+pub const UMOUNT_USAGE: &str = "usage: umount.sharedloop TARGET [-nlfvr] [-t TYPE] [-N NAMESPACE]";
+
+/// A long option alone in argv (`--help`, `--version`), else None. Any
+/// other `--word` is an error naming it, not a bundle of letters.
+fn long_option(args: &[OsString]) -> Result<Option<Info>> {
+    for a in args {
+        let b = a.as_bytes();
+        if b == b"--" {
+            return Ok(None);
+        }
+        match b {
+            b"--help" => return Ok(Some(Info::Help)),
+            b"--version" => return Ok(Some(Info::Version)),
+            _ if b.starts_with(b"--") => {
+                return Err(Error::Usage(format!("unrecognized option {:?}", a)));
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// Walk argv: `flags` lists value-less flags, `valued` flags that take a
+/// value. Returns (positionals, [(flag, value)]).
+#[allow(clippy::type_complexity)]
+fn scan(args: &[OsString], flags: &[u8], valued: &[u8]) -> Result<(Vec<OsString>, Vec<(u8, Option<OsString>)>)> {
     let mut pos = Vec::new();
     let mut got = Vec::new();
     let mut i = 0;
     let mut only_pos = false;
     while i < args.len() {
-        let a = &args[i];
+        let a = args[i].as_bytes();
         i += 1;
-        if only_pos || !a.starts_with('-') || a == "-" {
-            pos.push(a.clone());
+        if only_pos || !a.starts_with(b"-") || a == b"-" {
+            pos.push(OsString::from_vec(a.to_vec()));
             continue;
         }
-        if a == "--" {
+        if a == b"--" {
             only_pos = true;
             continue;
         }
-        let chars: Vec<char> = a[1..].chars().collect();
-        let mut j = 0;
-        while j < chars.len() {
-            let c = chars[j];
+        let mut j = 1;
+        while j < a.len() {
+            let c = a[j];
             j += 1;
-            if valued.contains(c) {
-                let rest: String = chars[j..].iter().collect();
-                let v = if !rest.is_empty() {
-                    rest
+            if valued.contains(&c) {
+                let v = if j < a.len() {
+                    OsString::from_vec(a[j..].to_vec())
                 } else if i < args.len() {
                     i += 1;
                     args[i - 1].clone()
                 } else {
-                    return Err(Error::Usage(format!("option -{c} requires an argument")));
+                    return Err(Error::Usage(format!("option -{} requires an argument", c as char)));
                 };
                 got.push((c, Some(v)));
                 break;
-            } else if flags.contains(c) {
+            } else if flags.contains(&c) {
                 got.push((c, None));
+            } else if c.is_ascii_graphic() {
+                return Err(Error::Usage(format!("invalid option -- '{}'", c as char)));
             } else {
-                return Err(Error::Usage(format!("invalid option -- '{c}'")));
+                return Err(Error::Usage(format!("invalid option -- {:?}", OsStr::from_bytes(&a[j - 1..j]))));
             }
         }
     }
@@ -78,74 +125,71 @@ fn scan(args: &[String], flags: &str, valued: &str) -> Result<(Vec<String>, Vec<
 }
 
 impl MountArgs {
-    pub fn parse(args: &[String]) -> Result<MountArgs> {
-        let (pos, flags) = scan(args, "sfnvrwi", "otN")?;
+    pub fn parse(args: &[OsString]) -> Result<Parsed<MountArgs>> {
+        if let Some(i) = long_option(args)? {
+            return Ok(Parsed::Info(i));
+        }
+        let (pos, flags) = scan(args, b"sfnvrwi", b"otN")?;
         let mut m = MountArgs::default();
-        let mut opts: Vec<String> = Vec::new();
+        let mut opts: Vec<Vec<u8>> = Vec::new();
         for (c, v) in flags {
             match c {
-                's' => m.sloppy = true,
-                'f' => m.fake = true,
-                'n' => m.no_mtab = true,
-                'v' => m.verbose = true,
+                b's' => m.sloppy = true,
+                b'f' => m.fake = true,
+                b'n' => m.no_mtab = true,
+                b'v' => m.verbose = true,
                 // mount(8) of some versions pass -r/-w instead of ro/rw, -i
                 // for "internal only": fold them into the options.
-                'r' => opts.push("ro".into()),
-                'w' => opts.push("rw".into()),
-                'i' => {}
-                'o' => opts.push(v.unwrap_or_default()),
-                't' => m.fstype = v,
-                'N' => m.namespace = v,
-                _ => unreachable!(),
+                b'r' => opts.push(b"ro".to_vec()),
+                b'w' => opts.push(b"rw".to_vec()),
+                b'i' => {}
+                b'o' => opts.push(v.unwrap_or_default().into_vec()),
+                b't' => m.fstype = v,
+                b'N' => m.namespace = v,
+                _ => unreachable!("scan returns only the letters it was given"),
             }
         }
-        match pos.as_slice() {
-            [s, t] => {
-                m.source = s.clone();
-                m.target = t.clone();
+        match <[OsString; 2]>::try_from(pos) {
+            Ok([s, t]) => {
+                m.source = s;
+                m.target = PathBuf::from(t);
             }
-            _ => {
-                return Err(Error::Usage(format!(
-                    "usage: mount.sharedloop SOURCE TARGET [-sfnv] [-o OPTIONS] [-t TYPE] [-N NS] (got {} positional arguments)",
-                    pos.len()
-                )));
-            }
+            Err(pos) => return Err(Error::Usage(format!("{MOUNT_USAGE} (got {} positional arguments)", pos.len()))),
         }
-        if m.source.is_empty() || m.target.is_empty() {
+        if m.source.is_empty() || m.target.as_os_str().is_empty() {
             return Err(Error::Usage("empty SOURCE or TARGET".into()));
         }
-        m.options = opts.into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>().join(",");
-        Ok(m)
+        m.options = opts.into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>().join(&b","[..]);
+        Ok(Parsed::Run(m))
     }
 }
 
 impl UmountArgs {
-    pub fn parse(args: &[String]) -> Result<UmountArgs> {
-        let (pos, flags) = scan(args, "nlfvri", "tN")?;
+    pub fn parse(args: &[OsString]) -> Result<Parsed<UmountArgs>> {
+        if let Some(i) = long_option(args)? {
+            return Ok(Parsed::Info(i));
+        }
+        let (pos, flags) = scan(args, b"nlfvri", b"tN")?;
         let mut u = UmountArgs::default();
         for (c, v) in flags {
             match c {
-                'n' => u.no_mtab = true,
-                'l' => u.lazy = true,
-                'f' => u.force = true,
-                'v' => u.verbose = true,
-                'r' => u.remount_ro = true,
-                'i' => {}
-                't' => u.fstype = v,
-                'N' => u.namespace = v,
-                _ => unreachable!(),
+                b'n' => u.no_mtab = true,
+                b'l' => u.lazy = true,
+                b'f' => u.force = true,
+                b'v' => u.verbose = true,
+                b'r' => u.remount_ro = true,
+                b'i' => {}
+                b't' => u.fstype = v,
+                b'N' => u.namespace = v,
+                _ => unreachable!("scan returns only the letters it was given"),
             }
         }
-        match pos.as_slice() {
-            [t] if !t.is_empty() => u.target = t.clone(),
-            _ => {
-                return Err(Error::Usage(format!(
-                    "usage: umount.sharedloop TARGET [-nlfvr] [-t TYPE] [-N NS] (got {} positional arguments)",
-                    pos.len()
-                )));
-            }
+        match <[OsString; 1]>::try_from(pos) {
+            Ok([t]) if !t.is_empty() => u.target = PathBuf::from(t),
+            Ok(_) => return Err(Error::Usage("empty TARGET".into())),
+            Err(pos) => return Err(Error::Usage(format!("{UMOUNT_USAGE} (got {} positional arguments)", pos.len()))),
         }
-        Ok(u)
+        Ok(Parsed::Run(u))
     }
 }
 
@@ -153,8 +197,15 @@ impl UmountArgs {
 mod tests {
     use super::*;
 
-    fn v(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
+    fn v(s: &str) -> Vec<OsString> {
+        s.split_whitespace().map(OsString::from).collect()
+    }
+
+    fn run<T>(p: Result<Parsed<T>>) -> Option<T> {
+        match p {
+            Ok(Parsed::Run(t)) => Some(t),
+            _ => None,
+        }
     }
 
     #[test]
@@ -162,7 +213,7 @@ mod tests {
         let cases: &[(&str, Option<MountArgs>)] = &[
             (
                 "src /mnt -o ro,upper=x",
-                Some(MountArgs { source: "src".into(), target: "/mnt".into(), options: "ro,upper=x".into(), ..Default::default() }),
+                Some(MountArgs { source: "src".into(), target: "/mnt".into(), options: b"ro,upper=x".to_vec(), ..Default::default() }),
             ),
             (
                 "src /mnt -s -f -n -v -o a -t sharedloop.sub -N 1234",
@@ -173,16 +224,17 @@ mod tests {
                     fake: true,
                     no_mtab: true,
                     verbose: true,
-                    options: "a".into(),
+                    options: b"a".to_vec(),
                     fstype: Some("sharedloop.sub".into()),
                     namespace: Some("1234".into()),
                 }),
             ),
             (
                 "-fv -oro src /mnt -o nosuid",
-                Some(MountArgs { source: "src".into(), target: "/mnt".into(), fake: true, verbose: true, options: "ro,nosuid".into(), ..Default::default() }),
+                Some(MountArgs { source: "src".into(), target: "/mnt".into(), fake: true, verbose: true, options: b"ro,nosuid".to_vec(), ..Default::default() }),
             ),
-            ("src /mnt -r", Some(MountArgs { source: "src".into(), target: "/mnt".into(), options: "ro".into(), ..Default::default() })),
+            ("src /mnt -r", Some(MountArgs { source: "src".into(), target: "/mnt".into(), options: b"ro".to_vec(), ..Default::default() })),
+            ("src /mnt -- -odd", None),
             ("src", None),
             ("a b c", None),
             ("src /mnt -x", None),
@@ -190,10 +242,58 @@ mod tests {
             ("", None),
         ];
         for (s, want) in cases {
-            assert_eq!(MountArgs::parse(&v(s)).ok(), *want, "{s:?}");
+            assert_eq!(run(MountArgs::parse(&v(s))), *want, "{s:?}");
         }
         let e = MountArgs::parse(&v("src /mnt -q")).unwrap_err().to_string();
         assert_eq!(e, "invalid option -- 'q'");
+        let e = MountArgs::parse(&v("src /mnt --bogus")).unwrap_err().to_string();
+        assert_eq!(e, "unrecognized option \"--bogus\"");
+    }
+
+    #[test]
+    fn help_and_version() {
+        let cases: &[(&str, Option<Info>)] = &[
+            ("--help", Some(Info::Help)),
+            ("src /mnt --version", Some(Info::Version)),
+            ("--version --help", Some(Info::Version)),
+            ("src /mnt", None),
+        ];
+        for (s, want) in cases {
+            let got = match MountArgs::parse(&v(s)).unwrap() {
+                Parsed::Info(i) => Some(i),
+                Parsed::Run(_) => None,
+            };
+            assert_eq!(got, *want, "mount {s:?}");
+            if s.contains("src") {
+                continue;
+            }
+            let got = match UmountArgs::parse(&v(s)).unwrap() {
+                Parsed::Info(i) => Some(i),
+                Parsed::Run(_) => None,
+            };
+            assert_eq!(got, *want, "umount {s:?}");
+        }
+        // After "--", "--help" is a positional.
+        assert!(matches!(UmountArgs::parse(&v("-- --help")).unwrap(), Parsed::Run(u) if u.target == PathBuf::from("--help")));
+    }
+
+    #[test]
+    fn bytes_pass_through() {
+        // A mount point and option values that are not UTF-8 arrive as they were.
+        let args = vec![
+            OsString::from("img"),
+            OsString::from_vec(b"/srv/caf\xe9".to_vec()),
+            OsString::from("-o"),
+            OsString::from_vec(b"ro,comment=\xff".to_vec()),
+            OsString::from_vec(b"-o\xfe".to_vec()),
+        ];
+        let m = run(MountArgs::parse(&args)).unwrap();
+        assert_eq!(m.target.as_os_str().as_bytes(), b"/srv/caf\xe9");
+        assert_eq!(m.options, b"ro,comment=\xff,\xfe");
+        let e = MountArgs::parse(&[OsString::from_vec(b"-\xff".to_vec())]).unwrap_err().to_string();
+        assert_eq!(e, "invalid option -- \"\\xFF\"");
+        let u = run(UmountArgs::parse(&[OsString::from_vec(b"/x\xff".to_vec())])).unwrap();
+        assert_eq!(u.target.as_os_str().as_bytes(), b"/x\xff");
     }
 
     #[test]
@@ -219,7 +319,7 @@ mod tests {
             ("/mnt -o x", None),
         ];
         for (s, want) in cases {
-            assert_eq!(UmountArgs::parse(&v(s)).ok(), *want, "{s:?}");
+            assert_eq!(run(UmountArgs::parse(&v(s))), *want, "{s:?}");
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::interrupt::step;
 use crate::kernel::Version;
 use crate::loopdev::{self, AttachOptions, LoopDevice, LoopIndex};
-use crate::mountapi::{FsContext, attach_at};
+use crate::mountapi::{FsContext, attach_at, mount_id};
 use crate::opts::{Atime, Flags, MountApi, UpperSpec};
 use crate::state::{LayerRecord, LoopRecord, UpperRecord};
 use crate::store::{FsType, Layer, Store, unique_suffix};
@@ -79,7 +79,7 @@ impl Scratch {
         let parent = state_dir.join("scratch");
         crate::store::mkdir_p(&parent)?;
         let me = std::process::id();
-        let path = parent.join(format!("{me}-{}-{}", start_time(me).unwrap_or(0), unique_suffix()));
+        let path = parent.join(format!("{me}-{}-{}", crate::procs::start_time(me).unwrap_or(0), unique_suffix()));
         std::fs::create_dir(&path).map_err(|e| Error::io("create scratch directory", &path, &e))?;
         let mut s = Scratch { path, mounted: false };
         rustix::mount::mount("sharedloop", &s.path, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, c"mode=0700,size=64k")
@@ -104,39 +104,6 @@ impl Drop for Scratch {
             let _ = rustix::mount::unmount(&self.path, UnmountFlags::DETACH);
         }
         let _ = std::fs::remove_dir(&self.path);
-    }
-}
-
-/// When process `pid` started (clock ticks after boot), to tell it from a
-/// later process that got the same pid.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the ")" closing the command name; starttime is field 22.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Remove scratch directories whose owner died without its guards running
-/// (SIGKILL, OOM) during a path or legacy mount: their layer mounts, and so
-/// their loop devices, would otherwise stay. rmdir also detaches them in
-/// other mount namespaces (Linux 3.18+). The fd way never needs this.
-pub fn sweep_scratch(state_dir: &Path) {
-    let Ok(rd) = std::fs::read_dir(state_dir.join("scratch")) else { return };
-    for ent in rd.flatten() {
-        let name = ent.file_name().to_string_lossy().into_owned();
-        let mut f = name.split('-');
-        let (Some(pid), Some(start)) = (f.next().and_then(|p| p.parse::<u32>().ok()), f.next().and_then(|s| s.parse::<u64>().ok()))
-        else {
-            continue;
-        };
-        if start_time(pid) == Some(start) {
-            continue; // its owner is still at work
-        }
-        let p = ent.path();
-        let _ = rustix::mount::unmount(&p, UnmountFlags::DETACH);
-        match std::fs::remove_dir(&p) {
-            Ok(()) => log::info!("removed scratch {} left by dead process {pid}", p.display()),
-            Err(e) => log::warn!("cannot remove stale scratch {}: {e}", p.display()),
-        }
     }
 }
 
@@ -168,10 +135,15 @@ struct LayerReady {
     mnt: Option<OwnedFd>,
 }
 
-pub struct Outcome {
+pub struct Outcome<P> {
     pub mounted: Mounted,
     pub layers: Vec<LayerRecord>,
     pub upper: Option<UpperRecord>,
+    /// The overlay's mount ID (the same before and after it is attached).
+    pub mnt_id: u64,
+    /// What `publish` returned (the caller's guards for its record and
+    /// utab line, say).
+    pub published: P,
 }
 
 fn loop_record(dev: &LoopDevice) -> LoopRecord {
@@ -331,7 +303,7 @@ impl Plan {
         } else {
             let dev = self.layer_loop(found, layer, i)?;
             let ctx = FsContext::open(fstype, &what, dev.path())?;
-            ctx.set_string("source", &dev.path().to_string_lossy())?;
+            ctx.set_string("source", dev.path())?;
             (ctx, Some(dev))
         };
         step("layer-mount", Some(i))?;
@@ -375,15 +347,20 @@ impl Plan {
         })
     }
 
-    pub fn run(&self) -> Result<Outcome> {
+    /// Mount the chain. `publish` is called with the overlay's mount ID,
+    /// the layers and the upper once the overlay exists but before it is
+    /// attached at the target, so that whatever must find the mount later
+    /// (its record, its utab line) is written before anyone can see it;
+    /// if anything after fails, what `publish` returned is dropped.
+    pub fn run<P>(&self, publish: impl FnOnce(u64, &[LayerRecord], Option<&UpperRecord>) -> Result<P>) -> Result<Outcome<P>> {
         match self.api {
-            MountApi::Fd | MountApi::Auto => self.run_fd(),
-            MountApi::Path => self.run_path(),
-            MountApi::Legacy => self.run_legacy(),
+            MountApi::Fd | MountApi::Auto => self.run_fd(publish),
+            MountApi::Path => self.run_path(publish),
+            MountApi::Legacy => self.run_legacy(publish),
         }
     }
 
-    fn run_fd(&self) -> Result<Outcome> {
+    fn run_fd<P>(&self, publish: impl FnOnce(u64, &[LayerRecord], Option<&UpperRecord>) -> Result<P>) -> Result<Outcome<P>> {
         let t = std::time::Instant::now();
         let lock = AttachLock::take(&self.state_dir)?;
         self.still_stored()?;
@@ -409,18 +386,20 @@ impl Plan {
             ctx.set_fd("upperdir", &u.upper_dir)?;
             ctx.set_fd("workdir", &u.work_dir)?;
         }
-        let mounted = self.finish_overlay(&ctx, upper.is_none())?;
+        let records: Vec<_> = ready.iter().map(|r| r.record.clone()).collect();
+        let upper_rec = upper.as_ref().map(|u| u.record.clone());
+        let (mounted, mnt_id, published) = self.finish_overlay(&ctx, upper.is_none(), &records, upper_rec.as_ref(), publish)?;
         log::debug!("overlay mounted: {:?}", t.elapsed());
         // The context first: it holds a reference to every layer mount, and
         // releasing those before our fds makes the fds' close cheaper
         // (measured 1 ms instead of 4-5 for 128 layers).
         drop(ctx);
-        let records: Vec<_> = ready.into_iter().map(|r| r.record).collect();
+        drop(ready);
         log::debug!("layer mounts released: {:?}", t.elapsed());
-        Ok(Outcome { mounted, layers: records, upper: upper.map(|u| u.record) })
+        Ok(Outcome { mounted, layers: records, upper: upper_rec, mnt_id, published })
     }
 
-    fn run_path(&self) -> Result<Outcome> {
+    fn run_path<P>(&self, publish: impl FnOnce(u64, &[LayerRecord], Option<&UpperRecord>) -> Result<P>) -> Result<Outcome<P>> {
         let scratch = Scratch::new(&self.state_dir)?;
         let lock = AttachLock::take(&self.state_dir)?;
         self.still_stored()?;
@@ -440,20 +419,22 @@ impl Plan {
         step("overlay", None)?;
         let ctx = self.overlay_ctx()?;
         for d in &dirs {
-            ctx.set_string("lowerdir+", &d.to_string_lossy())?;
+            ctx.set_string("lowerdir+", d)?;
         }
         if let Some(u) = &upper {
             let ud = scratch.sub("u")?;
             attach_at(&u.mnt, &ud)?;
-            ctx.set_string("upperdir", &ud.join("upper").to_string_lossy())?;
-            ctx.set_string("workdir", &ud.join("work").to_string_lossy())?;
+            ctx.set_string("upperdir", ud.join("upper"))?;
+            ctx.set_string("workdir", ud.join("work"))?;
         }
-        let mounted = self.finish_overlay(&ctx, upper.is_none())?;
+        let records: Vec<_> = ready.into_iter().map(|r| r.record).collect();
+        let upper_rec = upper.as_ref().map(|u| u.record.clone());
+        let (mounted, mnt_id, published) = self.finish_overlay(&ctx, upper.is_none(), &records, upper_rec.as_ref(), publish)?;
         drop(scratch);
-        Ok(Outcome { mounted, layers: ready.into_iter().map(|r| r.record).collect(), upper: upper.map(|u| u.record) })
+        Ok(Outcome { mounted, layers: records, upper: upper_rec, mnt_id, published })
     }
 
-    fn run_legacy(&self) -> Result<Outcome> {
+    fn run_legacy<P>(&self, publish: impl FnOnce(u64, &[LayerRecord], Option<&UpperRecord>) -> Result<P>) -> Result<Outcome<P>> {
         let scratch = Scratch::new(&self.state_dir)?;
         let lock = AttachLock::take(&self.state_dir)?;
         self.still_stored()?;
@@ -481,14 +462,26 @@ impl Plan {
             flags |= MountFlags::RDONLY;
         }
         let data_c = std::ffi::CString::new(data).map_err(|_| Error::Internal("NUL in overlay options".into()))?;
+        // Mounted first in the (private) scratch directory, where nobody
+        // looks, then moved onto the target once it is recorded.
+        let ovl = scratch.sub("ovl")?;
         // Relative lowerdirs resolve against our cwd: the scratch tmpfs.
         let cwd = CwdGuard::enter(&scratch.path)?;
-        let r = rustix::mount::mount(self.source.as_str(), &self.target, "overlay", flags, data_c.as_c_str());
+        let r = rustix::mount::mount(self.source.as_str(), &ovl, "overlay", flags, data_c.as_c_str());
         drop(cwd);
         r.map_err(|e| Error::sys("mount overlay", &self.target, e))?;
+        let records: Vec<_> = ready.into_iter().map(|r| r.record).collect();
+        let upper_rec = upper.as_ref().map(|u| u.record.clone());
+        let root = rustix::fs::open(&ovl, rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
+            .map_err(|e| Error::sys("open overlay", &ovl, e))?;
+        let mnt_id = mount_id(&root, &self.target)?;
+        drop(root);
+        let published = publish(mnt_id, &records, upper_rec.as_ref())?;
+        step("attach", None)?;
+        rustix::mount::mount_move(&ovl, &self.target).map_err(|e| Error::sys("move overlay onto the mount point", &self.target, e))?;
         let mounted = Mounted { target: self.target.clone(), armed: true };
         drop(scratch);
-        Ok(Outcome { mounted, layers: ready.into_iter().map(|r| r.record).collect(), upper: upper.map(|u| u.record) })
+        Ok(Outcome { mounted, layers: records, upper: upper_rec, mnt_id, published })
     }
 
     /// overlayfs wants two lowers when there is no upper: a one-layer
@@ -518,14 +511,25 @@ impl Plan {
         Ok(ctx)
     }
 
-    fn finish_overlay(&self, ctx: &FsContext, read_only: bool) -> Result<Mounted> {
+    /// Create the overlay as a detached mount, `publish` it, attach it.
+    fn finish_overlay<P>(
+        &self,
+        ctx: &FsContext,
+        read_only: bool,
+        layers: &[LayerRecord],
+        upper: Option<&UpperRecord>,
+        publish: impl FnOnce(u64, &[LayerRecord], Option<&UpperRecord>) -> Result<P>,
+    ) -> Result<(Mounted, u64, P)> {
         if read_only {
             ctx.set_flag("ro")?;
         }
         ctx.create()?;
         let mnt = ctx.mount(mount_attrs(&self.flags, read_only))?;
+        let id = mount_id(&mnt, &self.target)?;
+        let published = publish(id, layers, upper)?;
+        step("attach", None)?;
         attach_at(&mnt, &self.target)?;
-        Ok(Mounted { target: self.target.clone(), armed: true })
+        Ok((Mounted { target: self.target.clone(), armed: true }, id, published))
     }
 
     fn prepare_upper(&self) -> Result<Option<UpperReady>> {
@@ -535,7 +539,7 @@ impl Plan {
                 step("upper-mount", None)?;
                 let ctx = FsContext::open("tmpfs", "tmpfs upper", &self.target)?;
                 ctx.set_string("source", "sharedloop-upper")?;
-                ctx.set_string("size", &self.upper_create.size.to_string())?;
+                ctx.set_string("size", self.upper_create.size.to_string())?;
                 ctx.set_string("mode", "0755")?;
                 ctx.create()?;
                 let mnt = ctx.mount(MountAttrFlags::empty())?;
@@ -564,7 +568,7 @@ impl Plan {
         step("upper-mount", None)?;
         let what = format!("upper {}", img.path.display());
         let ctx = FsContext::open(img.fstype.as_str(), &what, dev.path())?;
-        ctx.set_string("source", &dev.path().to_string_lossy())?;
+        ctx.set_string("source", dev.path())?;
         ctx.create().map_err(|e| upper::explain_mount_failure(&img, e))?;
         let mnt = ctx.mount(MountAttrFlags::MOUNT_ATTR_NODEV)?;
         let (upper_dir, work_dir) = upper::ensure_dirs(&mnt, &img.path)?;

@@ -109,7 +109,19 @@ enum Cmd {
     },
 }
 
-pub fn main(args: &[String]) -> Result<()> {
+/// A store directory given on the command line: absolute, no `..` (the
+/// rule `loopback_root=` has), bytes kept as they are.
+fn store_dir_arg(flag: &str, p: &std::path::Path) -> Result<PathBuf> {
+    if !p.is_absolute() {
+        return Err(Error::Usage(format!("{flag} {}: must be an absolute path", p.display())));
+    }
+    if p.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(Error::Usage(format!("{flag} {}: '..' is not allowed", p.display())));
+    }
+    Ok(p.to_path_buf())
+}
+
+pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -122,14 +134,13 @@ pub fn main(args: &[String]) -> Result<()> {
         }
     };
     crate::logging::init("sharedloop", cli.verbose);
-    let mut o = String::new();
-    if let Some(r) = &cli.loopback_root {
-        o.push_str(&format!("loopback_root=\"{}\",", r.display()));
-    }
-    if let Some(f) = &cli.loopback_fallback {
-        o.push_str(&format!("loopback_fallback=\"{}\"", f.display()));
-    }
-    let (opts, _) = effective_options(&o, false)?;
+    crate::interrupt::install();
+    let given = crate::opts::MountOptions {
+        loopback_root: cli.loopback_root.as_deref().map(|p| store_dir_arg("--loopback-root", p)).transpose()?,
+        loopback_fallback: cli.loopback_fallback.as_deref().map(|p| store_dir_arg("--loopback-fallback", p)).transpose()?,
+        ..Default::default()
+    };
+    let (opts, _) = effective_options(given)?;
     let store = store_of(&opts);
     // --staging-dir, else staging_dir= from the configuration file.
     let staging = |given: Option<PathBuf>| -> Result<Option<PathBuf>> {

@@ -16,19 +16,20 @@ pub fn path() -> PathBuf {
     std::env::var_os("SHAREDLOOP_CONFIG").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
 }
 
-/// The option string a configuration file holds.
-pub fn to_option_string(text: &str) -> String {
-    text.lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
+/// The option string a configuration file holds (bytes: a store path
+/// need not be UTF-8).
+pub fn to_option_string(text: &[u8]) -> Vec<u8> {
+    text.split(|&b| b == b'\n')
+        .map(|l| l.split(|&b| b == b'#').next().unwrap_or(b"").trim_ascii())
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
-        .join(",")
+        .join(&b","[..])
 }
 
 /// Missing file: no defaults. Unreadable or invalid: an error naming it.
 pub fn load() -> Result<(MountOptions, Vec<String>)> {
     let p = path();
-    let text = match std::fs::read_to_string(&p) {
+    let text = match std::fs::read(&p) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((MountOptions::default(), vec![])),
         Err(e) => return Err(Error::io("read configuration", &p, &e)),
@@ -44,7 +45,8 @@ mod tests {
     #[test]
     fn comments_and_lines() {
         let t = "# store on NFS\nloopback_root=/srv/store   # shared\n\n  upper_size=1G,direct_io=off\n";
-        assert_eq!(to_option_string(t), "loopback_root=/srv/store,upper_size=1G,direct_io=off");
-        assert_eq!(to_option_string("# only comments\n"), "");
+        assert_eq!(to_option_string(t.as_bytes()), b"loopback_root=/srv/store,upper_size=1G,direct_io=off");
+        assert_eq!(to_option_string(b"# only comments\n"), b"");
+        assert_eq!(to_option_string(b"loopback_root=/s/\xff # x\n"), b"loopback_root=/s/\xff");
     }
 }

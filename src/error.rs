@@ -76,9 +76,24 @@ pub enum Error {
     #[error("{0}")]
     Store(String),
 
+    /// Neither store directory is there (a shared store not mounted, a
+    /// mistyped path): not the same as an image missing from a store.
+    #[error("no store: {}: {root_errno}; fallback {}: {fallback_errno}", root.display(), fallback.display())]
+    NoStore {
+        root: PathBuf,
+        root_errno: Errno,
+        fallback: PathBuf,
+        fallback_errno: Errno,
+    },
+
     /// A resource another mount holds (a read-write upper).
     #[error("{0}")]
     InUse(String),
+
+    /// The mount point is not what the command needs: nothing mounted
+    /// there, or not a sharedloop mount.
+    #[error("{0}")]
+    Target(String),
 
     /// An external command (mkfs) failed.
     #[error("{what}: {cmd} exited with {status}{}", if .stderr.is_empty() { String::new() } else { format!(": {}", .stderr) })]
@@ -189,7 +204,9 @@ impl Error {
             Error::Sys { .. }
             | Error::Mount { .. }
             | Error::Store(_)
+            | Error::NoStore { .. }
             | Error::InUse(_)
+            | Error::Target(_)
             | Error::Command { .. }
             | Error::Injected(_) => ExitCode::MountFailure,
         }

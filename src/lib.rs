@@ -5,6 +5,8 @@
 #![deny(unsafe_code)]
 
 pub mod error;
+pub mod bytes;
+pub mod procs;
 pub mod ids;
 pub mod command;
 pub mod layer_build;

@@ -58,16 +58,21 @@ fn sys_dir(n: u32) -> PathBuf {
     PathBuf::from(format!("/sys/block/loop{n}/loop"))
 }
 
-/// The backing file path the kernel shows for an attached device.
-pub fn backing_file(n: u32) -> Option<String> {
-    std::fs::read_to_string(sys_dir(n).join("backing_file")).ok().map(|s| s.trim_end_matches('\n').to_string())
+/// The backing file path the kernel shows for an attached device (bytes,
+/// as d_path gives them: not necessarily UTF-8).
+pub fn backing_file(n: u32) -> Option<PathBuf> {
+    let mut b = std::fs::read(sys_dir(n).join("backing_file")).ok()?;
+    if b.last() == Some(&b'\n') {
+        b.pop();
+    }
+    Some(crate::bytes::path_from(&b))
 }
 
 /// Attached loop devices by backing file path, read once per mount. Only a
 /// hint: a candidate is confirmed with LOOP_GET_STATUS64 on an fd we hold.
 #[derive(Debug, Default)]
 pub struct LoopIndex {
-    by_path: HashMap<String, Vec<u32>>,
+    by_path: HashMap<PathBuf, Vec<u32>>,
 }
 
 impl LoopIndex {
@@ -79,7 +84,7 @@ impl LoopIndex {
         Self::from_partitions(&text, backing_file)
     }
 
-    fn from_partitions(text: &str, backing: impl Fn(u32) -> Option<String>) -> LoopIndex {
+    fn from_partitions(text: &str, backing: impl Fn(u32) -> Option<PathBuf>) -> LoopIndex {
         let mut idx = LoopIndex::default();
         for n in text
             .lines()
@@ -101,7 +106,7 @@ impl LoopIndex {
     /// as backing_file; a path that differs (other mount namespace views)
     /// only costs the sharing, never correctness.
     pub fn find(&self, backing: impl AsFd, path: &Path) -> Result<Option<LoopDevice>> {
-        let Some(cands) = path.to_str().and_then(|p| self.by_path.get(p)) else { return Ok(None) };
+        let Some(cands) = self.by_path.get(path) else { return Ok(None) };
         let st = rustix::fs::fstat(&backing).map_err(|e| Error::sys("stat", path, e))?;
         for &n in cands {
             // ENOENT/ENXIO: gone since the scan; not an error.
@@ -279,7 +284,7 @@ mod tests {
             3 => Some("/s/a.img".into()),
             _ => None, // gone since /proc/partitions was read
         });
-        assert_eq!(idx.by_path.get("/s/a.img"), Some(&vec![0, 3]));
+        assert_eq!(idx.by_path.get(Path::new("/s/a.img")), Some(&vec![0, 3]));
         assert_eq!(idx.by_path.len(), 1);
     }
 }

@@ -4,31 +4,30 @@
 
 #![deny(unsafe_code)]
 
+use std::ffi::OsString;
 use std::path::Path;
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let prog = args
-        .first()
-        .and_then(|a| Path::new(a).file_name())
-        .and_then(|f| f.to_str())
-        .unwrap_or("sharedloop")
-        .to_string();
+    // Bytes, not text: a mount point or store path need not be UTF-8.
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let prog = args.first().and_then(|a| Path::new(a).file_name()).map(|f| f.to_os_string()).unwrap_or_default();
     let rest = &args[1.min(args.len())..];
-    let (name, result) = match prog.as_str() {
-        "mount.sharedloop" => ("mount.sharedloop", sharedloop::helper::mount_main(rest)),
-        "umount.sharedloop" => ("umount.sharedloop", sharedloop::helper::umount_main(rest)),
+    let (name, result) = match prog.as_encoded_bytes() {
+        b"mount.sharedloop" => ("mount.sharedloop", sharedloop::helper::mount_main(rest)),
+        b"umount.sharedloop" => ("umount.sharedloop", sharedloop::helper::umount_main(rest)),
         _ => ("sharedloop", sharedloop::cli::main(&args)),
     };
-    match result {
-        Ok(()) => std::process::exit(0),
+    let code = match result {
+        Ok(()) => 0,
         Err(e) => {
+            let e = sharedloop::interrupt::after_signal(e);
             if log::log_enabled!(log::Level::Error) {
                 log::error!("{e}");
             } else {
                 eprintln!("{name}: {e}");
             }
-            std::process::exit(e.exit_code() as i32);
+            e.exit_code() as i32
         }
-    }
+    };
+    std::process::exit(code);
 }

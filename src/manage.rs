@@ -252,6 +252,11 @@ impl Inventory {
             inv.scan_names(which, &h);
             inv.dirs.push((which, h));
         }
+        if inv.dirs.is_empty() {
+            // Neither store is there: an error, so that `verify` or `gc` of
+            // a shared store that is not mounted never reports success.
+            store.require()?;
+        }
         for (i, l) in inv.layers.iter().enumerate() {
             inv.by_id.entry(l.id).or_default().push(i);
         }
@@ -442,7 +447,7 @@ impl Inventory {
 #[derive(Debug)]
 struct AttachedLoop {
     number: u32,
-    backing: String,
+    backing: PathBuf,
     file: Option<FileId>,
 }
 
@@ -512,7 +517,7 @@ impl Users {
             return true;
         }
         match &layer.loop_dev {
-            Some(l) => loopdev::backing_file(l.number).as_deref() == Some(l.backing.as_str()),
+            Some(l) => loopdev::backing_file(l.number).as_deref() == Some(l.backing.as_path()),
             None => self.namespaces.get_or_init(live_namespaces).contains(&rec.mnt_ns),
         }
     }
@@ -1030,6 +1035,10 @@ pub fn render(l: &Listing) -> String {
 
 pub fn ls(store: &Store, json: bool) -> Result<()> {
     let l = listing(store)?;
+    // A missing fallback is the usual case; a missing root is worth a word.
+    for (_, p, e) in store.missing().into_iter().filter(|(w, ..)| *w == Which::Root) {
+        log::warn!("root store {}: {e}; listing the fallback only", p.display());
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&l).expect("serialize"));
         return Ok(());
@@ -1505,6 +1514,10 @@ fn stale_temporaries(which: Which, h: &DirHandle, users: &Users, now: u64, out: 
 
 pub fn gc(store: &Store, o: &GcOptions) -> Result<()> {
     let inv = Inventory::scan(store)?;
+    // A missing fallback is the usual case; a missing root is worth a word.
+    for (_, p, e) in store.missing().into_iter().filter(|(w, ..)| *w == Which::Root) {
+        log::warn!("root store {}: {e}; collecting the fallback only", p.display());
+    }
     let users = Users::scan();
     let now = store::now_secs();
     let min_age = o.min_age.as_secs();
@@ -1769,6 +1782,11 @@ pub fn verify(store: &Store, refs: &[String], o: &VerifyOptions) -> Result<()> {
             }
         }
     };
+    // The root store is the one checked; its absence (a shared store not
+    // mounted on this node) is a failure even with a fallback present.
+    for (_, p, e) in store.missing().into_iter().filter(|(w, ..)| *w == Which::Root) {
+        report(false, &format!("store {}", p.display()), &[format!("cannot open it: {e}")], &[]);
+    }
     if refs.is_empty() {
         layers.extend(0..inv.layers.len());
         names.extend(0..inv.names.len());

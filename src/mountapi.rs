@@ -52,8 +52,11 @@ impl FsContext {
         Error::Mount { what: format!("{}: {op}", self.what), path: self.path.clone(), errno: E(e), kmsg }
     }
 
-    pub fn set_string(&self, key: &str, value: &str) -> Result<()> {
-        rustix::mount::fsconfig_set_string(&self.fd, key, value).map_err(|e| self.fail(&format!("set {key}={value}"), e))
+    /// `value` is bytes: a path (a lower layer's directory) need not be UTF-8.
+    pub fn set_string(&self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Result<()> {
+        let value = value.as_ref();
+        rustix::mount::fsconfig_set_string(&self.fd, key, value)
+            .map_err(|e| self.fail(&format!("set {key}={}", value.to_string_lossy()), e))
     }
 
     pub fn set_flag(&self, key: &str) -> Result<()> {
@@ -79,4 +82,40 @@ impl FsContext {
 pub fn attach_at(mnt: impl AsFd, target: &Path) -> Result<()> {
     rustix::mount::move_mount(mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
         .map_err(|e| Error::sys("attach mount", target, e))
+}
+
+/// The ID of the mount `fd` is on (a detached mount keeps its ID when it
+/// is attached, which is what lets a mount be recorded before it is
+/// visible). statx(STATX_MNT_ID) where the kernel has it (5.8+), else the
+/// `mnt_id:` line of /proc/self/fdinfo (3.15+).
+pub fn mount_id(fd: impl AsFd, what: &Path) -> Result<u64> {
+    use rustix::fs::{AtFlags, StatxFlags};
+    match rustix::fs::statx(&fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID) {
+        Ok(st) if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) => return Ok(st.stx_mnt_id),
+        Ok(_) | Err(Errno::NOSYS) | Err(Errno::INVAL) => {}
+        Err(e) => return Err(Error::sys("statx", what, e)),
+    }
+    let info = format!("/proc/self/fdinfo/{}", std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()));
+    let text = std::fs::read_to_string(&info).map_err(|e| Error::io("read mount id", &info, &e))?;
+    parse_fdinfo_mnt_id(&text).ok_or_else(|| Error::Internal(format!("{info}: no mnt_id line")))
+}
+
+fn parse_fdinfo_mnt_id(text: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix("mnt_id:")).and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fdinfo_mount_ids() {
+        assert_eq!(parse_fdinfo_mnt_id("pos:\t0\nflags:\t02100000\nmnt_id:\t29\nino:\t5\n"), Some(29));
+        assert_eq!(parse_fdinfo_mnt_id("pos:\t0\n"), None);
+        // statx and fdinfo agree on a real fd.
+        let fd = rustix::fs::open("/", rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()).unwrap();
+        let via_statx = mount_id(&fd, Path::new("/")).unwrap();
+        let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", std::os::fd::AsRawFd::as_raw_fd(&fd))).unwrap();
+        assert_eq!(parse_fdinfo_mnt_id(&text), Some(via_statx));
+    }
 }

@@ -1,7 +1,13 @@
 //! /proc/self/mountinfo: a pure line parser and a reader.
+//!
+//! Parsed as bytes: a mount point anywhere in the namespace may be a path
+//! that is not UTF-8, and one such mount must not make every other
+//! unreadable.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use crate::bytes::{mount_unescape, os_from, path_from};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -10,57 +16,44 @@ pub struct MountInfo {
     pub parent: u64,
     pub major: u32,
     pub minor: u32,
-    pub root: String,
+    pub root: PathBuf,
     pub mount_point: PathBuf,
     pub mount_options: String,
     pub fstype: String,
-    pub source: String,
+    pub source: OsString,
     pub super_options: String,
 }
 
-/// Undo the kernel's octal escapes (`\040` for space, `\011`, `\012`, `\134`).
-pub fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let oct = &b[i + 1..i + 4];
-            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                let v = (oct[0] - b'0') as u32 * 64 + (oct[1] - b'0') as u32 * 8 + (oct[2] - b'0') as u32;
-                if v <= 255 {
-                    out.push(v as u8);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+fn num<T: std::str::FromStr>(b: &[u8]) -> Option<T> {
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
 }
 
 impl MountInfo {
     /// One line: `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS`.
-    pub fn parse_line(line: &str) -> Option<MountInfo> {
-        let (left, right) = line.split_once(" - ")?;
-        let mut l = left.split(' ');
-        let id = l.next()?.parse().ok()?;
-        let parent = l.next()?.parse().ok()?;
-        let (maj, min) = l.next()?.split_once(':')?;
-        let root = unescape(l.next()?);
-        let mount_point = PathBuf::from(unescape(l.next()?));
-        let mount_options = l.next()?.to_string();
-        let mut r = right.splitn(3, ' ');
-        let fstype = r.next()?.to_string();
-        let source = unescape(r.next()?);
-        let super_options = r.next().unwrap_or("").trim_end().to_string();
+    pub fn parse_line(line: &[u8]) -> Option<MountInfo> {
+        let sep = line.windows(3).position(|w| w == b" - ")?;
+        let (left, right) = (&line[..sep], &line[sep + 3..]);
+        let mut l = left.split(|&b| b == b' ');
+        let id = num(l.next()?)?;
+        let parent = num(l.next()?)?;
+        let devno = l.next()?;
+        let colon = devno.iter().position(|&b| b == b':')?;
+        let root = path_from(&mount_unescape(l.next()?));
+        let mount_point = path_from(&mount_unescape(l.next()?));
+        let mount_options = text(l.next()?);
+        let mut r = right.splitn(3, |&b| b == b' ');
+        let fstype = text(r.next()?);
+        let source = os_from(mount_unescape(r.next()?));
+        let super_options = text(r.next().unwrap_or(b"").trim_ascii_end());
         Some(MountInfo {
             id,
             parent,
-            major: maj.parse().ok()?,
-            minor: min.parse().ok()?,
+            major: num(&devno[..colon])?,
+            minor: num(&devno[colon + 1..])?,
             root,
             mount_point,
             mount_options,
@@ -70,15 +63,15 @@ impl MountInfo {
         })
     }
 
-    pub fn parse_all(text: &str) -> Vec<MountInfo> {
-        text.lines().filter_map(MountInfo::parse_line).collect()
+    pub fn parse_all(text: &[u8]) -> Vec<MountInfo> {
+        text.split(|&b| b == b'\n').filter_map(MountInfo::parse_line).collect()
     }
 }
 
 pub const SELF: &str = "/proc/self/mountinfo";
 
 pub fn read() -> Result<Vec<MountInfo>> {
-    let t = std::fs::read_to_string(SELF).map_err(|e| Error::io("read", SELF, &e))?;
+    let t = std::fs::read(SELF).map_err(|e| Error::io("read", SELF, &e))?;
     Ok(MountInfo::parse_all(&t))
 }
 
@@ -90,45 +83,43 @@ pub fn find_at(mounts: &[MountInfo], target: &Path) -> Option<MountInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
 
     #[test]
     fn parse_lines() {
-        let cases: &[(&str, Option<(u64, &str, &str, &str, &str)>)] = &[
+        type Want<'a> = Option<(u64, &'a [u8], &'a str, &'a [u8], &'a str)>;
+        let cases: &[(&[u8], Want)] = &[
             (
-                "64 43 0:40 / /tmp/exp/t rw,relatime - tmpfs mysrc rw,size=1024k",
-                Some((64, "/tmp/exp/t", "tmpfs", "mysrc", "rw,size=1024k")),
+                b"64 43 0:40 / /tmp/exp/t rw,relatime - tmpfs mysrc rw,size=1024k",
+                Some((64, b"/tmp/exp/t", "tmpfs", b"mysrc", "rw,size=1024k")),
             ),
             (
-                "36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw,errors=continue",
-                Some((36, "/mnt/with space", "ext3", "/dev/root", "rw,errors=continue")),
+                b"36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw,errors=continue",
+                Some((36, b"/mnt/with space", "ext3", b"/dev/root", "rw,errors=continue")),
             ),
             (
-                "70 64 0:45 / /m ro shared:5 master:2 - overlay sha256:abc ro,lowerdir+=/a,lowerdir+=/b",
-                Some((70, "/m", "overlay", "sha256:abc", "ro,lowerdir+=/a,lowerdir+=/b")),
+                b"70 64 0:45 / /m ro shared:5 master:2 - overlay sha256:abc ro,lowerdir+=/a,lowerdir+=/b",
+                Some((70, b"/m", "overlay", b"sha256:abc", "ro,lowerdir+=/a,lowerdir+=/b")),
             ),
-            ("71 64 0:45 / /m ro - overlay debian:12 ", Some((71, "/m", "overlay", "debian:12", ""))),
-            ("garbage", None),
-            ("1 2 3:x / /m rw - a b c", None),
-            ("", None),
+            (b"71 64 0:45 / /m ro - overlay debian:12 ", Some((71, b"/m", "overlay", b"debian:12", ""))),
+            // Not UTF-8: kept byte for byte.
+            (b"72 64 0:46 / /srv/caf\xe9 rw - tmpfs src\xff rw", Some((72, b"/srv/caf\xe9", "tmpfs", b"src\xff", "rw"))),
+            (b"garbage", None),
+            (b"1 2 3:x / /m rw - a b c", None),
+            (b"", None),
         ];
         for (line, want) in cases {
-            let got = MountInfo::parse_line(line)
-                .map(|m| (m.id, m.mount_point.to_str().unwrap().to_string(), m.fstype, m.source, m.super_options));
-            let want = want.map(|(a, b, c, d, e)| (a, b.to_string(), c.to_string(), d.to_string(), e.to_string()));
+            let got = MountInfo::parse_line(line).map(|m| {
+                (m.id, m.mount_point.as_os_str().as_bytes().to_vec(), m.fstype, m.source.as_bytes().to_vec(), m.super_options)
+            });
+            let want = want.map(|(a, b, c, d, e)| (a, b.to_vec(), c.to_string(), d.to_vec(), e.to_string()));
             assert_eq!(got, want, "{line:?}");
         }
     }
 
     #[test]
-    fn unescapes() {
-        assert_eq!(unescape("a\\040b\\011c\\012d\\134e"), "a b\tc\nd\\e");
-        assert_eq!(unescape("trailing\\04"), "trailing\\04");
-        assert_eq!(unescape("\\999"), "\\999");
-    }
-
-    #[test]
     fn topmost_wins() {
-        let m = MountInfo::parse_all("1 0 0:1 / /m rw - tmpfs a rw\n2 1 0:2 / /m rw - overlay b rw\n");
+        let m = MountInfo::parse_all(b"1 0 0:1 / /m rw - tmpfs a rw\n2 1 0:2 / /m rw - overlay b rw\n");
         assert_eq!(find_at(&m, Path::new("/m")).unwrap().source, "b");
         assert!(find_at(&m, Path::new("/x")).is_none());
     }

@@ -4,6 +4,8 @@
 //! Syntax as util-linux has it: comma-separated `key` or `key=value`; a
 //! value may be double-quoted to hold commas (`loopback_root="/a,b"`).
 
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -93,7 +95,7 @@ pub struct MountOptions {
     pub flags: Flags,
     /// Options mount(8) keeps for itself (`_netdev`, `nofail`, `x-*`...):
     /// accepted, recorded in utab, not acted on.
-    pub userspace: Vec<String>,
+    pub userspace: Vec<OsString>,
     /// Node-local staging of `sharedloop add` and `import` (configuration
     /// file only: not a mount option).
     pub staging_dir: Option<PathBuf>,
@@ -119,35 +121,34 @@ pub enum Origin {
     Config,
 }
 
-/// Split an option string on commas outside double quotes; strip the quotes.
-pub fn split_options(s: &str) -> Result<Vec<(String, Option<String>)>> {
+/// One item of an option string: its key and value as given (bytes).
+pub type RawOption = (Vec<u8>, Option<Vec<u8>>);
+
+/// Split an option string on commas outside double quotes; strip the
+/// quotes. Bytes in, bytes out: a value may be a path that is not UTF-8.
+pub fn split_options(s: &[u8]) -> Result<Vec<RawOption>> {
     let mut out = Vec::new();
-    let mut cur = String::new();
+    let mut cur = Vec::new();
     let mut in_q = false;
-    let mut quoted_any = false;
-    let push = |cur: &mut String, out: &mut Vec<(String, Option<String>)>| {
+    let push = |cur: &mut Vec<u8>, out: &mut Vec<RawOption>| {
         if !cur.is_empty() {
             let item = std::mem::take(cur);
-            match item.split_once('=') {
-                Some((k, v)) => out.push((k.to_string(), Some(v.to_string()))),
+            match item.iter().position(|&b| b == b'=') {
+                Some(i) => out.push((item[..i].to_vec(), Some(item[i + 1..].to_vec()))),
                 None => out.push((item, None)),
             }
         }
     };
-    for c in s.chars() {
+    for &c in s {
         match c {
-            '"' => {
-                in_q = !in_q;
-                quoted_any = true;
-            }
-            ',' if !in_q => push(&mut cur, &mut out),
+            b'"' => in_q = !in_q,
+            b',' if !in_q => push(&mut cur, &mut out),
             _ => cur.push(c),
         }
     }
     if in_q {
-        return Err(Error::Usage(format!("option string {s:?}: unbalanced double quote")));
+        return Err(Error::Usage(format!("option string {:?}: unbalanced double quote", OsStr::from_bytes(s))));
     }
-    let _ = quoted_any;
     push(&mut cur, &mut out);
     Ok(out)
 }
@@ -167,15 +168,30 @@ fn split_layer_list(list: &str) -> Vec<String> {
     out
 }
 
-fn abs_path(key: &str, v: &str) -> Result<PathBuf> {
-    let p = Path::new(v);
+fn abs_path(key: &str, v: &[u8]) -> Result<PathBuf> {
+    let p = Path::new(OsStr::from_bytes(v));
+    let shown = p.display();
     if !p.is_absolute() {
-        return Err(Error::Usage(format!("{key}={v}: must be an absolute path")));
+        return Err(Error::Usage(format!("{key}={shown}: must be an absolute path")));
     }
     if p.components().any(|c| c == Component::ParentDir) {
-        return Err(Error::Usage(format!("{key}={v}: '..' is not allowed")));
+        return Err(Error::Usage(format!("{key}={shown}: '..' is not allowed")));
     }
     Ok(p.to_path_buf())
+}
+
+/// A value that must be a non-empty byte string (paths).
+fn need_bytes<'a>(key: &str, v: Option<&'a [u8]>) -> Result<&'a [u8]> {
+    match v {
+        Some(x) if !x.is_empty() => Ok(x),
+        _ => Err(Error::Usage(format!("{key}: needs a value"))),
+    }
+}
+
+/// Options whose value is taken as bytes (a path, or mount(8)'s own
+/// options, which go to utab as they are); every other value must be text.
+fn takes_bytes(key: &str) -> bool {
+    matches!(key, "loopback_root" | "loopback_fallback" | "staging_dir" | "upper") || is_userspace(key)
 }
 
 /// "10G", "512M", "1048576", "64k" (powers of 1024).
@@ -243,11 +259,33 @@ fn is_userspace(key: &str) -> bool {
 impl MountOptions {
     /// Parse an option string. Unknown options are an error naming them;
     /// with `sloppy` they are returned as warnings instead.
-    pub fn parse(s: &str, origin: Origin, sloppy: bool) -> Result<(MountOptions, Vec<String>)> {
+    pub fn parse(s: &[u8], origin: Origin, sloppy: bool) -> Result<(MountOptions, Vec<String>)> {
         let mut o = MountOptions::default();
         let mut warnings = Vec::new();
-        for (key, val) in split_options(s)? {
-            let v = val.as_deref();
+        for (raw_key, val) in split_options(s)? {
+            let raw = val.as_deref();
+            // The item as given, for messages.
+            let shown = || {
+                let mut b = raw_key.clone();
+                if let Some(v) = raw {
+                    b.push(b'=');
+                    b.extend_from_slice(v);
+                }
+                format!("{:?}", OsStr::from_bytes(&b))
+            };
+            let Ok(key) = String::from_utf8(raw_key.clone()) else {
+                if sloppy {
+                    warnings.push(format!("ignoring unknown option {}", shown()));
+                    continue;
+                }
+                return Err(Error::Usage(format!("unknown option {}", shown())));
+            };
+            let v: Option<&str> = match raw.map(std::str::from_utf8) {
+                None => None,
+                Some(Ok(t)) => Some(t),
+                Some(Err(_)) if takes_bytes(&key) => None, // read from `raw` below
+                Some(Err(_)) => return Err(Error::Usage(format!("{}: the value is not valid UTF-8", shown()))),
+            };
             let config_ok = matches!(
                 key.as_str(),
                 "loopback_root"
@@ -274,7 +312,7 @@ impl MountOptions {
             // configuration file (or --staging-dir); mount has no use for it.
             if key == "staging_dir" {
                 if origin == Origin::Config {
-                    o.staging_dir = Some(abs_path(&key, need(&key, v)?)?);
+                    o.staging_dir = Some(abs_path(&key, need_bytes(&key, raw)?)?);
                 } else if sloppy {
                     warnings.push(format!("ignoring {key}: not a mount option (configuration file only)"));
                 } else {
@@ -285,8 +323,8 @@ impl MountOptions {
                 continue;
             }
             match key.as_str() {
-                "loopback_root" => o.loopback_root = Some(abs_path(&key, need(&key, v)?)?),
-                "loopback_fallback" => o.loopback_fallback = Some(abs_path(&key, need(&key, v)?)?),
+                "loopback_root" => o.loopback_root = Some(abs_path(&key, need_bytes(&key, raw)?)?),
+                "loopback_fallback" => o.loopback_fallback = Some(abs_path(&key, need_bytes(&key, raw)?)?),
                 "override_kernel_check" => {
                     no_value(&key, v)?;
                     o.override_kernel_check = true
@@ -301,20 +339,22 @@ impl MountOptions {
                     o.layers = Some(refs);
                 }
                 "upper" => {
-                    let u = need(&key, v)?;
+                    let u = need_bytes(&key, raw)?;
                     o.upper = Some(match u {
-                        "none" => None,
-                        "tmpfs" => Some(UpperSpec::Tmpfs),
-                        p if p.starts_with('/') => {
+                        b"none" => None,
+                        b"tmpfs" => Some(UpperSpec::Tmpfs),
+                        p if p.starts_with(b"/") => {
                             let path = abs_path(&key, p)?;
-                            if p.ends_with('/') {
-                                return Err(Error::Usage(format!("upper={p}: names a directory, want an image file")));
+                            if p.ends_with(b"/") {
+                                return Err(Error::Usage(format!("upper={}: names a directory, want an image file", path.display())));
                             }
                             Some(UpperSpec::Path(path))
                         }
-                        n => Some(UpperSpec::Named(
-                            Name::parse(n).map_err(|e| Error::Usage(format!("upper=: {e}")))?,
-                        )),
+                        n => {
+                            let n = std::str::from_utf8(n)
+                                .map_err(|_| Error::Usage(format!("{}: invalid name (not UTF-8)", shown())))?;
+                            Some(UpperSpec::Named(Name::parse(n).map_err(|e| Error::Usage(format!("upper=: {e}")))?))
+                        }
                     })
                 }
                 "upper_size" => o.upper_size = Some(parse_size(&key, need(&key, v)?)?),
@@ -408,19 +448,19 @@ impl MountOptions {
                     no_value(&key, v)?;
                     o.flags.lazytime = Some(key == "lazytime")
                 }
-                k if is_userspace(k) => o.userspace.push(match v {
-                    Some(v) => format!("{k}={v}"),
-                    None => k.to_string(),
-                }),
+                k if is_userspace(k) => {
+                    let mut b = raw_key.clone();
+                    if let Some(v) = raw {
+                        b.push(b'=');
+                        b.extend_from_slice(v);
+                    }
+                    o.userspace.push(OsString::from_vec(b));
+                }
                 _ => {
-                    let shown = match v {
-                        Some(v) => format!("{key}={v}"),
-                        None => key.clone(),
-                    };
                     if sloppy {
-                        warnings.push(format!("ignoring unknown option {shown:?}"));
+                        warnings.push(format!("ignoring unknown option {}", shown()));
                     } else {
-                        return Err(Error::Usage(format!("unknown option {shown:?}")));
+                        return Err(Error::Usage(format!("unknown option {}", shown())));
                     }
                 }
             }
@@ -489,7 +529,7 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> std::result::Result<MountOptions, String> {
-        MountOptions::parse(s, Origin::CommandLine, false)
+        MountOptions::parse(s.as_bytes(), Origin::CommandLine, false)
             .map(|(o, _)| o)
             .map_err(|e| e.to_string())
     }
@@ -504,12 +544,11 @@ mod tests {
             ("k=v=w", vec![("k", Some("v=w"))]),
         ];
         for (s, want) in cases {
-            let got = split_options(s).unwrap();
-            let want: Vec<(String, Option<String>)> =
-                want.iter().map(|(k, v)| (k.to_string(), v.map(|v| v.to_string()))).collect();
+            let got = split_options(s.as_bytes()).unwrap();
+            let want: Vec<RawOption> = want.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()))).collect();
             assert_eq!(got, want, "{s:?}");
         }
-        assert!(split_options("a=\"b").is_err());
+        assert!(split_options(b"a=\"b").is_err());
     }
 
     #[test]
@@ -598,9 +637,9 @@ mod tests {
         let o = parse("_netdev,nofail,x-systemd.requires-mounts-for=/srv,helper=sharedloop,user,comment=x").unwrap();
         assert_eq!(
             o.userspace,
-            vec!["_netdev", "nofail", "x-systemd.requires-mounts-for=/srv", "helper=sharedloop", "user", "comment=x"]
+            ["_netdev", "nofail", "x-systemd.requires-mounts-for=/srv", "helper=sharedloop", "user", "comment=x"].map(OsString::from).to_vec()
         );
-        let (o, w) = MountOptions::parse("ro,bogus,also=1", Origin::CommandLine, true).unwrap();
+        let (o, w) = MountOptions::parse(b"ro,bogus,also=1", Origin::CommandLine, true).unwrap();
         assert_eq!(o.flags.ro, Some(true));
         assert_eq!(w, vec!["ignoring unknown option \"bogus\"", "ignoring unknown option \"also=1\""]);
     }
@@ -620,9 +659,9 @@ mod tests {
 
     #[test]
     fn config_and_merge() {
-        let (cfg, _) = MountOptions::parse("loopback_root=/srv/s,upper_size=1G,direct_io=off,metacopy=on", Origin::Config, false).unwrap();
-        assert!(MountOptions::parse("upper=x", Origin::Config, false).is_err());
-        assert!(MountOptions::parse("ro", Origin::Config, false).is_err());
+        let (cfg, _) = MountOptions::parse(b"loopback_root=/srv/s,upper_size=1G,direct_io=off,metacopy=on", Origin::Config, false).unwrap();
+        assert!(MountOptions::parse(b"upper=x", Origin::Config, false).is_err());
+        assert!(MountOptions::parse(b"ro", Origin::Config, false).is_err());
         let cli = parse("upper_size=2G,metacopy=off").unwrap();
         let m = cli.over(cfg);
         assert_eq!(m.loopback_root.as_deref(), Some(Path::new("/srv/s")));
@@ -633,7 +672,7 @@ mod tests {
 
     #[test]
     fn staging_dir_is_a_configuration_key_only() {
-        let cfg = |s: &str| MountOptions::parse(s, Origin::Config, false).map(|(o, _)| o.staging_dir).map_err(|e| e.to_string());
+        let cfg = |s: &str| MountOptions::parse(s.as_bytes(), Origin::Config, false).map(|(o, _)| o.staging_dir).map_err(|e| e.to_string());
         let cases: &[(&str, std::result::Result<Option<&str>, &str>)] = &[
             ("staging_dir=/var/tmp/sl", Ok(Some("/var/tmp/sl"))),
             ("staging_dir=\"/scratch/a,b\"", Ok(Some("/scratch/a,b"))),
@@ -652,10 +691,31 @@ mod tests {
         }
         let e = parse("staging_dir=/var/tmp/sl").unwrap_err();
         assert!(e.contains("not a mount option"), "{e}");
-        let (o, w) = MountOptions::parse("ro,staging_dir=/x", Origin::CommandLine, true).unwrap();
+        let (o, w) = MountOptions::parse(b"ro,staging_dir=/x", Origin::CommandLine, true).unwrap();
         assert_eq!((o.staging_dir, w.len()), (None, 1));
-        let (c, _) = MountOptions::parse("staging_dir=/a", Origin::Config, false).unwrap();
+        let (c, _) = MountOptions::parse(b"staging_dir=/a", Origin::Config, false).unwrap();
         assert_eq!(parse("ro").unwrap().over(c).staging_dir.as_deref(), Some(Path::new("/a")));
+    }
+
+    #[test]
+    fn values_are_bytes_where_they_may_be_paths() {
+        let (o, _) = MountOptions::parse(b"loopback_root=/srv/caf\xe9,upper=/u/\xff.img,comment=\xfe,x-a=\xfd", Origin::CommandLine, false).unwrap();
+        assert_eq!(o.loopback_root.unwrap().as_os_str().as_bytes(), b"/srv/caf\xe9");
+        assert_eq!(o.upper, Some(Some(UpperSpec::Path(PathBuf::from(OsStr::from_bytes(b"/u/\xff.img"))))));
+        assert_eq!(o.userspace, vec![OsString::from_vec(b"comment=\xfe".to_vec()), OsString::from_vec(b"x-a=\xfd".to_vec())]);
+        // Text-valued options refuse bytes that are not UTF-8, and say which.
+        let cases: &[(&[u8], &str)] = &[
+            (b"upper_size=1\xffG", "\"upper_size=1\\xFFG\": the value is not valid UTF-8"),
+            (b"upper=n\xff", "\"upper=n\\xFF\": invalid name (not UTF-8)"),
+            (b"\xff", "unknown option \"\\xFF\""),
+            (b"ro,b\xe9=1", "unknown option \"b\\xE9=1\""),
+        ];
+        for (s, want) in cases {
+            let e = MountOptions::parse(s, Origin::CommandLine, false).unwrap_err().to_string();
+            assert_eq!(e, *want, "{s:?}");
+        }
+        let (_, w) = MountOptions::parse(b"\xff,ro", Origin::CommandLine, true).unwrap();
+        assert_eq!(w, vec!["ignoring unknown option \"\\xFF\"".to_string()]);
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub struct Status {
     pub storage_driver: &'static str,
     /// The filesystem the root store sits on, named as docker names them.
     pub backing_filesystem: String,
+    #[serde(with = "crate::bytes::path")]
     pub loopback_root: PathBuf,
+    #[serde(with = "crate::bytes::path")]
     pub loopback_fallback: PathBuf,
     pub kernel: KernelInfo,
     pub store: StoreTotals,
@@ -64,6 +66,7 @@ pub struct StoreTotals {
 
 #[derive(Debug, Serialize, PartialEq)]
 pub struct MountInfo {
+    #[serde(with = "crate::bytes::path")]
     pub target: PathBuf,
     pub source: String,
     pub top: String,
@@ -78,6 +81,7 @@ pub struct MountInfo {
 pub struct LayerUse {
     pub chain_id: String,
     pub loop_device: Option<String>,
+    #[serde(with = "crate::bytes::path")]
     pub image: PathBuf,
     pub mounts: usize,
 }

@@ -173,6 +173,15 @@ pub fn open_dir(dir: &Path) -> Result<OwnedFd> {
     .map_err(|e| Error::sys("open store directory", dir, e))
 }
 
+/// Open `rel` below the open directory `dfd` (whose path is `dir`),
+/// refusing any symlink or escape. A file opened for reading or writing
+/// must be a regular file: whoever can write to a shared store could
+/// otherwise plant a FIFO, whose open blocks until a writer comes (every
+/// node's boot, for ever), or a device, whose open has side effects. So
+/// the file is looked up with O_PATH first (which never blocks and opens
+/// nothing), its type checked, and only then opened for real, with
+/// O_NONBLOCK in case it was swapped for a FIFO in between, and checked
+/// again. O_PATH and directory opens are passed through.
 pub fn openat_beneath(
     dfd: &OwnedFd,
     dir: &Path,
@@ -181,14 +190,59 @@ pub fn openat_beneath(
     mode: Mode,
 ) -> Result<OwnedFd> {
     let path = dir.join(rel);
-    rustix::fs::openat2(dfd, rel, flags | OFlags::CLOEXEC, mode, RESOLVE).map_err(|e| {
-        let what = if e == Errno::LOOP || e == Errno::XDEV {
-            "refusing symlink or path outside the store"
-        } else {
-            "open"
-        };
-        Error::sys(what, path, e)
-    })
+    let open = |flags: OFlags| {
+        rustix::fs::openat2(dfd, rel, flags | OFlags::CLOEXEC, mode, RESOLVE).map_err(|e| {
+            let what = if e == Errno::LOOP || e == Errno::XDEV {
+                "refusing symlink or path outside the store"
+            } else {
+                "open"
+            };
+            Error::sys(what, &path, e)
+        })
+    };
+    if flags.intersects(OFlags::PATH | OFlags::DIRECTORY) {
+        return open(flags);
+    }
+    if !flags.contains(OFlags::CREATE) {
+        let probe = open(OFlags::PATH)?;
+        let st = rustix::fs::fstat(&probe).map_err(|e| Error::sys("stat", &path, e))?;
+        regular_or_refuse(&path, st.st_mode)?;
+    }
+    let fd = open(flags | OFlags::NONBLOCK | OFlags::NOCTTY)?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| Error::sys("stat", &path, e))?;
+    regular_or_refuse(&path, st.st_mode)?;
+    if !flags.contains(OFlags::NONBLOCK) {
+        let fl = rustix::fs::fcntl_getfl(&fd).map_err(|e| Error::sys("fcntl F_GETFL", &path, e))?;
+        rustix::fs::fcntl_setfl(&fd, fl - OFlags::NONBLOCK).map_err(|e| Error::sys("fcntl F_SETFL", &path, e))?;
+    }
+    Ok(fd)
+}
+
+/// What a file of mode `mode` is, in words, for a refusal.
+pub fn file_type_name(mode: u32) -> &'static str {
+    use rustix::fs::FileType as T;
+    match T::from_raw_mode(mode) {
+        T::RegularFile => "a regular file",
+        T::Directory => "a directory",
+        T::Symlink => "a symlink",
+        T::Fifo => "a FIFO",
+        T::Socket => "a socket",
+        T::CharacterDevice => "a character device",
+        T::BlockDevice => "a block device",
+        T::Unknown => "a file of unknown type",
+    }
+}
+
+/// Err naming what `path` is unless `mode` is a regular file's.
+fn regular_or_refuse(path: &Path, mode: u32) -> Result<()> {
+    if rustix::fs::FileType::from_raw_mode(mode) == rustix::fs::FileType::RegularFile {
+        return Ok(());
+    }
+    Err(Error::Store(format!(
+        "{}: {}, not a regular file: refusing to open it (damaged or tampered store?)",
+        path.display(),
+        file_type_name(mode)
+    )))
 }
 
 /// A small file in as few reads as possible (one, for metadata).
@@ -341,6 +395,49 @@ impl Store {
         Ok(h)
     }
 
+    /// Err unless at least one of the two store directories can be
+    /// opened. Checked before a lookup so that a shared store that is not
+    /// mounted, or a mistyped `loopback_root`, is reported as such with
+    /// its errno, instead of as "no such image".
+    pub fn require(&self) -> Result<()> {
+        let errno = |w| match self.handle(w) {
+            Ok(_) => Ok(()),
+            Err(e) => match e.errno() {
+                Some(n) if falls_back(n) || n == Errno::NOTDIR => Err(n),
+                _ => Ok(()), // another failure: the lookup itself reports it
+            },
+        };
+        match (errno(Which::Root), errno(Which::Fallback)) {
+            (Err(r), Err(f)) => Err(Error::NoStore {
+                root: self.root.clone(),
+                root_errno: r.into(),
+                fallback: self.fallback.clone(),
+                fallback_errno: f.into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The store directories that cannot be opened, with why: for the
+    /// messages of lookups that found nothing.
+    pub fn missing(&self) -> Vec<(Which, &Path, crate::error::Errno)> {
+        [Which::Root, Which::Fallback]
+            .into_iter()
+            .filter_map(|w| match self.handle(w) {
+                Err(e) => e.errno().map(|n| (w, self.dir(w), n.into())),
+                Ok(_) => None,
+            })
+            .collect()
+    }
+
+    /// "ROOT nor FALLBACK", saying which of them is not there at all.
+    pub fn searched(&self) -> String {
+        let gone: Vec<String> =
+            self.missing().into_iter().map(|(_, p, e)| format!("{}: {e}", p.display())).collect();
+        let note = if gone.is_empty() { String::new() } else { format!(" (store directory {})", gone.join(", ")) };
+        format!("{} nor {}{note}", self.root.display(), self.fallback.display())
+    }
+
     pub fn dir(&self, w: Which) -> &Path {
         match w {
             Which::Root => &self.root,
@@ -440,6 +537,17 @@ impl Store {
                 )),
                 _ => e,
             })?;
+            // A truncated or replaced image must not be mounted: the
+            // filesystem in it would fail later, on some read, on every node.
+            let st = rustix::fs::fstat(&image).map_err(|e| Error::sys("stat", dir.join(&rel), e))?;
+            if st.st_size as u64 != meta.size {
+                return Err(Error::Store(format!(
+                    "{}: {} bytes, its metadata says {} (truncated or replaced image; `sharedloop verify` checks the store)",
+                    dir.join(&rel).display(),
+                    st.st_size,
+                    meta.size
+                )));
+            }
             Ok(Layer {
                 meta,
                 which,
@@ -448,11 +556,7 @@ impl Store {
             })
         }))
         .map_err(|e| match e.errno() {
-            Some(Errno::NOENT) => Error::Store(format!(
-                "layer {id}: not found in {} nor {}",
-                self.root.display(),
-                self.fallback.display()
-            )),
+            Some(Errno::NOENT) => Error::Store(format!("layer {id}: not found in {}", self.searched())),
             // Store errors already name the layer; system errors do not.
             Some(_) => e.context(&format!("layer {id}")),
             None if e.to_string().starts_with(&format!("layer {id}")) => e,
@@ -487,11 +591,7 @@ impl Store {
     pub fn read_name(&self, name: &Name) -> Result<Digest> {
         self.with_fallback(|dir, _| read_name_in(dir, name))
         .map_err(|e| match e.errno() {
-            Some(Errno::NOENT) => Error::Store(format!(
-                "image {name}: no such name in {} nor {}",
-                self.root.display(),
-                self.fallback.display()
-            )),
+            Some(Errno::NOENT) => Error::Store(format!("image {name}: no such name in {}", self.searched())),
             _ => e,
         })
     }
@@ -576,12 +676,12 @@ impl Store {
 /// planted there (say `names -> /etc`) is refused, never written through.
 pub fn store_subdir(dir: &Path, sub: &str, mode: u32) -> Result<OwnedFd> {
     mkdir_p(dir)?;
-    // Another node may be creating it too: ENOENT or ESTALE right after
-    // our EEXIST is that race, not an answer (see `mkdir_p`).
+    // Another node may be creating it too: ENOENT, ESTALE or EIO right
+    // after our EEXIST is that race, not an answer (see `mkdir_p`).
     retry_with(
         PUBLISH_TRIES,
         PUBLISH_PAUSE,
-        |e| matches!(e.errno(), Some(Errno::STALE) | Some(Errno::NOENT)),
+        |e| e.errno().is_some_and(|e| transient(e) || e == Errno::NOENT),
         std::thread::sleep,
         || {
             let dfd = open_dir(dir)?;
@@ -839,12 +939,14 @@ pub fn write_name(dir: &Path, name: &Name, id: &Digest) -> Result<()> {
 /// `mkdir -p`, also when other nodes create the same directories at the
 /// same time: on shared storage the loser of a mkdir race can get EEXIST
 /// and then, for a moment, ENOENT or ESTALE when it looks at the winner's
-/// directory (GlusterFS). A directory that is there in the end is success.
+/// directory (GlusterFS), or EIO while the servers settle the new
+/// directory's layout between them (GlusterFS DHT, three nodes creating
+/// one store at once). A directory that is there in the end is success.
 pub fn mkdir_p(p: &Path) -> Result<()> {
     retry_with(
         PUBLISH_TRIES,
         PUBLISH_PAUSE,
-        |e| matches!(e.errno(), Some(Errno::STALE) | Some(Errno::NOENT) | Some(Errno::EXIST)),
+        |e| e.errno().is_some_and(|e| transient(e) || e == Errno::NOENT || e == Errno::EXIST),
         std::thread::sleep,
         || match std::fs::create_dir_all(p) {
             Ok(()) => Ok(()),

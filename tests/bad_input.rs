@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// bottom <- mid <- top (named "bad:top"); returns (bottom, mid, top).
 fn chain3(env: &Env) -> (String, String, String) {
@@ -14,24 +14,6 @@ fn chain3(env: &Env) -> (String, String, String) {
     (a, b, c)
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn hex(id: &str) -> &str {
-    id.strip_prefix("sha256:").unwrap()
-}
-
-fn layer_dir(store: &Path, id: &str) -> PathBuf {
-    store.join("layers").join(hex(id))
-}
-
-/// The helper itself, in the namespace, with the test's store first in -o.
-fn helper(env: &Env, src: &str, target: &Path, extra: &str) -> Run {
-    let o = if extra.is_empty() { env.store_opts() } else { format!("{},{extra}", env.store_opts()) };
-    env.run(&["mount.sharedloop", src, s(target), "-o", &o])
-}
-
 fn mount8(env: &Env, src: &str, target: &Path, extra: &str) -> Run {
     let o = if extra.is_empty() { env.store_opts() } else { format!("{},{extra}", env.store_opts()) };
     env.run(&["mount", "-t", "sharedloop", src, s(target), "-o", &o])
@@ -39,27 +21,6 @@ fn mount8(env: &Env, src: &str, target: &Path, extra: &str) -> Run {
 
 fn umount(env: &Env, target: &Path) {
     env.run(&["umount", s(target)]).ok();
-}
-
-fn records(env: &Env) -> usize {
-    std::fs::read_dir(env.state.join("mounts"))
-        .map(|r| r.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "json")).count())
-        .unwrap_or(0)
-}
-
-/// Failed as wanted, with the helper's own prefix, and nothing left.
-#[track_caller]
-fn check_failed(env: &Env, r: &Run, code: i32, frags: &[&str], target: &Path, ctx: &str) {
-    assert_eq!(r.code, code, "{ctx}: want exit {code}: {r:?}");
-    assert!(r.stderr.starts_with("mount.sharedloop: "), "{ctx}: message should come from the helper: {}", r.stderr);
-    for f in frags {
-        assert!(r.stderr.contains(f), "{ctx}: stderr lacks {f:?}: {}", r.stderr);
-    }
-    assert_eq!(r.stderr.trim_end().lines().count(), 1, "{ctx}: one clear line: {}", r.stderr);
-    assert!(env.overlay_at(target).is_none(), "{ctx}: mounted anyway");
-    assert_eq!(records(env), 0, "{ctx}: state record left");
-    assert_eq!(env.utab(), "", "{ctx}: utab entry left");
-    env.assert_clean();
 }
 
 // ---------------------------------------------------------------- options
@@ -518,7 +479,7 @@ fn second_rw_mount_of_an_upper() {
         assert_eq!(env.my_mounts(), mounts, "{api}: second attempt left a mount");
         assert_eq!(env.my_loops(), loops, "{api}: second attempt left a loop device");
         assert_eq!(env.utab(), utab);
-        assert_eq!(records(&env), 1);
+        assert_eq!(records(&env).len(), 1);
     }
     // By path too, and through mount(8).
     let r = mount8(&env, &top, &m2, &format!("upper={}", img.display()));
@@ -599,7 +560,7 @@ fn helper_argv() {
         (&["mount.sharedloop", "a", "b", "-q"], 1, "mount.sharedloop: invalid option -- 'q'"),
         (&["mount.sharedloop", "a", "b", "-o"], 1, "option -o requires an argument"),
         (&["mount.sharedloop", "", "/b"], 1, "empty SOURCE or TARGET"),
-        (&["umount.sharedloop", "/not/mounted"], 32, "umount.sharedloop: not mounted: umount: /not/mounted: Invalid argument"),
+        (&["umount.sharedloop", "/not/mounted"], 32, "umount.sharedloop: /not/mounted: not mounted (No such file or directory)\n"),
         (&["umount.sharedloop"], 1, "usage: umount.sharedloop TARGET"),
         (&["umount.sharedloop", "/a", "/b"], 1, "usage: umount.sharedloop TARGET"),
         (&["umount.sharedloop", "/a", "-x"], 1, "invalid option -- 'x'"),
@@ -612,7 +573,7 @@ fn helper_argv() {
     // umount.sharedloop of an existing directory that is not a mount point.
     let m = env.mnt("m");
     let r = env.run(&["umount.sharedloop", s(&m)]);
-    r.fails(32, &format!("not mounted: umount: {}: Invalid argument", m.display()));
+    r.fails(32, &format!("umount.sharedloop: {}: not mounted\n", m.display()));
     env.assert_clean();
 }
 

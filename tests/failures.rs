@@ -28,10 +28,6 @@ fn opts(env: &Env, extra: &str) -> String {
     if extra.is_empty() { env.store_opts() } else { format!("{},{extra}", env.store_opts()) }
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// mount(8), optionally with a failpoint.
 fn mount8(env: &Env, src: &str, target: &Path, extra: &str, fp: Option<&str>) -> Run {
     let o = opts(env, extra);
@@ -43,11 +39,6 @@ fn mount8(env: &Env, src: &str, target: &Path, extra: &str, fp: Option<&str>) ->
 }
 
 /// Mount records (`*.json`) in the test's state directory.
-fn records(env: &Env) -> Vec<PathBuf> {
-    std::fs::read_dir(env.state.join("mounts"))
-        .map(|r| r.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect())
-        .unwrap_or_default()
-}
 
 /// Half-made upper images in either store's uppers directory.
 fn upper_temps(env: &Env) -> Vec<PathBuf> {
@@ -391,33 +382,34 @@ fn sigkill_at_pause_points_leaves_nothing() {
     }
 }
 
-/// SIGKILL after the overlay is attached (at the state or utab step) cannot
-/// be undone: what is left is a complete, working mount, lacking its utab
-/// entry (and, at state, its record). A plain umount(8) takes it down and
-/// frees everything; the stale record is pruned by the next helper umount.
+/// The record and the utab line are written before the overlay is
+/// attached, so SIGKILL at state, utab or attach leaves no mount at all,
+/// only (from utab on) a record and a utab line of a mount that never
+/// appeared. The next sharedloop command of the node (here `mounts`)
+/// removes both; the upper's lock died with the process.
 #[test]
-fn sigkill_after_attach_leaves_a_complete_mount() {
+fn sigkill_before_attach_leaves_only_what_the_next_command_reconciles() {
     let env = Env::new("sigkill-late");
     let (_, _, top) = chain3(&env);
     let m = env.mnt("m");
-    for (i, fp) in ["state", "utab"].iter().enumerate() {
-        let extra = format!("upper=late{i},{UPPER_SIZE}");
-        let p = spawn_paused(&env, &top, &m, &extra, fp);
-        p.signal(libc::SIGKILL);
-        let (code, _) = p.finish();
-        assert_eq!(code, -libc::SIGKILL);
-        assert!(env.overlay_at(&m).is_some(), "{fp}: the attached overlay stays");
-        assert_eq!(read_in(&env, &m.join("c.txt")).as_deref(), Some("c\n"));
-        assert!(!env.utab().contains(s(&m)), "{fp}: no utab entry was written");
-        assert_eq!(records(&env).len(), usize::from(*fp == "utab"), "{fp}");
-        env.run(&["umount", s(&m)]).ok();
-        assert!(env.overlay_at(&m).is_none());
-        assert!(wait_no_loops(&env.dir, Duration::from_secs(10)), "{fp}: {:?}", env.my_loops());
-        env.assert_clean();
-        // Lock free: mounts again; the helper's umount prunes the stale record.
-        mount8(&env, &top, &m, &extra, None).ok();
-        env.run(&["umount", s(&m)]).ok();
-        assert_nothing_left(&env, &m, &format!("after SIGKILL at {fp}"));
+    for api in ["fd", "path", "legacy"] {
+        for (i, fp) in ["state", "utab", "attach"].iter().enumerate() {
+            let ctx = format!("mount_api={api}, SIGKILL at {fp}");
+            let extra = format!("mount_api={api},upper=late{i},{UPPER_SIZE}");
+            let p = spawn_paused(&env, &top, &m, &extra, fp);
+            p.signal(libc::SIGKILL);
+            let (code, _) = p.finish();
+            assert_eq!(code, -libc::SIGKILL, "{ctx}");
+            assert!(env.overlay_at(&m).is_none(), "{ctx}: the overlay was never attached");
+            assert_eq!(records(&env).len(), usize::from(*fp != "state"), "{ctx}: the record comes before utab");
+            assert_eq!(env.utab().contains(s(&m)), *fp == "attach", "{ctx}: the utab line comes last, before attach: {}", env.utab());
+            // Any command of the node reconciles: record and line go.
+            let r = env.sl(&["mounts", "--json"]);
+            r.ok();
+            assert_eq!(r.stdout.trim(), "[]", "{ctx}");
+            assert_nothing_left(&env, &m, &ctx);
+            mount_umount_ok(&env, &top, &m, &extra, &format!("after {ctx}"));
+        }
     }
 }
 

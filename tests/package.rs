@@ -165,11 +165,11 @@ fn mount_man_page_documents_every_option_and_variable() {
     assert!(keys.len() > 40 && keys.iter().any(|k| k == "loopback_root") && keys.iter().any(|k| k == "_netdev"), "parser keys not found: {keys:?}");
     let missing: Vec<&String> = keys.iter().filter(|k| !has_word(&page, k)).collect();
     assert!(missing.is_empty(), "mount.sharedloop.8 does not document {missing:?}");
-    // The helpers' flags, as src/argv.rs scans them: scan(args, "FLAGS", "VALUED").
+    // The helpers' flags, as src/argv.rs scans them: scan(args, b"FLAGS", b"VALUED").
     let argv = std::fs::read_to_string(repo().join("src/argv.rs")).unwrap();
     let scans: Vec<String> = argv
         .lines()
-        .filter(|l| l.contains("scan(args, \""))
+        .filter(|l| l.contains("scan(args, b\""))
         .map(|l| l.split('"').skip(1).step_by(2).take(2).collect::<String>())
         .collect();
     assert_eq!(scans.len(), 2, "scan() calls in src/argv.rs: {scans:?}");

@@ -214,7 +214,7 @@ fn mount_layer(l: &Layer, idx: &LoopIndex, kernel: Version) -> Result<OwnedFd> {
         }
     };
     let ctx = FsContext::open(fstype, &what, dev.path())?;
-    ctx.set_string("source", &dev.path().to_string_lossy())?;
+    ctx.set_string("source", dev.path())?;
     ctx.set_flag("ro")?;
     ctx.create()?;
     ctx.mount(layer_attrs())

@@ -445,3 +445,45 @@ pub fn list_in(env: &Env, path: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+// ------------------------------------------------- store and helper checks
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+pub fn hex(id: &str) -> &str {
+    id.strip_prefix("sha256:").unwrap()
+}
+
+pub fn layer_dir(store: &Path, id: &str) -> PathBuf {
+    store.join("layers").join(hex(id))
+}
+
+/// The helper itself, in the namespace, with the test's store first in -o.
+pub fn helper(env: &Env, src: &str, target: &Path, extra: &str) -> Run {
+    let o = if extra.is_empty() { env.store_opts() } else { format!("{},{extra}", env.store_opts()) };
+    env.run(&["mount.sharedloop", src, s(target), "-o", &o])
+}
+
+/// The node's mount records (not temporary ones).
+pub fn records(env: &Env) -> Vec<PathBuf> {
+    std::fs::read_dir(env.state.join("mounts"))
+        .map(|r| r.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect())
+        .unwrap_or_default()
+}
+
+/// Failed as wanted, with the helper's own prefix, and nothing left.
+#[track_caller]
+pub fn check_failed(env: &Env, r: &Run, code: i32, frags: &[&str], target: &Path, ctx: &str) {
+    assert_eq!(r.code, code, "{ctx}: want exit {code}: {r:?}");
+    assert!(r.stderr.starts_with("mount.sharedloop: "), "{ctx}: message should come from the helper: {}", r.stderr);
+    for f in frags {
+        assert!(r.stderr.contains(f), "{ctx}: stderr lacks {f:?}: {}", r.stderr);
+    }
+    assert_eq!(r.stderr.trim_end().lines().count(), 1, "{ctx}: one clear line: {}", r.stderr);
+    assert!(env.overlay_at(target).is_none(), "{ctx}: mounted anyway");
+    assert_eq!(records(env).len(), 0, "{ctx}: state record left");
+    assert_eq!(env.utab(), "", "{ctx}: utab entry left");
+    env.assert_clean();
+}
