@@ -35,7 +35,7 @@
 //! `mount.sharedloop` and `umount.sharedloop` are symlinks to it in the
 //! bench's temporary directory (the binary dispatches on argv[0]); both run
 //! with `-n` (no utab), `SHAREDLOOP_STATE_DIR` in the temporary directory and
-//! `SHAREDLOOP_CONFIG` pointing at a file that does not exist.
+//! `SHAREDLOOP_CONFIG` empty (no configuration file).
 //!
 //! Isolation: the bench first enters a new mount namespace (unshare
 //! CLONE_NEWNS while still single-threaded) and makes `/` recursively
@@ -466,7 +466,7 @@ impl Ctx {
     fn helper(&self, name: &str) -> Command {
         let mut c = Command::new(self.helpers.join(name));
         c.env("SHAREDLOOP_STATE_DIR", &self.state)
-            .env("SHAREDLOOP_CONFIG", self.work.join("no-config"))
+            .env("SHAREDLOOP_CONFIG", "")
             .env_remove("SHAREDLOOP_FAILPOINT")
             .env_remove("SHAREDLOOP_DEBUG");
         c
@@ -793,7 +793,7 @@ fn wrapped(ctx: &Ctx, wrap: &[String], helper: &str, args: &[std::ffi::OsString]
     let mut c = Command::new(&wrap[0]);
     c.args(&wrap[1..]).arg(ctx.helpers.join(helper)).args(args);
     c.env("SHAREDLOOP_STATE_DIR", &ctx.state)
-        .env("SHAREDLOOP_CONFIG", ctx.work.join("no-config"))
+        .env("SHAREDLOOP_CONFIG", "")
         .env_remove("SHAREDLOOP_FAILPOINT")
         .env_remove("SHAREDLOOP_DEBUG");
     for (k, v) in env {
@@ -902,7 +902,7 @@ fn exec_script(ctx: &Ctx, sizes: &[usize], script: &str) {
         .env("SLB_WORK", &ctx.work)
         .env("SLB_OPTS", ctx.mount_opts())
         .env("SHAREDLOOP_STATE_DIR", &ctx.state)
-        .env("SHAREDLOOP_CONFIG", ctx.work.join("no-config"));
+        .env("SHAREDLOOP_CONFIG", "");
     for &n in sizes {
         c.env(format!("SLB_TOP_{n}"), ctx.chain.ids[n - 1].to_string());
         let imgs: Vec<String> = ctx.chain.images[..n].iter().map(|p| p.to_string_lossy().into_owned()).collect();

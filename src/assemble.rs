@@ -308,7 +308,7 @@ impl Plan {
         };
         step("layer-mount", Some(i))?;
         ctx.set_flag("ro")?;
-        ctx.create()?;
+        ctx.create().map_err(|e| explain_refusal(layer, e))?;
         let mnt = ctx.mount(attrs_for_layer())?;
         Ok(LayerReady {
             record: LayerRecord {
@@ -334,7 +334,8 @@ impl Plan {
             MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
             c"",
         )
-        .map_err(|e| Error::sys(format!("layer {}: mount {}", layer.meta.chain_id, layer.meta.fstype), dev.path(), e))?;
+        .map_err(|e| Error::sys(format!("layer {}: mount {}", layer.meta.chain_id, layer.meta.fstype), dev.path(), e))
+        .map_err(|e| explain_refusal(layer, e))?;
         Ok(LayerReady {
             record: LayerRecord {
                 chain_id: layer.meta.chain_id,
@@ -750,5 +751,20 @@ mod tests {
         assert_eq!(resolve_api(MountApi::Auto, Version(6, 8, 0)), MountApi::Path);
         assert_eq!(resolve_api(MountApi::Auto, Version(5, 15, 0)), MountApi::Legacy);
         assert_eq!(resolve_api(MountApi::Legacy, Version(6, 18, 0)), MountApi::Legacy);
+    }
+}
+
+/// A layer mount the kernel refused, with the reason when it is that the
+/// image is not the filesystem its metadata says (an erofs image in an
+/// ext4 layer's place): the kernel only says EINVAL. The superblock is
+/// read only here, after a failure.
+fn explain_refusal(layer: &Layer, e: Error) -> Error {
+    match crate::superblock::check(&layer.image, layer.meta.fstype) {
+        Ok(()) => e,
+        Err(why) => Error::Store(format!(
+            "{e}; {}: {why}, its metadata says {} (image replaced? `sharedloop verify` checks the store)",
+            layer.image_path.display(),
+            layer.meta.fstype
+        )),
     }
 }

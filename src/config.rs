@@ -12,8 +12,14 @@ use crate::opts::{MountOptions, Origin};
 
 pub const DEFAULT_PATH: &str = "/etc/sharedloop/sharedloop.conf";
 
-pub fn path() -> PathBuf {
-    std::env::var_os("SHAREDLOOP_CONFIG").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+/// The configuration file to read, or None for none: SHAREDLOOP_CONFIG
+/// if set (empty: no file at all), else the default path.
+pub fn path() -> Option<PathBuf> {
+    match std::env::var_os("SHAREDLOOP_CONFIG") {
+        Some(p) if p.is_empty() => None,
+        Some(p) => Some(PathBuf::from(p)),
+        None => Some(PathBuf::from(DEFAULT_PATH)),
+    }
 }
 
 /// The option string a configuration file holds (bytes: a store path
@@ -26,16 +32,38 @@ pub fn to_option_string(text: &[u8]) -> Vec<u8> {
         .join(&b","[..])
 }
 
-/// Missing file: no defaults. Unreadable or invalid: an error naming it.
+/// The default file missing: no defaults. A file SHAREDLOOP_CONFIG names
+/// missing (a typo would otherwise drop every default silently),
+/// unreadable, not a regular file or invalid: an error naming it.
 pub fn load() -> Result<(MountOptions, Vec<String>)> {
-    let p = path();
-    let text = match std::fs::read(&p) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((MountOptions::default(), vec![])),
-        Err(e) => return Err(Error::io("read configuration", &p, &e)),
+    let Some(p) = path() else { return Ok((MountOptions::default(), vec![])) };
+    let named = std::env::var_os("SHAREDLOOP_CONFIG").is_some();
+    let what = if named { "read configuration (SHAREDLOOP_CONFIG)" } else { "read configuration" };
+    let text = match read_regular(&p, what) {
+        Err(e) if e.errno() == Some(rustix::io::Errno::NOENT) && !named => return Ok((MountOptions::default(), vec![])),
+        r => r?,
     };
     MountOptions::parse(&to_option_string(&text), Origin::Config, false)
         .map_err(|e| Error::Usage(format!("{}: {e}", p.display())))
+}
+
+/// A regular file's bytes (at most 1 MiB); opened without blocking, so
+/// that a FIFO in its place is an error, not a hang at boot.
+fn read_regular(p: &std::path::Path, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e: std::io::Error| Error::io(what, p, &e);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(p)
+        .map_err(err)?;
+    if !f.metadata().map_err(err)?.is_file() {
+        return Err(Error::Usage(format!("{what}: {}: not a regular file", p.display())));
+    }
+    let mut text = Vec::new();
+    f.by_ref().take(1 << 20).read_to_end(&mut text).map_err(err)?;
+    Ok(text)
 }
 
 #[cfg(test)]

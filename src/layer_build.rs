@@ -86,6 +86,18 @@ pub fn add_layer(store: &Store, opts: &AddOptions) -> Result<Digest> {
                 store.dir(which).display()
             ),
         );
+        // The chain ID names the content, not its format: one layer per
+        // ID, so the one stored stays. Say so when another was asked for.
+        if let Ok(meta) = Store::read_meta_in(store.dir(which), &chain)
+            && meta.fstype != opts.fstype
+        {
+            log::warn!(
+                "layer {chain} is stored as {} in {}; not stored again as {} (`sharedloop rm` it first to change its format)",
+                meta.fstype,
+                store.dir(which).display(),
+                opts.fstype
+            );
+        }
         // Asking for a name on an existing layer still means "name it".
         return name_layer(store.dir(which), opts, &chain);
     }

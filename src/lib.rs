@@ -29,6 +29,7 @@ pub mod mountapi;
 pub mod state;
 pub mod upper;
 pub mod mmp;
+pub mod superblock;
 pub mod cli;
 pub mod manage;
 pub mod import;

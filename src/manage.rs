@@ -1646,31 +1646,6 @@ pub struct VerifyOptions {
     pub deep: bool,
 }
 
-/// Does the image's superblock say `fstype`?
-fn check_magic(fd: &OwnedFd, fstype: FsType) -> std::result::Result<(), String> {
-    let mut buf = [0u8; 1084];
-    let mut n = 0;
-    while n < buf.len() {
-        match rustix::io::pread(fd, &mut buf[n..], n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) => return Err(format!("read superblock: {}", crate::error::Errno(e))),
-        }
-    }
-    let (at, want): (usize, &[u8]) = match fstype {
-        FsType::Ext4 => (1080, &[0x53, 0xEF]),
-        FsType::Xfs => (0, b"XFSB"),
-        FsType::Erofs => (1024, &[0xE2, 0xE1, 0xF5, 0xE0]),
-    };
-    if n < at + want.len() {
-        return Err(format!("image too short ({n} bytes) for a {fstype} superblock"));
-    }
-    if &buf[at..at + want.len()] != want {
-        return Err(format!("no {fstype} superblock magic at byte {at}"));
-    }
-    Ok(())
-}
-
 /// The filesystem checker, read-only. Ok(None): passed; Ok(Some(note)):
 /// not run.
 fn deep_check(path: &Path, fstype: FsType) -> std::result::Result<Option<String>, String> {
@@ -1731,7 +1706,7 @@ fn check_layer(inv: &Inventory, l: &StoredLayer, deep: bool) -> (Vec<String>, Ve
     let rel = format!("layers/{}/layer.img", l.id.hex());
     match openat_beneath(&h.fd, &h.path, &rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty()) {
         Ok(fd) => {
-            if let Err(e) = check_magic(&fd, meta.fstype) {
+            if let Err(e) = crate::superblock::check(&fd, meta.fstype) {
                 fail.push(e);
             }
         }

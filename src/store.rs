@@ -891,8 +891,14 @@ pub fn write_name(dir: &Path, name: &Name, id: &Digest) -> Result<()> {
     // A record that says it already stays: every import of an image would
     // otherwise replace it, and other nodes whose clients still hold the
     // replaced file get ESTALE reading it for a while (GlusterFS).
-    if read_name_in(dir, name).is_ok_and(|d| d == *id) {
+    let before = read_name_in(dir, name);
+    if before.as_ref().is_ok_and(|d| d == id) {
         return Ok(());
+    }
+    // Re-pointing a name is what `--name` is for (a new version of an
+    // image), but never silently: the old target may be mounted on nodes.
+    if let Ok(old) = &before {
+        log::warn!("name {name}: re-pointed from {old} to {id} in {}", dir.display());
     }
     let tmp = format!(".{}.{}.{}", name.file_name(), std::process::id(), unique_suffix());
     let tmp_path = dir.join("names").join(&tmp);

@@ -93,6 +93,13 @@ fn every_kind_of_damage_is_refused_quickly_and_cleanly() {
     );
     assert_ne!(cyclic, std::fs::read_to_string(&bottom_meta).unwrap(), "metadata has no null parent to replace");
 
+    // An erofs image of another tree, as is and padded to the ext4 image's size.
+    let erofs = env.add_with(None, None, &[("z.txt", E::File("z\n"))], &["--fstype", "erofs"]);
+    let erofs_img = std::fs::read(layer_dir(&env.root, &erofs).join("layer.img")).unwrap();
+    assert!(erofs_img.len() as u64 != size);
+    let mut padded = erofs_img.clone();
+    padded.resize(size as usize, 0);
+
     let not_regular = "not a regular file: refusing to open it";
     let cases: Vec<(&str, &PathBuf, Damage, Vec<String>)> = vec![
         ("image FIFO", &img, Damage::Fifo, vec![format!("{}: a FIFO, {not_regular}", img.display())]),
@@ -112,6 +119,18 @@ fn every_kind_of_damage_is_refused_quickly_and_cleanly() {
             &img,
             Damage::Huge(size + 4096),
             vec![format!("{}: {} bytes, its metadata says {size}", img.display(), size + 4096)],
+        ),
+        (
+            "erofs image in an ext4 layer",
+            &img,
+            Damage::Content(erofs_img.clone()),
+            vec![format!("{}: {} bytes, its metadata says {size}", img.display(), erofs_img.len())],
+        ),
+        (
+            "erofs image of the right size in an ext4 layer",
+            &img,
+            Damage::Content(padded),
+            vec![format!("{}: the image holds erofs, not ext4, its metadata says ext4", img.display())],
         ),
         ("metadata FIFO", &meta, Damage::Fifo, vec![format!("{}: a FIFO, {not_regular}", meta.display())]),
         ("metadata socket", &meta, Damage::Socket, vec![format!("{}: a socket, {not_regular}", meta.display())]),

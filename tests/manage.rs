@@ -16,20 +16,16 @@ fn sl(env: &Env, args: &[&str]) -> Run {
     env.sl(args)
 }
 
-fn hex(id: &str) -> &str {
-    &id[7..]
-}
-
 fn short(id: &str) -> &str {
     &id[7..19]
 }
 
-fn layer_dir(env: &Env, id: &str) -> PathBuf {
+fn root_layer_dir(env: &Env, id: &str) -> PathBuf {
     env.root.join("layers").join(hex(id))
 }
 
 fn meta(env: &Env, id: &str) -> Value {
-    serde_json::from_slice(&std::fs::read(layer_dir(env, id).join("meta.json")).unwrap()).unwrap()
+    serde_json::from_slice(&std::fs::read(root_layer_dir(env, id).join("meta.json")).unwrap()).unwrap()
 }
 
 fn size(env: &Env, id: &str) -> u64 {
@@ -37,7 +33,7 @@ fn size(env: &Env, id: &str) -> u64 {
 }
 
 fn has_layer(env: &Env, id: &str) -> bool {
-    layer_dir(env, id).exists()
+    root_layer_dir(env, id).exists()
 }
 
 fn layers_in_store(env: &Env) -> BTreeSet<String> {
@@ -327,14 +323,14 @@ fn rm_is_refused_while_a_layer_is_in_use() {
 
     // A loop device with no mount record (losetup by hand) also counts.
     let e = env.add(None, Some("e:1"), &file("e\n"));
-    let dev = Losetup::new(&layer_dir(&env, &e).join("layer.img"));
+    let dev = Losetup::new(&root_layer_dir(&env, &e).join("layer.img"));
     let r = sl(&env, &["rm", "e:1"]);
     r.fails(32, &format!("layer {e} has its image attached to {}", dev.0));
     assert!(has_layer(&env, &e));
     drop(dev);
     // So does a lock on the image (what a mount on another node sharing
     // the store would hold).
-    let img = layer_dir(&env, &e).join("layer.img");
+    let img = root_layer_dir(&env, &e).join("layer.img");
     let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
     sharedloop::sys::ofd_try_write_lock(&f).unwrap();
     let r = sl(&env, &["rm", "e:1"]);
@@ -387,8 +383,8 @@ fn gc_collects_unreferenced_layers_after_the_grace_period() {
     // Two hours old by its metadata and its directory.
     let mut m = meta(&env, &old);
     m["created"] = (m["created"].as_u64().unwrap() - 7200).into();
-    std::fs::write(layer_dir(&env, &old).join("meta.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-    backdate(&layer_dir(&env, &old), "2 hours ago");
+    std::fs::write(root_layer_dir(&env, &old).join("meta.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    backdate(&root_layer_dir(&env, &old), "2 hours ago");
 
     let r = sl(&env, &["gc", "--dry-run"]);
     r.ok();
@@ -419,8 +415,8 @@ fn gc_collects_unreferenced_layers_after_the_grace_period() {
     let slow = env.add(None, None, &file("published by a slow import\n"));
     let mut m = meta(&env, &slow);
     m["created"] = (m["created"].as_u64().unwrap() - 1200).into();
-    std::fs::write(layer_dir(&env, &slow).join("meta.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-    backdate(&layer_dir(&env, &slow), "20 minutes ago");
+    std::fs::write(root_layer_dir(&env, &slow).join("meta.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    backdate(&root_layer_dir(&env, &slow), "20 minutes ago");
     let began = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 1800;
     let spool = env.root.join("tmp").join(format!(
         "import-spool.{}.{}.{began:x}00000000",
@@ -514,7 +510,7 @@ fn gc_never_removes_what_is_in_use() {
     let (host, uniq) = (sharedloop::store::hostname(), sharedloop::store::unique_suffix());
     let staging = env.root.join("tmp").join(format!("layer-x.{host}.{}.{uniq}", dead_pid()));
     std::fs::create_dir_all(&staging).unwrap();
-    std::fs::copy(layer_dir(&env, &u).join("layer.img"), staging.join("layer.img")).unwrap();
+    std::fs::copy(root_layer_dir(&env, &u).join("layer.img"), staging.join("layer.img")).unwrap();
     let dev = Losetup::new(&staging.join("layer.img"));
 
     let r = sl(&env, &["gc", "--min-age", "0"]);
@@ -551,7 +547,7 @@ fn verify_finds_damaged_layers() {
     assert!(r.stdout.ends_with("verify: 8 checked, 0 failed\n"), "{}", r.stdout);
 
     // Zeroed magic, a truncated image, metadata that contradicts itself.
-    let img = |id: &str| layer_dir(&env, id).join("layer.img");
+    let img = |id: &str| root_layer_dir(&env, id).join("layer.img");
     let mut bytes = std::fs::read(img(&z)).unwrap();
     bytes[1080..1082].copy_from_slice(&[0, 0]);
     std::fs::write(img(&z), &bytes).unwrap();
@@ -560,7 +556,7 @@ fn verify_finds_damaged_layers() {
     drop(f);
     let mut m = meta(&env, &i);
     m["diff_id"] = g.clone().into();
-    std::fs::write(layer_dir(&env, &i).join("meta.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    std::fs::write(root_layer_dir(&env, &i).join("meta.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 
     let r = sl(&env, &["verify"]);
     r.fails(32, "verify: 3 of 8 checks failed");
@@ -589,7 +585,7 @@ fn verify_finds_damaged_layers() {
     sl(&env, &["verify", "missing:1"]).fails(32, "verify: 1 of 1 checks failed");
 
     // A missing parent breaks the chain of what is built on it.
-    std::fs::rename(layer_dir(&env, &g), env.dir.join("moved-away")).unwrap();
+    std::fs::rename(root_layer_dir(&env, &g), env.dir.join("moved-away")).unwrap();
     let r = sl(&env, &["verify", "good:2"]);
     r.fails(32, "");
     assert!(r.stdout.contains(&format!("FAIL  layer {e} (root): parent {g} is missing from the store")), "{}", r.stdout);
@@ -605,7 +601,7 @@ fn verify_deep_runs_the_filesystem_checker() {
     sl(&env, &["verify", "--deep"]).ok();
     // A superblock field changed behind its checksum: the magic is intact,
     // so only the deep check sees it.
-    let img = layer_dir(&env, &g).join("layer.img");
+    let img = root_layer_dir(&env, &g).join("layer.img");
     let mut bytes = std::fs::read(&img).unwrap();
     bytes[1040] ^= 0x5a;
     std::fs::write(&img, &bytes).unwrap();
@@ -648,7 +644,7 @@ fn fallback_copies_are_listed_and_removed() {
     assert!(r.stdout.contains("removed name fb:2 (fallback)"), "{}", r.stdout);
     assert!(r.stdout.contains(&format!("removed layer {b} (root")), "{}", r.stdout);
     assert!(r.stdout.contains(&format!("removed layer {b} (fallback")), "{}", r.stdout);
-    assert!(!layer_dir(&env, &b).exists() && !src.exists());
+    assert!(!root_layer_dir(&env, &b).exists() && !src.exists());
     assert!(env.fallback.join("layers").join(hex(&a)).is_dir(), "fb:1 keeps its layer");
     env.assert_clean();
 }
@@ -709,5 +705,47 @@ fn gc_and_rm_keep_what_a_running_import_claims() {
     std::fs::remove_file(&live).unwrap();
     sl(&env, &["gc", "--min-age", "0s"]).ok();
     assert!(!has_layer(&env, &old), "unclaimed and unreferenced: collected");
+    env.assert_clean();
+}
+
+#[test]
+fn add_says_what_it_did_not_do() {
+    let env = Env::new("add-notes");
+    let tree = file("same\n");
+    let a = env.add(None, None, &tree);
+    // The same tree as erofs: the same chain ID, the ext4 layer stays, and
+    // add says so.
+    let src = env.dir.join("again");
+    make_tree(&src, &tree);
+    let s = src.to_str().unwrap();
+    let r = sl(&env, &["add", s, "--fstype", "erofs"]);
+    r.ok();
+    assert_eq!(r.stdout.trim(), a);
+    let root = env.root.display();
+    assert!(
+        r.stderr.contains(&format!("layer {a} is stored as ext4 in {root}; not stored again as erofs (`sharedloop rm` it first to change its format)")),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(meta(&env, &a)["fstype"], "ext4");
+    // Asked for ext4 again: nothing to say.
+    let r = sl(&env, &["add", s]);
+    r.ok();
+    assert_eq!(r.stderr, "");
+    // A name moved to another layer: done, and said.
+    let r = sl(&env, &["add", s, "--name", "app:1"]);
+    r.ok();
+    assert_eq!(r.stderr, "", "a new name is no news");
+    let b = env.add(None, None, &file("other\n"));
+    let r = sl(&env, &["add", s, "--name", "app:1"]);
+    assert_eq!(r.stdout.trim(), a);
+    assert_eq!(r.stderr, "", "the same target again is no news");
+    make_tree(&src, &file("other\n"));
+    let r = sl(&env, &["add", s, "--name", "app:1"]);
+    r.ok();
+    assert_eq!(r.stdout.trim(), b);
+    assert!(r.stderr.contains(&format!("name app:1: re-pointed from {a} to {b} in {root}")), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(env.root.join("names/app:1")).unwrap(), format!("{b}\n"));
+    std::fs::remove_dir_all(&src).unwrap();
     env.assert_clean();
 }

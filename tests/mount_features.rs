@@ -301,6 +301,15 @@ fn config_file_defaults() {
     let r = env.run(&["mount.sharedloop", &top, m.to_str().unwrap()]);
     r.fails(1, "not allowed in the configuration file");
     assert!(r.stderr.contains(cfg.to_str().unwrap()));
+    // A file SHAREDLOOP_CONFIG names must be there: a typo is not "no defaults".
+    std::fs::remove_file(&cfg).unwrap();
+    let r = env.run(&["mount.sharedloop", &top, m.to_str().unwrap()]);
+    r.fails(32, &format!("mount.sharedloop: read configuration (SHAREDLOOP_CONFIG): {}: No such file or directory", cfg.display()));
+    // Nor may a FIFO there hang the mount.
+    assert!(std::process::Command::new("mkfifo").arg(&cfg).status().unwrap().success());
+    let r = env.run(&["timeout", "-s", "KILL", "20", "mount.sharedloop", &top, m.to_str().unwrap()]);
+    r.fails(1, &format!("read configuration (SHAREDLOOP_CONFIG): {}: not a regular file", cfg.display()));
+    std::fs::remove_file(&cfg).unwrap();
     env.assert_clean();
 }
 
@@ -330,7 +339,7 @@ fn xfs_upper_and_namespace_flag() {
     let out = std::process::Command::new(&helper)
         .args([top.as_str(), m.to_str().unwrap(), "-n", "-N", &env.pid.to_string(), "-o", &o])
         .env("SHAREDLOOP_STATE_DIR", &env.state)
-        .env("SHAREDLOOP_CONFIG", env.dir.join("no-config"))
+        .env("SHAREDLOOP_CONFIG", "")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -141,7 +141,7 @@ impl Env {
         let mut c = Command::new("nsenter");
         c.args(["-t", &self.pid.to_string()]).args(&self.ns_flags).arg("--").args(args);
         c.env("SHAREDLOOP_STATE_DIR", &self.state);
-        c.env("SHAREDLOOP_CONFIG", self.dir.join("no-config"));
+        c.env("SHAREDLOOP_CONFIG", ""); // no configuration file
         c.env_remove("SHAREDLOOP_FAILPOINT");
         for (k, v) in &self.envs {
             c.env(k, v);
