@@ -188,6 +188,7 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
             size: opts.upper_size.unwrap_or(DEFAULT_UPPER_SIZE),
             fstype: opts.upper_fstype.unwrap_or(FsType::Ext4),
             mmp: opts.upper_mmp.unwrap_or_default(),
+            alloc: opts.upper_alloc.unwrap_or_default(),
         },
         api,
         loop_configure,

@@ -87,6 +87,8 @@ pub struct MountOptions {
     pub upper_fstype: Option<FsType>,
     /// ext4 multi-mount protection on a new upper image.
     pub upper_mmp: Option<Mmp>,
+    /// How a new upper image's space is taken from the store.
+    pub upper_alloc: Option<Alloc>,
     pub direct_io: Option<bool>,
     pub mount_api: Option<MountApi>,
     pub loop_api: Option<LoopApi>,
@@ -112,6 +114,19 @@ pub enum Mmp {
     Auto,
     On,
     Off,
+}
+
+/// How a new upper image gets its space.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Alloc {
+    /// Reserved in full when the image is made (fallocate): the upper can
+    /// always hold `upper_size`, and a store without the room refuses the
+    /// mount then, not a write later.
+    #[default]
+    Full,
+    /// Sparse: blocks are taken as they are written, so the store may run
+    /// out under a mounted upper (its writes then fail with EIO/ENOSPC).
+    Sparse,
 }
 
 /// Where an option string comes from: the config file takes only defaults.
@@ -294,6 +309,7 @@ impl MountOptions {
                     | "upper_size"
                     | "upper_fstype"
                     | "upper_mmp"
+                    | "upper_alloc"
                     | "direct_io"
                     | "mount_api"
                     | "loop_api"
@@ -370,6 +386,12 @@ impl MountOptions {
                         "on" => Mmp::On,
                         "off" => Mmp::Off,
                         _ => Mmp::Auto,
+                    })
+                }
+                "upper_alloc" => {
+                    o.upper_alloc = Some(match one_of(&key, v, &["full", "sparse"])?.as_str() {
+                        "sparse" => Alloc::Sparse,
+                        _ => Alloc::Full,
                     })
                 }
                 "direct_io" => o.direct_io = Some(on_off(&key, v)?),
@@ -489,6 +511,7 @@ impl MountOptions {
             upper_size: self.upper_size.or(defaults.upper_size),
             upper_fstype: self.upper_fstype.or(defaults.upper_fstype),
             upper_mmp: self.upper_mmp.or(defaults.upper_mmp),
+            upper_alloc: self.upper_alloc.or(defaults.upper_alloc),
             direct_io: self.direct_io.or(defaults.direct_io),
             mount_api: self.mount_api.or(defaults.mount_api),
             loop_api: self.loop_api.or(defaults.loop_api),

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::ids::Name;
 use crate::mmp::{self as ext4_mmp, MmpState};
 use crate::mountinfo;
-use crate::opts::Mmp;
+use crate::opts::{Alloc, Mmp};
 use crate::sharedfs::FsKind;
 use crate::store::{FsType, Store, open_beneath, temp_name};
 use crate::sys;
@@ -45,6 +45,7 @@ pub struct CreateOptions {
     pub size: u64,
     pub fstype: FsType,
     pub mmp: Mmp,
+    pub alloc: Alloc,
 }
 
 /// The upper named `name` in the store: existing in root, else existing in
@@ -116,6 +117,9 @@ fn create_image(dest: &Path, opts: &CreateOptions) -> Result<UpperImage> {
     f.set_len(opts.size).map_err(|e| Error::io("size upper image", &tmp, &e))?;
     drop(f);
     mkfs(&tmp, opts.fstype, mmp)?;
+    if opts.alloc == Alloc::Full {
+        reserve(&tmp, opts.size)?;
+    }
     let placed = place_noreplace(&tmp, dest)?;
     if placed == Placed::Renamed {
         guard.0 = None; // renamed into place: nothing to remove
@@ -124,6 +128,28 @@ fn create_image(dest: &Path, opts: &CreateOptions) -> Result<UpperImage> {
     let fd = rustix::fs::open(dest, OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty())
         .map_err(|e| Error::sys("open upper image", dest, e))?;
     finish_open(dest.to_path_buf(), fd, placed != Placed::Existed)
+}
+
+/// Take all of the image's blocks from the store now, so that it never
+/// promises more than the store can give: after mkfs (mode 0 allocates
+/// the holes and keeps what mkfs wrote, which a discard would not), before
+/// the image is put in place, so a refusal leaves nothing.
+fn reserve(img: &Path, size: u64) -> Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open(img).map_err(|e| Error::io("open upper image", img, &e))?;
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, size).map_err(|e| {
+        let why = match e {
+            Errno::NOSPC | Errno::DQUOT => {
+                let free = rustix::fs::fstatvfs(&f).map(|v| v.f_bavail * v.f_frsize).unwrap_or(0);
+                format!(
+                    "the store has {free} bytes free for a {size}-byte upper (a smaller upper_size, or upper_alloc=sparse to overcommit)"
+                )
+            }
+            Errno::OPNOTSUPP => "the store's filesystem cannot preallocate (upper_alloc=sparse takes blocks as they are written)".into(),
+            _ => "preallocate".into(),
+        };
+        Error::sys(format!("reserve {size} bytes: {why}"), img, e)
+    })?;
+    f.sync_all().map_err(|e| Error::io("sync upper image", img, &e))
 }
 
 /// Multi-mount protection for a new image: asked for, or (auto) for an

@@ -51,6 +51,8 @@ fn bad_options_exit_1() {
         ("upper path is a directory", "upper=/srv/dir/", &["names a directory"]),
         ("volatile without upper", "volatile", &["volatile: needs a writable upper (upper=)"]),
         ("tmpfs with fstype", "upper=tmpfs,upper_fstype=xfs", &["upper_fstype: not used with upper=tmpfs"]),
+        ("bad upper_alloc", "upper=u,upper_alloc=thin", &["upper_alloc=thin: want one of full, sparse"]),
+        ("upper_alloc without value", "upper=u,upper_alloc", &["upper_alloc: needs a value"]),
         ("layers not hex", "layers=zzzzzzzzzzzzzzzz", &["layers=:", "a layer ID is sha256: and lowercase hex digits"]),
         ("layers prefix too short", "layers=abcdef", &["layers=:", "at least 12 hex digits"]),
         ("layers empty element", "layers=sha256:", &["layers=:"]),

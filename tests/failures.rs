@@ -577,6 +577,56 @@ fn full_filesystem_for_upper() {
     assert_nothing_left(&env, &m, "full filesystem");
 }
 
+/// An upper never promises more than the store holds: by default its
+/// blocks are reserved when it is made, and a store without the room
+/// refuses the mount, naming the sizes. Overcommit is an explicit opt-in.
+#[test]
+fn upper_space_is_reserved_unless_sparse_is_asked_for() {
+    let env = Env::new("upper-alloc");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    let small = env.dir.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    env.sh(&format!("mount -t tmpfs -o size=48M sl-small {}", small.display())).ok();
+    let up = small.join("u.img");
+    // 1 GiB on 48 MiB: mkfs of a sparse image fits, the reservation does not.
+    let o = opts(&env, &format!("upper={},upper_size=1G,upper_alloc=full", up.display()));
+    let r = env.run(&["mount.sharedloop", &top, s(&m), "-o", &o]);
+    r.fails(32, &format!("upper {}: reserve 1073741824 bytes: the store has ", up.display()));
+    assert!(r.stderr.contains("bytes free for a 1073741824-byte upper (a smaller upper_size, or upper_alloc=sparse to overcommit)"), "{}", r.stderr);
+    assert!(r.stderr.trim_end().ends_with("No space left on device"), "{}", r.stderr);
+    assert!(list_in(&env, &small).is_empty(), "files left: {:?}", list_in(&env, &small));
+    assert!(env.overlay_at(&m).is_none());
+    assert_eq!(records(&env), Vec::<PathBuf>::new());
+    assert!(wait_no_loops(&env.dir, std::time::Duration::from_secs(10)), "{:?}", env.my_loops());
+    // The default is full: the same without upper_alloc, from a
+    // configuration file that does not say.
+    let cfg = env.dir.join("empty.conf");
+    std::fs::write(&cfg, "").unwrap();
+    let r = env.run_env(&["mount.sharedloop", &top, s(&m), "-o", &opts(&env, &format!("upper={},upper_size=1G", up.display()))], &[("SHAREDLOOP_CONFIG", s(&cfg))]);
+    r.fails(32, "reserve 1073741824 bytes");
+    assert!(list_in(&env, &small).is_empty());
+    // Asked for, the sparse upper mounts (and may fill the store later).
+    let o = opts(&env, &format!("upper={},upper_size=1G,upper_alloc=sparse", up.display()));
+    env.run(&["mount.sharedloop", &top, s(&m), "-o", &o]).ok();
+    let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(env.view(&up)).unwrap()) * 512;
+    assert!(used < 48 << 20, "sparse upper uses {used} bytes");
+    env.run(&["umount", s(&m)]).ok();
+    env.sh(&format!("rm {}", up.display())).ok();
+    // One that fits is reserved in full, and its filesystem is intact.
+    let o = opts(&env, &format!("upper={},upper_size=32M,upper_alloc=full", up.display()));
+    env.run(&["mount.sharedloop", &top, s(&m), "-o", &o]).ok();
+    let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(env.view(&up)).unwrap()) * 512;
+    assert!(used >= 32 << 20, "reserved upper uses only {used} bytes");
+    env.sh(&format!("echo kept > {}/w.txt", m.display())).ok();
+    env.run(&["umount", s(&m)]).ok();
+    env.run(&["mount.sharedloop", &top, s(&m), "-o", &o]).ok();
+    assert_eq!(read_in(&env, &m.join("w.txt")).as_deref(), Some("kept\n"));
+    env.run(&["umount", s(&m)]).ok();
+    env.sh(&format!("umount {}", small.display())).ok();
+    assert_nothing_left(&env, &m, "upper_alloc");
+}
+
 #[test]
 fn read_only_root_puts_upper_in_fallback() {
     let env = Env::new("ro-root");

@@ -141,7 +141,14 @@ impl Env {
         let mut c = Command::new("nsenter");
         c.args(["-t", &self.pid.to_string()]).args(&self.ns_flags).arg("--").args(args);
         c.env("SHAREDLOOP_STATE_DIR", &self.state);
-        c.env("SHAREDLOOP_CONFIG", ""); // no configuration file
+        // Tests make many uppers of the default 10 GiB at once on the
+        // build machine's disk: sparse here, as the harness's only default.
+        // Tests of upper_alloc=full ask for it.
+        let conf = self.dir.join("harness.conf");
+        if !conf.exists() {
+            std::fs::write(&conf, "upper_alloc=sparse\n").unwrap();
+        }
+        c.env("SHAREDLOOP_CONFIG", conf);
         c.env_remove("SHAREDLOOP_FAILPOINT");
         for (k, v) in &self.envs {
             c.env(k, v);
