@@ -107,7 +107,9 @@ fn create_image(dest: &Path, opts: &CreateOptions) -> Result<UpperImage> {
     }
     let mmp = wants_mmp(dir, opts);
     let base = dest.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(temp_name(&format!(".{base}.tmp")));
+    let label = format!(".{base}.tmp");
+    sweep_dead_temps(dir, &label);
+    let tmp = dir.join(temp_name(&label));
     let mut guard = TempFile(Some(tmp.clone()));
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -128,6 +130,23 @@ fn create_image(dest: &Path, opts: &CreateOptions) -> Result<UpperImage> {
     let fd = rustix::fs::open(dest, OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty())
         .map_err(|e| Error::sys("open upper image", dest, e))?;
     finish_open(dest.to_path_buf(), fd, placed != Placed::Existed)
+}
+
+/// Remove the half-made images of this upper that processes of this node
+/// which are gone left (a mount killed while it ran mkfs): each may hold
+/// `upper_size` of the store. Other nodes' are theirs (or `gc`'s).
+fn sweep_dead_temps(dir: &Path, label: &str) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with(label) && crate::procs::left_by_dead_process(name, label) {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => log::info!("{}: removed, left by a process that is gone", e.path().display()),
+                Err(err) => log::warn!("{}: left by a process that is gone, cannot remove it: {err}", e.path().display()),
+            }
+        }
+    }
 }
 
 /// Take all of the image's blocks from the store now, so that it never

@@ -38,8 +38,6 @@ fn mount8(env: &Env, src: &str, target: &Path, extra: &str, fp: Option<&str>) ->
     }
 }
 
-/// Mount records (`*.json`) in the test's state directory.
-
 /// Half-made upper images in either store's uppers directory.
 fn upper_temps(env: &Env) -> Vec<PathBuf> {
     let mut v = vec![];
@@ -625,6 +623,39 @@ fn upper_space_is_reserved_unless_sparse_is_asked_for() {
     env.run(&["umount", s(&m)]).ok();
     env.sh(&format!("umount {}", small.display())).ok();
     assert_nothing_left(&env, &m, "upper_alloc");
+}
+
+/// A mount killed while it made an upper leaves a half-made image of the
+/// full upper size; the next creation of that upper on the node removes
+/// what dead processes left, and only that.
+#[test]
+fn next_upper_creation_sweeps_what_killed_mounts_left() {
+    let env = Env::new("upper-sweep");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    let uppers = env.root.join("uppers");
+    std::fs::create_dir_all(&uppers).unwrap();
+    let host = env.sh("uname -n").stdout.trim().to_string();
+    let uniq = format!("{:x}00000000", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
+    let sparse = |name: &str| {
+        let p = uppers.join(name);
+        std::fs::File::create(&p).unwrap().set_len(10 << 30).unwrap();
+        p
+    };
+    // Killed: a pid that is not running. Alive: this test's own process.
+    // Another node's, another upper's: not ours to judge.
+    let dead = sparse(&format!(".sw.img.tmp.{host}.{}.{uniq}", u32::MAX - 7));
+    let live = sparse(&format!(".sw.img.tmp.{host}.{}.{uniq}", std::process::id()));
+    let other_node = sparse(&format!(".sw.img.tmp.some-other-node.{}.{uniq}", u32::MAX - 7));
+    let other_upper = sparse(&format!(".sx.img.tmp.{host}.{}.{uniq}", u32::MAX - 7));
+    mount8(&env, &top, &m, "upper=sw,upper_size=64M", None).ok();
+    assert!(!dead.exists(), "a dead mount's half-made upper is still there");
+    for p in [&live, &other_node, &other_upper] {
+        assert!(p.exists(), "{} removed", p.display());
+        std::fs::remove_file(p).unwrap();
+    }
+    env.run(&["umount", s(&m)]).ok();
+    assert_nothing_left(&env, &m, "upper sweep");
 }
 
 #[test]
