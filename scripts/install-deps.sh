@@ -44,6 +44,9 @@ have glusterd   || need="$need glusterfs-server"
 [ -x /sbin/mount.glusterfs ] || [ -x /usr/sbin/mount.glusterfs ] || need="$need glusterfs-client"
 have ip         || need="$need iproute2"
 have e2fsck     || need="$need e2fsprogs"
+# Crash tests (tests/failures.rs) kill the helper at chosen system calls
+# with strace's fault injection (-e inject=SYSCALL:signal=KILL:when=N).
+have strace     || need="$need strace"
 if [ -n "$need" ]; then
     echo "install-deps: installing$need"
     export DEBIAN_FRONTEND=noninteractive

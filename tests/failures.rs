@@ -719,3 +719,151 @@ fn utab_unwritable() {
     env.sh("mount -o remount,rw /run/mount").ok();
     mount_umount_ok(&env, &top, &m, &extra, "utab writable again");
 }
+
+// ---------------------------------------------------------------- SIGKILL at system calls
+
+/// The helper's system calls (its main thread, where the work is), in
+/// order, as strace saw them on a normal mount with `extra`.
+fn syscalls_of_a_mount(env: &Env, top: &str, m: &Path, extra: &str) -> Vec<String> {
+    let trace = env.dir.join("trace.txt");
+    let o = opts(env, extra);
+    let r = env.run(&["strace", "-qq", "-o", s(&trace), "mount.sharedloop", top, s(m), "-o", &o]);
+    r.ok();
+    env.run(&["umount", s(m)]).ok();
+    let text = std::fs::read_to_string(&trace).unwrap();
+    std::fs::remove_file(&trace).unwrap();
+    text.lines()
+        .filter_map(|l| l.split_once('(').map(|(name, _)| name.to_string()))
+        .filter(|n| !n.is_empty() && !n.starts_with('+') && !n.starts_with('-') && !n.contains(' '))
+        .collect()
+}
+
+/// SIGKILL at system calls of a real mount (strace fault injection: the
+/// helper dies on entering the Nth call of a kind, so nothing of that call
+/// happens). Whatever it leaves must be either a complete, findable mount
+/// (record and utab line: `umount` takes it down) or only what the next
+/// command of the node reconciles; then a normal mount of the same upper
+/// works. By default the calls that change state and an even sample of the
+/// rest; SHAREDLOOP_TEST_ALL_KILLS=1 kills at every one.
+#[test]
+fn sigkill_at_system_calls_leaves_a_whole_mount_or_what_the_next_command_reconciles() {
+    let env = Env::new("sigkill-syscalls");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    let extra = format!("mount_api=fd,upper=ks,{UPPER_SIZE}");
+    // Made first, so that every run below takes the same path.
+    mount_umount_ok(&env, &top, &m, &extra, "first mount");
+    let calls = syscalls_of_a_mount(&env, &top, &m, &extra);
+    assert!(calls.len() > 50, "trace too short: {calls:?}");
+    for want in ["ioctl", "openat2", "move_mount", "fsmount", "rename", "renameat"] {
+        assert!(calls.iter().any(|c| c == want), "no {want} in the trace: {calls:?}");
+    }
+    // (name, occurrence) of each call.
+    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+    let points: Vec<(String, usize)> = calls
+        .iter()
+        .map(|c| {
+            let n = seen.entry(c).or_default();
+            *n += 1;
+            (c.clone(), *n)
+        })
+        .collect();
+    let all = std::env::var_os("SHAREDLOOP_TEST_ALL_KILLS").is_some();
+    let changes = ["ioctl", "move_mount", "fsmount", "fsconfig", "mount", "umount2", "renameat2", "rename", "renameat", "fsync", "fdatasync", "write", "pwrite64", "unlink", "unlinkat", "flock", "mkdirat", "mkdir"];
+    let stride = (points.len() / 25).max(1);
+    // And the first calls after the overlay became visible, and the last.
+    let moved = calls.iter().rposition(|c| c == "move_mount").unwrap();
+    let after = [moved + 1, moved + 2, moved + 3, calls.len() - 2];
+    let chosen: Vec<&(String, usize)> = points
+        .iter()
+        .enumerate()
+        .filter(|(i, (c, _))| all || i % stride == 0 || changes.contains(&c.as_str()) || after.contains(i))
+        .map(|(_, p)| p)
+        .collect();
+    let (mut whole, mut reconciled) = (0, 0);
+    for (call, n) in &chosen {
+        let ctx = format!("SIGKILL at {call} #{n}");
+        let o = opts(&env, &extra);
+        let inject = format!("inject={call}:signal=KILL:when={n}");
+        let r = env.run(&["strace", "-qq", "-o", "/dev/null", "-e", &format!("trace={call}"), "-e", &inject, "mount.sharedloop", &top, s(&m), "-o", &o]);
+        assert!(!r.stderr.contains("panicked"), "{ctx}: {}", r.stderr);
+        if r.code == 0 {
+            // The injection point was after the work (an exit path): done.
+            env.run(&["umount", s(&m)]).ok();
+            assert_nothing_left(&env, &m, &ctx);
+            continue;
+        }
+        if env.overlay_at(&m).is_some() {
+            // Visible: then findable, by record and utab line both.
+            assert_eq!(records(&env).len(), 1, "{ctx}: a visible mount without its record");
+            assert!(env.utab().contains(s(&m)), "{ctx}: a visible mount without its utab line: {}", env.utab());
+            let r = env.sl(&["mounts", "--json"]);
+            r.ok();
+            assert!(r.stdout.contains(s(&m)), "{ctx}: `mounts` does not list it: {}", r.stdout);
+            env.run(&["umount", s(&m)]).ok();
+            whole += 1;
+        } else {
+            let r = env.sl(&["mounts", "--json"]);
+            r.ok();
+            assert_eq!(r.stdout.trim(), "[]", "{ctx}");
+            reconciled += 1;
+        }
+        assert_nothing_left(&env, &m, &ctx);
+        mount_umount_ok(&env, &top, &m, &extra, &format!("after {ctx}"));
+    }
+    eprintln!("{} kill points of {} calls: {whole} left a whole mount, {reconciled} were reconciled", chosen.len(), points.len());
+    assert!(whole > 0 && reconciled > 0, "kills on both sides of the overlay's move_mount: {whole} / {reconciled}");
+    env.assert_clean();
+}
+
+/// The same for umount.sharedloop: killed at any of its calls, the mount
+/// is either still there and whole (umount again takes it down) or gone,
+/// and then the next command of the node removes its record and utab line.
+#[test]
+fn sigkill_of_umount_at_system_calls_leaves_nothing_the_next_command_keeps() {
+    let env = Env::new("sigkill-umount");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    let extra = format!("mount_api=fd,upper=ku,{UPPER_SIZE}");
+    mount8(&env, &top, &m, &extra, None).ok();
+    let trace = env.dir.join("trace.txt");
+    env.run(&["strace", "-qq", "-o", s(&trace), "umount.sharedloop", s(&m)]).ok();
+    let calls: Vec<String> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('(').map(|(n, _)| n.to_string()))
+        .filter(|n| !n.is_empty() && !n.contains(' ') && !n.starts_with(['+', '-']))
+        .collect();
+    std::fs::remove_file(&trace).unwrap();
+    assert!(calls.iter().any(|c| c == "umount2"), "{calls:?}");
+    let all = std::env::var_os("SHAREDLOOP_TEST_ALL_KILLS").is_some();
+    let umounted = calls.iter().position(|c| c == "umount2").unwrap();
+    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+    let mut runs = 0;
+    for (i, c) in calls.iter().enumerate() {
+        let n = {
+            let e = seen.entry(c).or_default();
+            *e += 1;
+            *e
+        };
+        // By default: around the unmount, and every write or rename.
+        if !(all || i.abs_diff(umounted) <= 3 || ["umount2", "rename", "renameat", "write", "fsync", "unlink", "unlinkat", "flock"].contains(&c.as_str()) || i % 40 == 0) {
+            continue;
+        }
+        runs += 1;
+        let ctx = format!("umount killed at {c} #{n}");
+        mount8(&env, &top, &m, &extra, None).ok();
+        let inject = format!("inject={c}:signal=KILL:when={n}");
+        let r = env.run(&["strace", "-qq", "-o", "/dev/null", "-e", &format!("trace={c}"), "-e", &inject, "umount.sharedloop", s(&m)]);
+        assert!(!r.stderr.contains("panicked"), "{ctx}: {}", r.stderr);
+        if env.overlay_at(&m).is_some() {
+            env.run(&["umount", s(&m)]).ok();
+        }
+        let r = env.sl(&["mounts", "--json"]);
+        r.ok();
+        assert_eq!(r.stdout.trim(), "[]", "{ctx}");
+        assert_nothing_left(&env, &m, &ctx);
+    }
+    eprintln!("{runs} kill points of {} calls", calls.len());
+    env.assert_clean();
+}
