@@ -322,4 +322,196 @@ mod tests {
             assert_eq!(run(UmountArgs::parse(&v(s))), *want, "{s:?}");
         }
     }
+
+    /// Property tests: arbitrary argv (bytes, not text) never panics the
+    /// parsers, every refusal is a usage error (exit 1), and what a
+    /// well-formed argv says comes back as it was given.
+    mod fuzz {
+        use super::super::*;
+        use crate::error::ExitCode;
+        use proptest::prelude::*;
+
+        fn config(cases: u32) -> ProptestConfig {
+            // No regression files written into the source tree.
+            ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+        }
+
+        /// A byte of argv (never NUL): often one the parser looks at.
+        fn byte() -> impl Strategy<Value = u8> {
+            prop_oneof![
+                3 => prop::sample::select(&b"-,=\"' /.ofnsvrwitNlx"[..]),
+                2 => b'a'..=b'z',
+                2 => 0x80u8..=0xff,
+                1 => 1u8..=0xff,
+            ]
+        }
+
+        /// One argv word: a flag, a long option, or bytes.
+        fn word() -> impl Strategy<Value = OsString> {
+            prop_oneof![
+                2 => prop::sample::select(vec![
+                    "-f", "-s", "-n", "-v", "-r", "-w", "-i", "-l", "-o", "-t", "-N", "-fv", "-oro", "-", "--", "--help",
+                    "--version", "--bogus", "-x", "src", "/mnt",
+                ])
+                .prop_map(OsString::from),
+                3 => prop::collection::vec(byte(), 0..12).prop_map(OsString::from_vec),
+                1 => prop::collection::vec(byte(), 0..6).prop_map(|b| {
+                    let mut w = b"-".to_vec();
+                    w.extend(b);
+                    OsString::from_vec(w)
+                }),
+            ]
+        }
+
+        fn argv() -> impl Strategy<Value = Vec<OsString>> {
+            prop::collection::vec(word(), 0..8)
+        }
+
+        /// Non-empty bytes not taken for a flag.
+        fn positional() -> impl Strategy<Value = OsString> {
+            (prop::sample::select(&b"abc/.,=\"\x80\xff"[..]), prop::collection::vec(byte(), 0..10)).prop_map(|(first, rest)| {
+                let mut w = vec![first];
+                w.extend(rest);
+                OsString::from_vec(w)
+            })
+        }
+
+        /// An option value: any bytes that do not start like a long option.
+        fn value() -> impl Strategy<Value = OsString> {
+            prop::collection::vec(byte(), 0..12).prop_filter("not a long option", |v| !v.starts_with(b"--")).prop_map(OsString::from_vec)
+        }
+
+        fn usage_only<T>(r: &Result<Parsed<T>>) -> std::result::Result<(), TestCaseError> {
+            if let Err(e) = r {
+                prop_assert!(matches!(e, Error::Usage(_)), "not a usage error: {e:?}");
+                prop_assert_eq!(e.exit_code(), ExitCode::Usage);
+                prop_assert!(!e.to_string().is_empty());
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(config(2000))]
+
+            #[test]
+            fn mount_never_panics(args in argv()) {
+                let r = MountArgs::parse(&args);
+                usage_only(&r)?;
+                if let Ok(Parsed::Run(m)) = r {
+                    prop_assert!(!m.source.is_empty() && !m.target.as_os_str().is_empty());
+                    prop_assert!(!m.options.starts_with(b",") && !m.options.ends_with(b","));
+                }
+            }
+
+            #[test]
+            fn umount_never_panics(args in argv()) {
+                let r = UmountArgs::parse(&args);
+                usage_only(&r)?;
+                if let Ok(Parsed::Run(u)) = r {
+                    prop_assert!(!u.target.as_os_str().is_empty());
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(config(500))]
+
+            /// SOURCE, TARGET and every -o/-t value come back byte-exact,
+            /// wherever the flags sit and whether a value is attached.
+            #[test]
+            fn mount_round_trip(
+                source in positional(),
+                target in positional(),
+                opts in prop::collection::vec((value(), any::<bool>()), 0..4),
+                fstype in prop::option::of(value()),
+                flags in prop::sample::subsequence(&b"sfnv"[..], 0..=4),
+                split in 0usize..3,
+                dashdash in any::<bool>(),
+            ) {
+                let mut pre: Vec<OsString> = Vec::new();
+                for (v, attached) in &opts {
+                    if *attached && !v.is_empty() {
+                        let mut w = b"-o".to_vec();
+                        w.extend(v.as_bytes());
+                        pre.push(OsString::from_vec(w));
+                    } else {
+                        pre.push("-o".into());
+                        pre.push(v.clone());
+                    }
+                }
+                if let Some(t) = &fstype {
+                    pre.push("-t".into());
+                    pre.push(t.clone());
+                }
+                if !flags.is_empty() {
+                    let mut w = b"-".to_vec();
+                    w.extend(&flags);
+                    pre.push(OsString::from_vec(w));
+                }
+                // Positionals at the start, in the middle (between whole
+                // flag groups) or after "--" at the end.
+                let mut args: Vec<OsString> = Vec::new();
+                match split {
+                    0 => {
+                        args.extend([source.clone(), target.clone()]);
+                        args.extend(pre);
+                    }
+                    1 => {
+                        args.push(source.clone());
+                        args.extend(pre);
+                        args.push(target.clone());
+                    }
+                    _ => {
+                        args.extend(pre);
+                        if dashdash {
+                            args.push("--".into());
+                        }
+                        args.extend([source.clone(), target.clone()]);
+                    }
+                }
+                let m = match MountArgs::parse(&args) {
+                    Ok(Parsed::Run(m)) => m,
+                    other => return Err(TestCaseError::fail(format!("{args:?}: {other:?}"))),
+                };
+                prop_assert_eq!(m.source.as_bytes(), source.as_bytes());
+                prop_assert_eq!(m.target.as_os_str().as_bytes(), target.as_bytes());
+                let want: Vec<&[u8]> = opts.iter().map(|(v, _)| v.as_bytes()).filter(|v| !v.is_empty()).collect();
+                prop_assert_eq!(m.options, want.join(&b","[..]));
+                prop_assert_eq!(m.fstype, fstype);
+                for (c, got) in [(b's', m.sloppy), (b'f', m.fake), (b'n', m.no_mtab), (b'v', m.verbose)] {
+                    prop_assert_eq!(got, flags.contains(&c));
+                }
+            }
+
+            #[test]
+            fn umount_round_trip(
+                target in positional(),
+                fstype in prop::option::of(value()),
+                flags in prop::sample::subsequence(&b"nlfvr"[..], 0..=5),
+                first in any::<bool>(),
+            ) {
+                let mut rest: Vec<OsString> = Vec::new();
+                if !flags.is_empty() {
+                    let mut w = b"-".to_vec();
+                    w.extend(&flags);
+                    rest.push(OsString::from_vec(w));
+                }
+                if let Some(t) = &fstype {
+                    rest.push("-t".into());
+                    rest.push(t.clone());
+                }
+                let args: Vec<OsString> =
+                    if first { std::iter::once(target.clone()).chain(rest).collect() } else { rest.into_iter().chain([target.clone()]).collect() };
+                let u = match UmountArgs::parse(&args) {
+                    Ok(Parsed::Run(u)) => u,
+                    other => return Err(TestCaseError::fail(format!("{args:?}: {other:?}"))),
+                };
+                prop_assert_eq!(u.target.as_os_str().as_bytes(), target.as_bytes());
+                prop_assert_eq!(u.fstype, fstype);
+                for (c, got) in [(b'n', u.no_mtab), (b'l', u.lazy), (b'f', u.force), (b'v', u.verbose), (b'r', u.remount_ro)] {
+                    prop_assert_eq!(got, flags.contains(&c));
+                }
+            }
+        }
+    }
 }

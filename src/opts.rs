@@ -753,4 +753,210 @@ mod tests {
             assert_eq!(parse(s).unwrap().upper_mmp, Some(want), "{s}");
         }
     }
+
+    /// Property tests: any option string (bytes, not text) never panics
+    /// the parser, a refusal has one of the documented exit codes, and
+    /// values that may be paths or mount(8)'s own come back byte-exact.
+    mod fuzz {
+        use super::super::*;
+        use crate::error::ExitCode;
+        use proptest::prelude::*;
+
+        fn config(cases: u32) -> ProptestConfig {
+            // No regression files written into the source tree.
+            ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+        }
+
+        const KEYS: &[&str] = &[
+            "loopback_root", "loopback_fallback", "override_kernel_check", "layers", "upper", "upper_size", "upper_fstype",
+            "upper_mmp", "upper_alloc", "direct_io", "mount_api", "loop_api", "metacopy", "index", "nfs_export", "redirect_dir",
+            "xino", "volatile", "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "nosymfollow", "noatime",
+            "relatime", "strictatime", "nodiratime", "sync", "async", "dirsync", "lazytime", "staging_dir", "_netdev", "nofail",
+            "user", "defaults", "helper", "comment", "x-systemd.automount", "x-", "bogus", "",
+        ];
+        const VALUES: &[&str] = &[
+            "", "on", "off", "1", "no", "auto", "fd", "path", "legacy", "configure", "setfd", "follow", "full", "sparse",
+            "ext4", "xfs", "erofs", "none", "tmpfs", "work1", "/srv/store", "/u/x.img", "/u/", "/a/../b", "rel/dir", "10G",
+            "0", "18446744073709551615T", "1 K", "sha256:", "sha256:00", "a:b", "debian:12", "\"/x,y\"",
+        ];
+
+        /// A byte of an option string (never NUL): often one the
+        /// splitter looks at.
+        fn byte() -> impl Strategy<Value = u8> {
+            prop_oneof![
+                3 => prop::sample::select(&b",=\"/.:- _x"[..]),
+                2 => b'a'..=b'z',
+                2 => 0x80u8..=0xff,
+                1 => 1u8..=0xff,
+            ]
+        }
+
+        fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+            prop::collection::vec(byte(), 0..max)
+        }
+
+        /// One item: a known key with a likely or random value, or noise.
+        fn item() -> impl Strategy<Value = Vec<u8>> {
+            let key = prop_oneof![3 => prop::sample::select(KEYS).prop_map(|k| k.as_bytes().to_vec()), 1 => bytes(8)];
+            let val = prop::option::of(prop_oneof![
+                2 => prop::sample::select(VALUES).prop_map(|v| v.as_bytes().to_vec()),
+                1 => bytes(12),
+            ]);
+            prop_oneof![
+                4 => (key, val).prop_map(|(mut k, v)| {
+                    if let Some(v) = v {
+                        k.push(b'=');
+                        k.extend(v);
+                    }
+                    k
+                }),
+                1 => bytes(16),
+            ]
+        }
+
+        fn option_string() -> impl Strategy<Value = Vec<u8>> {
+            prop::collection::vec(item(), 0..6).prop_map(|v| v.join(&b","[..]))
+        }
+
+        fn documented(e: &Error) -> std::result::Result<(), TestCaseError> {
+            let c = e.exit_code();
+            prop_assert!(matches!(c, ExitCode::Usage | ExitCode::MountFailure), "exit {c:?} for {e:?}");
+            prop_assert!(!e.to_string().is_empty());
+            Ok(())
+        }
+
+        /// Path-like bytes: absolute, no '"' (the quote is syntax), no ".."
+        /// component; commas and '=' allowed (the caller quotes).
+        fn abs_value() -> impl Strategy<Value = Vec<u8>> {
+            prop::collection::vec(prop::collection::vec(byte().prop_filter("no quote", |&b| b != b'"' && b != b'/'), 1..6), 1..4)
+                .prop_filter("no '..'", |parts| parts.iter().all(|p| p != b".."))
+                .prop_map(|parts| {
+                    let mut v = Vec::new();
+                    for p in parts {
+                        v.push(b'/');
+                        v.extend(p);
+                    }
+                    v
+                })
+        }
+
+        /// A value written into an option string: quoted if it holds a comma.
+        fn quoted(key: &str, v: &[u8]) -> Vec<u8> {
+            let mut s = key.as_bytes().to_vec();
+            s.push(b'=');
+            if v.contains(&b',') {
+                s.push(b'"');
+                s.extend(v);
+                s.push(b'"');
+            } else {
+                s.extend(v);
+            }
+            s
+        }
+
+        proptest! {
+            #![proptest_config(config(2000))]
+
+            #[test]
+            fn never_panics(s in option_string(), sloppy in any::<bool>(), config_file in any::<bool>()) {
+                let origin = if config_file { Origin::Config } else { Origin::CommandLine };
+                match MountOptions::parse(&s, origin, sloppy) {
+                    Ok((o, _)) => {
+                        if let Err(e) = o.check() {
+                            documented(&e)?;
+                        }
+                    }
+                    Err(e) => documented(&e)?,
+                }
+            }
+
+            /// The raw bytes themselves, quotes and all.
+            #[test]
+            fn raw_bytes_never_panic(s in bytes(40), sloppy in any::<bool>()) {
+                match MountOptions::parse(&s, Origin::CommandLine, sloppy) {
+                    Ok((o, _)) => {
+                        if let Err(e) = o.check() {
+                            documented(&e)?;
+                        }
+                    }
+                    Err(e) => documented(&e)?,
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(config(500))]
+
+            /// comment=, x-*= and loopback_root=/loopback_fallback= values
+            /// come back byte-exact, commas (quoted) and non-UTF-8 included.
+            #[test]
+            fn values_round_trip(
+                comment in bytes(16).prop_filter("no quote or comma", |v| !v.contains(&b'"') && !v.contains(&b',')),
+                xval in bytes(16).prop_filter("no quote", |v| !v.contains(&b'"')),
+                root in abs_value(),
+                fallback in abs_value(),
+                upper in abs_value().prop_filter("a file", |v| !v.ends_with(b"/")),
+            ) {
+                let s = [
+                    quoted("comment", &comment),
+                    quoted("loopback_root", &root),
+                    quoted("x-test", &xval),
+                    quoted("loopback_fallback", &fallback),
+                    quoted("upper", &upper),
+                ]
+                .join(&b","[..]);
+                let (o, w) = match MountOptions::parse(&s, Origin::CommandLine, false) {
+                    Ok(x) => x,
+                    Err(e) => return Err(TestCaseError::fail(format!("{:?}: {e}", OsStr::from_bytes(&s)))),
+                };
+                prop_assert!(w.is_empty());
+                prop_assert_eq!(o.loopback_root.as_ref().map(|p| p.as_os_str().as_bytes()), Some(&root[..]));
+                prop_assert_eq!(o.loopback_fallback.as_ref().map(|p| p.as_os_str().as_bytes()), Some(&fallback[..]));
+                match &o.upper {
+                    Some(Some(UpperSpec::Path(p))) => prop_assert_eq!(p.as_os_str().as_bytes(), &upper[..]),
+                    other => return Err(TestCaseError::fail(format!("upper: {other:?}"))),
+                }
+                let mut c = b"comment=".to_vec();
+                c.extend(&comment);
+                let mut x = b"x-test=".to_vec();
+                x.extend(&xval);
+                prop_assert_eq!(o.userspace, vec![OsString::from_vec(c), OsString::from_vec(x)]);
+            }
+
+            /// With -s an unknown option is a warning, never an error; without,
+            /// it is a usage error.
+            #[test]
+            fn sloppy_ignores_unknown(keys in prop::collection::vec(bytes(8), 1..5)) {
+                // Keys that are no known option: a prefix no option has.
+                let items: Vec<Vec<u8>> = keys
+                    .into_iter()
+                    .map(|k| {
+                        let mut i = b"zz".to_vec();
+                        i.extend(k.into_iter().filter(|&b| b != b',' && b != b'"' && b != b'='));
+                        i
+                    })
+                    .collect();
+                let s = items.join(&b","[..]);
+                let (o, w) = MountOptions::parse(&s, Origin::CommandLine, true).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(w.len(), items.len());
+                prop_assert_eq!(o, MountOptions::default());
+                let e = MountOptions::parse(&s, Origin::CommandLine, false).unwrap_err();
+                prop_assert!(matches!(e, Error::Usage(_)));
+            }
+
+            /// Splitting gives back the items that were joined.
+            #[test]
+            fn split_round_trip(items in prop::collection::vec(bytes(10).prop_filter("an item", |v| !v.is_empty() && !v.contains(&b',') && !v.contains(&b'"')), 0..6)) {
+                let got = split_options(&items.join(&b","[..])).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let want: Vec<RawOption> = items
+                    .iter()
+                    .map(|i| match i.iter().position(|&b| b == b'=') {
+                        Some(p) => (i[..p].to_vec(), Some(i[p + 1..].to_vec())),
+                        None => (i.clone(), None),
+                    })
+                    .collect();
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
 }
