@@ -69,7 +69,10 @@ impl Cmd {
                 Ok(()) => {}
             }
         }
-        let out = child.wait_with_output().map_err(|e| Error::io(format!("{what}: wait for"), &program, &e))?;
+        let out = wait_interruptibly(child).map_err(|e| match e {
+            Some(e) => Error::io(format!("{what}: wait for"), &program, &e),
+            None => Error::Interrupted,
+        })?;
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if out.status.success() {
             return Ok(stderr);
@@ -137,6 +140,38 @@ fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
+}
+
+/// The child's output once it exits; a SIGINT or SIGTERM meanwhile kills
+/// it (a mkfs on a store that stopped answering must not outlive us) and
+/// gives Err(None). Its pipes are drained by threads while we poll, so a
+/// child that writes a lot never blocks on a full pipe.
+fn wait_interruptibly(mut child: std::process::Child) -> std::result::Result<std::process::Output, Option<std::io::Error>> {
+    fn drain(p: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    }
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    // 1 ms doubling to 10 ms: a quick command is not held up by the poll.
+    let mut pause = std::time::Duration::from_millis(1);
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(Some)? {
+            break st;
+        }
+        if crate::interrupt::interrupted() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(None);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(10));
+    };
+    Ok(std::process::Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() })
 }
 
 #[cfg(test)]

@@ -100,6 +100,12 @@ fn big_tree(dir: &Path, files: usize, size: usize) {
 /// is `want` runs below sharedloop, stop it, SIGKILL sharedloop, and check
 /// that every descendant recorded then is gone within a few seconds.
 fn kill_while_running(env: &Env, argv: &[&str], want: &str, ctx: &str) {
+    signal_while_running(env, argv, want, ctx, libc::SIGKILL);
+}
+
+/// The same with `sig`; for SIGTERM the helper itself must end the child
+/// and exit 8.
+fn signal_while_running(env: &Env, argv: &[&str], want: &str, ctx: &str, sig: i32) {
     let mut child: Child = env.command(argv).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
     let deadline = Instant::now() + Duration::from_secs(120);
     let (helper, recorded) = loop {
@@ -120,9 +126,12 @@ fn kill_while_running(env: &Env, argv: &[&str], want: &str, ctx: &str) {
     };
     eprintln!("{ctx}: killing sharedloop {helper}; below it: {recorded:?}");
     let helper_proc = proc_of(helper).expect("sharedloop still running");
-    signal(helper, libc::SIGKILL);
+    signal(helper, sig);
     let st = child.wait().unwrap();
-    assert!(!alive(helper_proc), "{ctx}: sharedloop survived SIGKILL ({st})");
+    assert!(!alive(helper_proc), "{ctx}: sharedloop survived signal {sig} ({st})");
+    if sig == libc::SIGTERM {
+        assert_eq!(st.code(), Some(8), "{ctx}: SIGTERM is exit 8");
+    }
 
     let gone = Instant::now() + Duration::from_secs(5);
     while recorded.iter().any(|(p, _)| alive(*p)) && Instant::now() < gone {
@@ -200,6 +209,22 @@ fn killed_add_takes_the_xfs_copy_down() {
 }
 
 /// mount.sharedloop creating its upper (mkfs.xfs of a large sparse image).
+/// SIGTERM while the upper's mkfs runs (with it stopped, as on a store
+/// that does not answer): the helper kills it, removes the half-made
+/// image and exits 8 at once, with nothing for gc to do.
+#[test]
+fn sigterm_while_upper_mkfs_runs_ends_it_and_exits_8() {
+    let env = Env::new("termbuild-upper");
+    let top = env.add(None, Some("tb:1"), &[("a.txt", E::File("a\n"))]);
+    let m = env.mnt("m");
+    let o = format!("{},mount_api=fd,upper=tb,upper_fstype=xfs,upper_size=64G", env.store_opts());
+    signal_while_running(&env, &["mount.sharedloop", &top, m.to_str().unwrap(), "-o", &o], "mkfs.xfs", "SIGTERM at upper mkfs.xfs", libc::SIGTERM);
+    assert!(env.overlay_at(&m).is_none());
+    let left: Vec<_> = std::fs::read_dir(env.root.join("uppers")).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "uppers left: {left:?}");
+    env.assert_clean();
+}
+
 #[test]
 fn killed_mount_takes_upper_mkfs_down() {
     let env = Env::new("killbuild-upper");
