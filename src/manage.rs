@@ -115,12 +115,6 @@ use crate::sys;
 const OTHER_HOST_GRACE: u64 = 24 * 3600;
 /// Name records are written in milliseconds; their temporaries carry no host.
 const NAME_TMP_GRACE: u64 = 3600;
-/// A process that started this long after a temporary was created cannot
-/// be its creator (the pid was reused). Generous: wall-clock steps.
-const PID_REUSE_SLACK: u64 = 3600;
-/// /proc/<pid>/stat counts in USER_HZ, which is 100 on every architecture
-/// Linux runs containers on.
-const USER_HZ: u64 = 100;
 
 // ------------------------------------------------------------------ inventory
 
@@ -1247,50 +1241,6 @@ fn human_age(secs: u64) -> String {
     }
 }
 
-/// `<...>.<pid>.<uniq>` with uniq = unique_suffix(): (rest, pid, created).
-fn split_pid_uniq(s: &str) -> Option<(&str, u32, Option<u64>)> {
-    let (rest, uniq) = s.rsplit_once('.')?;
-    let (rest, pid) = rest.rsplit_once('.')?;
-    if uniq.len() <= 8 || !uniq.bytes().all(|b| b.is_ascii_hexdigit()) || !pid.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let pid = pid.parse().ok()?;
-    let created = u64::from_str_radix(&uniq[..uniq.len() - 8], 16).ok();
-    Some((rest, pid, created))
-}
-
-/// `<label>.<host>.<pid>.<uniq>`: (label, host, pid, created).
-fn split_host_pid_uniq(s: &str) -> Option<(&str, &str, u32, Option<u64>)> {
-    let (rest, pid, created) = split_pid_uniq(s)?;
-    let (label, host) = rest.rsplit_once('.')?;
-    if label.is_empty() || host.is_empty() {
-        return None;
-    }
-    Some((label, host, pid, created))
-}
-
-fn boot_time() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/stat").ok()?;
-    s.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok())
-}
-
-/// Is process `pid` (of this host) alive, and old enough to have made a
-/// file at `created`?
-fn pid_alive(pid: u32, created: Option<u64>) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    let Some((_, rest)) = stat.rsplit_once(')') else { return true };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    if matches!(f.first(), Some(&"Z") | Some(&"X")) {
-        return false; // a zombie holds nothing
-    }
-    if let (Some(created), Some(ticks), Some(btime)) = (created, f.get(19).and_then(|t| t.parse::<u64>().ok()), boot_time())
-        && btime + ticks / USER_HZ > created + PID_REUSE_SLACK
-    {
-        return false; // a later process with the same number
-    }
-    true
-}
-
 /// Seconds since the newest change to `p` or its direct entries.
 fn age_of(p: &Path, now: u64) -> u64 {
     let mut newest = std::fs::symlink_metadata(p).map(|m| m.mtime().max(0) as u64).unwrap_or(0);
@@ -1335,7 +1285,7 @@ type ClaimHeld<'a> = &'a dyn Fn(&str, u32) -> Option<bool>;
 fn judge(host: Option<&str>, pid: u32, created: Option<u64>, age: u64, me: &str, held: ClaimHeld) -> Verdict {
     match host {
         Some(h) if h == me => {
-            if pid_alive(pid, created) {
+            if crate::procs::alive_since(pid, created) {
                 Verdict::Keep(format!("process {pid} of this host is still at work"))
             } else {
                 Verdict::Stale(format!("left by process {pid}, which is gone"))
@@ -1355,7 +1305,7 @@ fn judge(host: Option<&str>, pid: u32, created: Option<u64>, age: u64, me: &str,
             )),
         },
         None if age > OTHER_HOST_GRACE => Verdict::Stale(format!("{} old", human_age(age))),
-        None if age > NAME_TMP_GRACE && !pid_alive(pid, created) => {
+        None if age > NAME_TMP_GRACE && !crate::procs::alive_since(pid, created) => {
             Verdict::Stale(format!("{} old, no process {pid} here", human_age(age)))
         }
         None => Verdict::Keep(format!("{} old, being written", human_age(age))),
@@ -1405,7 +1355,7 @@ fn claimed(inv: &Inventory, now: u64) -> Vec<Digest> {
     let mut out = Vec::new();
     for (_, h) in &inv.dirs {
         for (name, path) in list_dir(h, "tmp").unwrap_or_default() {
-            let Some((label, host, pid, created)) = split_host_pid_uniq(&name) else { continue };
+            let Some((label, host, pid, created)) = crate::procs::split_host_pid_uniq(&name) else { continue };
             if label != store::CLAIM_LABEL || stale(Some(host), pid, created, age_of(&path, now), &me, &claim_lock_held(h)).is_some() {
                 continue;
             }
@@ -1427,7 +1377,7 @@ fn work_in_progress_since(inv: &Inventory, now: u64) -> Option<u64> {
     let mut since: Option<u64> = None;
     for (_, h) in &inv.dirs {
         for (name, path) in list_dir(h, "tmp").unwrap_or_default() {
-            let Some((label, host, pid, created)) = split_host_pid_uniq(&name) else { continue };
+            let Some((label, host, pid, created)) = crate::procs::split_host_pid_uniq(&name) else { continue };
             if label.ends_with(".deleting") {
                 continue;
             }
@@ -1475,12 +1425,12 @@ fn stale_temporaries(which: Which, h: &DirHandle, users: &Users, now: u64, out: 
     };
     for (name, path) in list("tmp") {
         let age = age_of(&path, now);
-        let what = match split_host_pid_uniq(&name) {
+        let what = match crate::procs::split_host_pid_uniq(&name) {
             Some((label, _, _, _)) if label == store::CLAIM_LABEL => "claim of an import or add",
             Some((label, _, _, _)) if label.ends_with(".deleting") => "layer being removed",
             _ => "staging",
         };
-        let verdict = match split_host_pid_uniq(&name) {
+        let verdict = match crate::procs::split_host_pid_uniq(&name) {
             Some((_, host, pid, created)) => judge(Some(host), pid, created, age, &me, &held),
             None if age > OTHER_HOST_GRACE => Verdict::Stale(format!("unrecognised, {} old", human_age(age))),
             None => Verdict::Keep(format!("unrecognised, removed once {} old (now {})", human_age(OTHER_HOST_GRACE), human_age(age))),
@@ -1489,7 +1439,7 @@ fn stale_temporaries(which: Which, h: &DirHandle, users: &Users, now: u64, out: 
     }
     for (name, path) in list("uppers") {
         let Some(inner) = name.strip_prefix('.') else { continue };
-        let Some((label, host, pid, created)) = split_host_pid_uniq(inner) else { continue };
+        let Some((label, host, pid, created)) = crate::procs::split_host_pid_uniq(inner) else { continue };
         if !label.ends_with(".tmp") {
             continue;
         }
@@ -1506,7 +1456,7 @@ fn stale_temporaries(which: Which, h: &DirHandle, users: &Users, now: u64, out: 
     }
     for (name, path) in list("names") {
         let Some(inner) = name.strip_prefix('.') else { continue };
-        let Some((_, pid, created)) = split_pid_uniq(inner) else { continue };
+        let Some((_, pid, created)) = crate::procs::split_pid_uniq(inner) else { continue };
         let verdict = judge(None, pid, created, age_of(&path, now), &me, &held);
         consider("names", name, path, prefixed("name record being written", verdict));
     }
@@ -1862,17 +1812,17 @@ mod tests {
     #[test]
     fn temporary_names() {
         assert_eq!(
-            split_host_pid_uniq("layer-ab.node_1.1234.65f0a1b200000001"),
+            crate::procs::split_host_pid_uniq("layer-ab.node_1.1234.65f0a1b200000001"),
             Some(("layer-ab", "node_1", 1234, Some(0x65f0a1b2)))
         );
         assert_eq!(
-            split_host_pid_uniq("ab.deleting.h.7.65f0a1b2000000ff"),
+            crate::procs::split_host_pid_uniq("ab.deleting.h.7.65f0a1b2000000ff"),
             Some(("ab.deleting", "h", 7, Some(0x65f0a1b2)))
         );
-        assert_eq!(split_host_pid_uniq("x.h.notapid.65f0a1b200000001"), None);
-        assert_eq!(split_host_pid_uniq("h.1.65f0a1b200000001"), None);
-        assert_eq!(split_pid_uniq("debian:12.5.42.65f0a1b200000001"), Some(("debian:12.5", 42, Some(0x65f0a1b2))));
-        assert_eq!(split_pid_uniq("a.1.xyz"), None);
+        assert_eq!(crate::procs::split_host_pid_uniq("x.h.notapid.65f0a1b200000001"), None);
+        assert_eq!(crate::procs::split_host_pid_uniq("h.1.65f0a1b200000001"), None);
+        assert_eq!(crate::procs::split_pid_uniq("debian:12.5.42.65f0a1b200000001"), Some(("debian:12.5", 42, Some(0x65f0a1b2))));
+        assert_eq!(crate::procs::split_pid_uniq("a.1.xyz"), None);
     }
 
     #[test]
@@ -1889,8 +1839,8 @@ mod tests {
     #[test]
     fn own_process_is_alive_and_old_enough() {
         let me = std::process::id();
-        assert!(pid_alive(me, Some(store::now_secs())));
-        assert!(!pid_alive(me, Some(store::now_secs() - 10 * PID_REUSE_SLACK)));
-        assert!(!pid_alive(u32::MAX, None));
+        assert!(crate::procs::alive_since(me, Some(store::now_secs())));
+        assert!(!crate::procs::alive_since(me, Some(store::now_secs() - 10 * crate::procs::PID_REUSE_SLACK)));
+        assert!(!crate::procs::alive_since(u32::MAX, None));
     }
 }

@@ -11,7 +11,7 @@
 const USER_HZ: u64 = 100;
 /// A process that started this long after a temporary was created cannot
 /// be its creator (the pid was reused). Generous: wall-clock steps.
-const PID_REUSE_SLACK: u64 = 3600;
+pub const PID_REUSE_SLACK: u64 = 3600;
 
 /// The fields of /proc/<pid>/stat we use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
