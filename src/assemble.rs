@@ -728,6 +728,21 @@ fn legacy_flags(f: &Flags) -> MountFlags {
     m
 }
 
+/// A layer mount the kernel refused, with the reason when it is that the
+/// image is not the filesystem its metadata says (an erofs image in an
+/// ext4 layer's place): the kernel only says EINVAL. The superblock is
+/// read only here, after a failure.
+fn explain_refusal(layer: &Layer, e: Error) -> Error {
+    match crate::superblock::check(&layer.image, layer.meta.fstype) {
+        Ok(()) => e,
+        Err(why) => Error::Store(format!(
+            "{e}; {}: {why}, its metadata says {} (image replaced? `sharedloop verify` checks the store)",
+            layer.image_path.display(),
+            layer.meta.fstype
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -751,20 +766,5 @@ mod tests {
         assert_eq!(resolve_api(MountApi::Auto, Version(6, 8, 0)), MountApi::Path);
         assert_eq!(resolve_api(MountApi::Auto, Version(5, 15, 0)), MountApi::Legacy);
         assert_eq!(resolve_api(MountApi::Legacy, Version(6, 18, 0)), MountApi::Legacy);
-    }
-}
-
-/// A layer mount the kernel refused, with the reason when it is that the
-/// image is not the filesystem its metadata says (an erofs image in an
-/// ext4 layer's place): the kernel only says EINVAL. The superblock is
-/// read only here, after a failure.
-fn explain_refusal(layer: &Layer, e: Error) -> Error {
-    match crate::superblock::check(&layer.image, layer.meta.fstype) {
-        Ok(()) => e,
-        Err(why) => Error::Store(format!(
-            "{e}; {}: {why}, its metadata says {} (image replaced? `sharedloop verify` checks the store)",
-            layer.image_path.display(),
-            layer.meta.fstype
-        )),
     }
 }
