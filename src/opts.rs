@@ -764,7 +764,13 @@ mod tests {
 
         fn config(cases: u32) -> ProptestConfig {
             // No regression files written into the source tree.
-            ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+            ProptestConfig {
+                cases,
+                failure_persistence: None,
+                // The same cases on every run: CI never fails by chance.
+                rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_1007),
+                ..ProptestConfig::default()
+            }
         }
 
         const KEYS: &[&str] = &[
