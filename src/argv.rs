@@ -331,16 +331,7 @@ mod tests {
         use crate::error::ExitCode;
         use proptest::prelude::*;
 
-        fn config(cases: u32) -> ProptestConfig {
-            // No regression files written into the source tree.
-            ProptestConfig {
-                cases,
-                failure_persistence: None,
-                // The same cases on every run: CI never fails by chance.
-                rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_1007),
-                ..ProptestConfig::default()
-            }
-        }
+        use crate::proptest_config as config;
 
         /// A byte of argv (never NUL): often one the parser looks at.
         fn byte() -> impl Strategy<Value = u8> {

@@ -35,3 +35,15 @@ pub mod manage;
 pub mod import;
 pub mod status;
 pub mod sharedfs;
+
+/// The property tests' configuration: the same cases on every run (CI
+/// never fails by chance), no regression files written into the tree.
+#[cfg(test)]
+pub(crate) fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_1007),
+        ..Default::default()
+    }
+}
