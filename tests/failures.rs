@@ -722,14 +722,13 @@ fn utab_unwritable() {
 
 // ---------------------------------------------------------------- SIGKILL at system calls
 
-/// The helper's system calls (its main thread, where the work is), in
-/// order, as strace saw them on a normal mount with `extra`.
-fn syscalls_of_a_mount(env: &Env, top: &str, m: &Path, extra: &str) -> Vec<String> {
+/// The system calls of `argv` (its main thread, where the work is), in
+/// order, as strace saw them; `argv` must succeed.
+fn syscalls_of(env: &Env, argv: &[&str]) -> Vec<String> {
     let trace = env.dir.join("trace.txt");
-    let o = opts(env, extra);
-    let r = env.run(&["strace", "-qq", "-o", s(&trace), "mount.sharedloop", top, s(m), "-o", &o]);
-    r.ok();
-    env.run(&["umount", s(m)]).ok();
+    let mut v = vec!["strace", "-qq", "-o", s(&trace)];
+    v.extend_from_slice(argv);
+    env.run(&v).ok();
     let text = std::fs::read_to_string(&trace).unwrap();
     std::fs::remove_file(&trace).unwrap();
     text.lines()
@@ -753,7 +752,8 @@ fn sigkill_at_system_calls_leaves_a_whole_mount_or_what_the_next_command_reconci
     let extra = format!("mount_api=fd,upper=ks,{UPPER_SIZE}");
     // Made first, so that every run below takes the same path.
     mount_umount_ok(&env, &top, &m, &extra, "first mount");
-    let calls = syscalls_of_a_mount(&env, &top, &m, &extra);
+    let calls = syscalls_of(&env, &["mount.sharedloop", &top, s(&m), "-o", &opts(&env, &extra)]);
+    env.run(&["umount", s(&m)]).ok();
     assert!(calls.len() > 50, "trace too short: {calls:?}");
     for want in ["ioctl", "openat2", "move_mount", "fsmount", "rename", "renameat"] {
         assert!(calls.iter().any(|c| c == want), "no {want} in the trace: {calls:?}");
@@ -826,15 +826,7 @@ fn sigkill_of_umount_at_system_calls_leaves_nothing_the_next_command_keeps() {
     let m = env.mnt("m");
     let extra = format!("mount_api=fd,upper=ku,{UPPER_SIZE}");
     mount8(&env, &top, &m, &extra, None).ok();
-    let trace = env.dir.join("trace.txt");
-    env.run(&["strace", "-qq", "-o", s(&trace), "umount.sharedloop", s(&m)]).ok();
-    let calls: Vec<String> = std::fs::read_to_string(&trace)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once('(').map(|(n, _)| n.to_string()))
-        .filter(|n| !n.is_empty() && !n.contains(' ') && !n.starts_with(['+', '-']))
-        .collect();
-    std::fs::remove_file(&trace).unwrap();
+    let calls = syscalls_of(&env, &["umount.sharedloop", s(&m)]);
     assert!(calls.iter().any(|c| c == "umount2"), "{calls:?}");
     let all = std::env::var_os("SHAREDLOOP_TEST_ALL_KILLS").is_some();
     let umounted = calls.iter().position(|c| c == "umount2").unwrap();
