@@ -424,16 +424,20 @@ fn zsh_completion() {
     // An interactive zsh on a pseudo-terminal (zpty): type a line and TAB,
     // read back what the line became (and the listing, if any).
     // Each TAB is followed by ^U and a command printing a marker, and the
-    // output is read up to the marker's own line: no timing involved.
+    // output is read up to the marker's own line and the next prompt: no
+    // timing involved. Waiting for the prompt matters: until zsh is back in
+    // its line editor the terminal is in canonical mode, where the kernel
+    // itself would echo the line and ^U would erase it before zsh saw the
+    // TAB (CI hit exactly that once).
     let driver = r#"
 zmodload zsh/zpty || exit 3
 compdir=$1 conf=$2; shift 2
 zpty -b z "env -i HOME=/tmp TERM=dumb PATH=/usr/bin:/bin SHAREDLOOP_CONFIG=$conf zsh -f -i"
-zpty -w z "PS1='%% '; fpath=($compdir \$fpath); autoload -Uz compinit; compinit -u -D; sharedloop() { :; }; unsetopt beep"
+zpty -w z "PS1='@P@ '; fpath=($compdir \$fpath); autoload -Uz compinit; compinit -u -D; sharedloop() { :; }; unsetopt beep; unset zle_bracketed_paste"
 upto() {
   zpty -w z "print -r -- __END_$1__"
   REPLY=
-  zpty -r z REPLY "*"$'\n'"__END_$1__"$'\r'"*" || exit 4
+  zpty -r z REPLY "*"$'\n'"__END_$1__"$'\r'"*@P@ *" || exit 4
 }
 upto 0
 integer n=0
