@@ -192,9 +192,9 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
             let name = name.map(|n| crate::ids::Name::parse(&n)).transpose()?;
             let fstype = FsType::parse(&fstype)?;
             let staging_dir = staging(staging_dir)?;
-            let id = crate::layer_build::add_layer(
+            let id = crate::image::add_layer(
                 &store,
-                &crate::layer_build::AddOptions {
+                &crate::image::AddOptions {
                     dir: &dir,
                     parent,
                     name: name.as_ref(),

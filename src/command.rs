@@ -5,7 +5,8 @@
 //! helpers with a PATH that lacks /sbin), runs it with `LC_ALL=C` (messages
 //! we match on stay English), stdin from /dev/null or from piped input,
 //! stdout and stderr captured, and dies with us: a killed sharedloop never
-//! leaves a mkfs writing into the store ([`sys::die_with_parent`]). A
+//! leaves a mkfs writing into the store ([`sys::die_with_parent`]), and a
+//! SIGINT or SIGTERM while it runs kills it ([`crate::interrupt`]). A
 //! failure becomes `Error::Command` with the command line, how it ended
 //! (`status N` or `signal N`) and the last lines of its stderr.
 
@@ -52,26 +53,11 @@ impl Cmd {
 
     fn run_with(&mut self, what: &str, input: Option<&[u8]>) -> Result<String> {
         let program = PathBuf::from(self.cmd.get_program());
-        self.cmd
-            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = self.cmd.spawn().map_err(|e| Error::io(format!("{what}: run"), &program, &e))?;
-        if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
-            match stdin.write_all(data) {
-                // It exited without reading all: its status and stderr say why.
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(Error::io(format!("{what}: write to"), &program, &e));
-                }
-                Ok(()) => {}
-            }
-        }
-        let out = wait_interruptibly(child).map_err(|e| match e {
-            Some(e) => Error::io(format!("{what}: wait for"), &program, &e),
-            None => Error::Interrupted,
+        let out = self.exec(input).map_err(|f| match f {
+            Failure::Spawn(e) => Error::io(format!("{what}: run"), &program, &e),
+            Failure::Write(e) => Error::io(format!("{what}: write to"), &program, &e),
+            Failure::Wait(e) => Error::io(format!("{what}: wait for"), &program, &e),
+            Failure::Interrupted => Error::Interrupted,
         })?;
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if out.status.success() {
@@ -86,8 +72,36 @@ impl Cmd {
 
     /// Run with stdin from /dev/null and hand back everything, for callers
     /// that judge the result themselves (a checker's report on stdout).
+    /// Interruptible like [`Cmd::run`]: a signal kills the command and
+    /// gives an error of kind `Interrupted`.
     pub fn output(&mut self) -> std::io::Result<Output> {
-        self.cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).output()
+        self.exec(None).map_err(|f| match f {
+            Failure::Spawn(e) | Failure::Write(e) | Failure::Wait(e) => e,
+            Failure::Interrupted => std::io::ErrorKind::Interrupted.into(),
+        })
+    }
+
+    /// Spawn it with `input` (or /dev/null) on stdin and stdout and stderr
+    /// captured, and wait for it interruptibly.
+    fn exec(&mut self, input: Option<&[u8]>) -> std::result::Result<Output, Failure> {
+        self.cmd
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self.cmd.spawn().map_err(Failure::Spawn)?;
+        if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+            match stdin.write_all(data) {
+                // It exited without reading all: its status and stderr say why.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Failure::Write(e));
+                }
+                Ok(()) => {}
+            }
+        }
+        wait_interruptibly(child)
     }
 
     /// The command line as a shell would take it, with the tool's name as
@@ -142,11 +156,21 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
+/// Why a command gave no exit status to judge.
+enum Failure {
+    Spawn(std::io::Error),
+    /// Writing its input failed (other than by its exiting early).
+    Write(std::io::Error),
+    Wait(std::io::Error),
+    /// A signal came while it ran; it was killed.
+    Interrupted,
+}
+
 /// The child's output once it exits; a SIGINT or SIGTERM meanwhile kills
 /// it (a mkfs on a store that stopped answering must not outlive us) and
-/// gives Err(None). Its pipes are drained by threads while we poll, so a
-/// child that writes a lot never blocks on a full pipe.
-fn wait_interruptibly(mut child: std::process::Child) -> std::result::Result<std::process::Output, Option<std::io::Error>> {
+/// gives `Failure::Interrupted`. Its pipes are drained by threads while we
+/// poll, so a child that writes a lot never blocks on a full pipe.
+fn wait_interruptibly(mut child: std::process::Child) -> std::result::Result<Output, Failure> {
     fn drain(p: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
         std::thread::spawn(move || {
             let mut v = Vec::new();
@@ -160,18 +184,18 @@ fn wait_interruptibly(mut child: std::process::Child) -> std::result::Result<std
     // 1 ms doubling to 10 ms: a quick command is not held up by the poll.
     let mut pause = std::time::Duration::from_millis(1);
     let status = loop {
-        if let Some(st) = child.try_wait().map_err(Some)? {
+        if let Some(st) = child.try_wait().map_err(Failure::Wait)? {
             break st;
         }
         if crate::interrupt::interrupted() {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(None);
+            return Err(Failure::Interrupted);
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(std::time::Duration::from_millis(10));
     };
-    Ok(std::process::Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() })
+    Ok(Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() })
 }
 
 #[cfg(test)]
@@ -210,6 +234,18 @@ mod tests {
         let e = Cmd::new("no-such-tool-here").run("try").unwrap_err();
         assert_eq!(e.errno(), Some(rustix::io::Errno::NOENT));
         assert!(e.to_string().starts_with("try: run: no-such-tool-here: "), "{e}");
+    }
+
+    #[test]
+    fn output_hands_back_everything() {
+        let mut c = Cmd::new("sh");
+        c.args(["-c", "read x || echo eof; echo $LC_ALL; echo err >&2; exit 4"]);
+        let out = c.output().unwrap();
+        assert_eq!((out.stdout.as_slice(), out.stderr.as_slice()), (&b"eof\nC\n"[..], &b"err\n"[..]));
+        assert_eq!(out.status.code(), Some(4));
+
+        let e = Cmd::new("no-such-tool-here").output().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
     }
 
     /// PR_SET_PDEATHSIG follows the spawning thread: a child whose

@@ -112,6 +112,11 @@ pub enum Error {
     #[error("interrupted by signal, every step undone")]
     Interrupted,
 
+    /// What was asked for needs a kernel feature this kernel lacks (the
+    /// message names the feature and what its probe saw).
+    #[error("{0}")]
+    Unsupported(String),
+
     /// A failure injected through SHAREDLOOP_FAILPOINT (tests only).
     #[error("injected failure at {0}")]
     Injected(String),
@@ -208,6 +213,7 @@ impl Error {
             | Error::InUse(_)
             | Error::Target(_)
             | Error::Command { .. }
+            | Error::Unsupported(_)
             | Error::Injected(_) => ExitCode::MountFailure,
         }
     }

@@ -11,7 +11,8 @@ use rustix::io::Errno;
 use rustix::mount::UnmountFlags;
 
 use crate::argv::{Info, MOUNT_USAGE, MountArgs, Parsed, UMOUNT_USAGE, UmountArgs};
-use crate::assemble::{self, Plan};
+use crate::kernel::Feature;
+use crate::mount::{self, Plan};
 use crate::config;
 use crate::error::{Error, Result};
 use crate::ids::LayerRef;
@@ -157,9 +158,12 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
             store.chain(&top)?
         }
     };
-    let api = assemble::resolve_api(opts.mount_api.unwrap_or(MountApi::Auto), kernel);
+    if log::log_enabled!(log::Level::Info) {
+        log::info!("kernel {}: {}", crate::kernel::release().unwrap_or_default(), crate::kernel::summary());
+    }
+    let api = mount::resolve_api(opts.mount_api.unwrap_or(MountApi::Auto))?;
     let loop_configure = match opts.loop_api.unwrap_or(LoopApi::Auto) {
-        LoopApi::Auto => kernel.has_loop_configure(),
+        LoopApi::Auto => Feature::LoopConfigure.have(),
         LoopApi::Configure => true,
         LoopApi::SetFd => false,
     };
@@ -173,7 +177,7 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
             None => "none (read-only)".to_string(),
             Some(u) => u.to_string(),
         },
-        assemble::api_name(api),
+        mount::api_name(api),
         if loop_configure { "LOOP_CONFIGURE" } else { "LOOP_SET_FD" }
     );
     for l in &layers {
@@ -193,7 +197,7 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
         api,
         loop_configure,
         direct_io: opts.direct_io.unwrap_or(true),
-        erofs_from_file: kernel.has_erofs_file_backed(),
+        erofs_from_file: Feature::ErofsFromFile.have(),
         overlay_opts: opts.overlay.clone(),
         flags: opts.flags.clone(),
         store,
@@ -220,7 +224,7 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
             target: target.clone(),
             chain: chain.to_vec(),
             upper: upper.cloned(),
-            mount_api: assemble::api_name(api).into(),
+            mount_api: mount::api_name(api).into(),
             mnt_id,
             mnt_ns: state::mnt_ns(),
             created: now_secs(),

@@ -9,7 +9,8 @@ pub mod bytes;
 pub mod procs;
 pub mod ids;
 pub mod command;
-pub mod layer_build;
+pub mod image;
+pub mod beneath;
 pub mod store;
 pub mod staging;
 pub mod argv;
@@ -19,7 +20,7 @@ pub mod opts;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod utab;
-pub mod assemble;
+pub mod mount;
 pub mod config;
 pub mod helper;
 pub mod interrupt;

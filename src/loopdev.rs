@@ -18,6 +18,7 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result};
 use crate::sys::{self, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY, LoopInfo64};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const LOOP_CONTROL: &str = "/dev/loop-control";
 /// LOOP_CTL_GET_FREE hands the same device to racing processes; the loser
@@ -68,6 +69,60 @@ pub fn backing_file(n: u32) -> Option<PathBuf> {
     Some(crate::bytes::path_from(&b))
 }
 
+/// An attached loop device: its number and the backing file the kernel
+/// shows for it ([`backing_file`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub number: u32,
+    pub backing: PathBuf,
+}
+
+/// Where [`attached`] looks for loop devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scan {
+    /// /proc/partitions lists only loop devices with a backing file (a
+    /// detached one has no capacity and is not shown), so the cost follows
+    /// the devices in use, not the hundreds of idle ones a busy node keeps.
+    /// Nor does it show one attached to an empty file: fine for a mount,
+    /// to which a device found is only a hint.
+    Partitions,
+    /// Every `/sys/block/loopN`: complete, for what must see every user of
+    /// a file (`ls`, `rm`, `gc`), at one sysfs lookup per idle device.
+    Sysfs,
+}
+
+/// The attached loop devices `scan` finds, in the order it lists them.
+/// The one scan of loop devices: mounts look in it for a device to share
+/// ([`LoopIndex`]), `ls`, `rm` and `gc` for the devices using the store.
+pub fn attached(scan: Scan) -> Vec<Attached> {
+    let names: Vec<String> = match scan {
+        Scan::Partitions => {
+            partition_names(&std::fs::read_to_string("/proc/partitions").unwrap_or_default())
+        }
+        Scan::Sysfs => std::fs::read_dir("/sys/block")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect(),
+    };
+    attached_of(names, backing_file)
+}
+
+/// The device names of /proc/partitions (its fourth column).
+fn partition_names(text: &str) -> Vec<String> {
+    text.lines().filter_map(|l| l.split_whitespace().nth(3)).map(str::to_string).collect()
+}
+
+/// The `loopN` of `names` that `backing` gives a backing file.
+fn attached_of(names: Vec<String>, backing: impl Fn(u32) -> Option<PathBuf>) -> Vec<Attached> {
+    names
+        .iter()
+        .filter_map(|name| name.strip_prefix("loop")?.parse::<u32>().ok())
+        .filter_map(|number| Some(Attached { number, backing: backing(number)? }))
+        .collect()
+}
+
 /// Attached loop devices by backing file path, read once per mount. Only a
 /// hint: a candidate is confirmed with LOOP_GET_STATUS64 on an fd we hold.
 #[derive(Debug, Default)]
@@ -76,25 +131,14 @@ pub struct LoopIndex {
 }
 
 impl LoopIndex {
-    /// /proc/partitions lists only loop devices with a backing file (a
-    /// detached one has no capacity and is not shown), so the cost follows
-    /// the devices in use, not the hundreds of idle ones a busy node keeps.
     pub fn scan() -> LoopIndex {
-        let text = std::fs::read_to_string("/proc/partitions").unwrap_or_default();
-        Self::from_partitions(&text, backing_file)
+        Self::from_attached(attached(Scan::Partitions))
     }
 
-    fn from_partitions(text: &str, backing: impl Fn(u32) -> Option<PathBuf>) -> LoopIndex {
+    fn from_attached(loops: Vec<Attached>) -> LoopIndex {
         let mut idx = LoopIndex::default();
-        for n in text
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(3))
-            .filter_map(|name| name.strip_prefix("loop"))
-            .filter_map(|num| num.parse::<u32>().ok())
-        {
-            if let Some(p) = backing(n) {
-                idx.by_path.entry(p).or_default().push(n);
-            }
+        for l in loops {
+            idx.by_path.entry(l.backing).or_default().push(l.number);
         }
         idx
     }
@@ -206,15 +250,15 @@ pub fn attach(backing: impl AsFd, backing_path: &Path, opts: AttachOptions) -> R
             Err(Errno::NOENT) | Err(Errno::NXIO) => continue,
             Err(e) => return Err(Error::sys("open loop device", &path, e)),
         };
-        let mut info = LoopInfo64::default();
-        info.lo_flags = LO_FLAGS_AUTOCLEAR
+        let flags = LO_FLAGS_AUTOCLEAR
             | if opts.read_only { LO_FLAGS_READ_ONLY } else { 0 }
             | if dio { LO_FLAGS_DIRECT_IO } else { 0 };
-        info.set_file_name(backing_path.as_os_str().as_encoded_bytes());
-        let r = if opts.configure {
+        let info = sys::loop_info(flags, backing_path.as_os_str().as_encoded_bytes());
+        let configure = opts.configure && !NO_CONFIGURE.load(Ordering::Relaxed);
+        let r = if configure {
             sys::loop_configure(&fd, &backing, &info)
         } else {
-            attach_set_fd(&fd, &backing, &info)
+            attach_set_fd(&fd, &backing, &info, backing_path)
         };
         match r {
             Ok(()) => {
@@ -228,9 +272,17 @@ pub fn attach(backing: impl AsFd, backing_path: &Path, opts: AttachOptions) -> R
                 continue;
             }
             // A backing filesystem without O_DIRECT: buffered I/O still works.
-            Err(Errno::INVAL) if dio => {
+            Err(Errno::INVAL) if dio && configure => {
                 log::info!("{}: direct I/O refused, attaching with buffered I/O", backing_path.display());
                 dio = false;
+                continue;
+            }
+            // A kernel without LOOP_CONFIGURE (before 5.8, or a backport
+            // that lacks it): the two-step way from now on, as util-linux
+            // falls back.
+            Err(e @ (Errno::INVAL | Errno::NOTTY)) if configure => {
+                log::info!("LOOP_CONFIGURE refused ({}), attaching with LOOP_SET_FD", crate::error::Errno(e));
+                NO_CONFIGURE.store(true, Ordering::Relaxed);
                 continue;
             }
             Err(e) => return Err(Error::sys("attach loop device", &path, e).context(&format!("{}", backing_path.display()))),
@@ -238,15 +290,41 @@ pub fn attach(backing: impl AsFd, backing_path: &Path, opts: AttachOptions) -> R
     }
 }
 
+/// Set once LOOP_CONFIGURE was refused as unknown: every later attach of
+/// this process goes the two-step way at once.
+static NO_CONFIGURE: AtomicBool = AtomicBool::new(false);
+
 /// The pre-5.8 way. If SET_STATUS64 fails the half-attached device is
-/// cleared again here.
-fn attach_set_fd(dev: &OwnedFd, backing: impl AsFd, info: &LoopInfo64) -> std::result::Result<(), Errno> {
+/// cleared again here. SET_STATUS64 ignores LO_FLAGS_DIRECT_IO, so direct
+/// I/O is asked for with LOOP_SET_DIRECT_IO afterwards; a backing file
+/// that cannot do it (EINVAL) stays buffered, as with LOOP_CONFIGURE.
+fn attach_set_fd(dev: &OwnedFd, backing: impl AsFd, info: &LoopInfo64, backing_path: &Path) -> std::result::Result<(), Errno> {
     sys::loop_set_fd(dev, &backing)?;
     if let Err(e) = sys::loop_set_status64(dev, info) {
         let _ = sys::loop_clr_fd(dev);
         return Err(e);
     }
+    if info.lo_flags & LO_FLAGS_DIRECT_IO != 0 {
+        match sys::loop_set_direct_io(dev, true) {
+            Ok(()) => {}
+            Err(e @ (Errno::INVAL | Errno::NOTTY)) => {
+                log::info!("{}: direct I/O refused ({}), buffered I/O", backing_path.display(), crate::error::Errno(e));
+            }
+            // Autoclear is set: our fd's close detaches the device.
+            Err(e) => return Err(e),
+        }
+    }
     Ok(())
+}
+
+/// LOOP_CONFIGURE known to this kernel? Tried on a free device (made if
+/// there is none), with a backing fd that cannot be valid, so nothing is
+/// ever bound; see `sys::loop_configure_supported`.
+pub fn probe_configure() -> std::result::Result<bool, Errno> {
+    let ctl = rustix::fs::open(LOOP_CONTROL, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
+    let n = sys::loop_ctl_get_free(&ctl)?;
+    let dev = rustix::fs::open(dev_path(n), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    sys::loop_configure_supported(&dev)
 }
 
 fn dio_active(n: u32) -> bool {
@@ -279,12 +357,17 @@ mod tests {
     #[test]
     fn index_from_partitions() {
         let text = "major minor  #blocks  name\n\n 254        0  264241152 vda\n   7        0       4096 loop0\n   7        3       4096 loop3\n 259        0       4096 loop12p1\n";
-        let idx = LoopIndex::from_partitions(text, |n| match n {
+        let backing = |n| match n {
             0 => Some("/s/a.img".into()),
             3 => Some("/s/a.img".into()),
             _ => None, // gone since /proc/partitions was read
-        });
+        };
+        let idx = LoopIndex::from_attached(attached_of(partition_names(text), backing));
         assert_eq!(idx.by_path.get(Path::new("/s/a.img")), Some(&vec![0, 3]));
         assert_eq!(idx.by_path.len(), 1);
+        // /sys/block names: whole devices only, detached ones without a backing file.
+        let names = ["vda", "loop3", "loop12", "loop0", "loop-control"].map(String::from).to_vec();
+        let numbers: Vec<u32> = attached_of(names, backing).iter().map(|l| l.number).collect();
+        assert_eq!(numbers, [3, 0]);
     }
 }

@@ -8,10 +8,13 @@
 //! the image, so this holds between nodes whatever the shared
 //! filesystem's lock service does: sharedloop turns it on for uppers on
 //! shared storage (`upper_mmp=`) and reads the block here only to say who
-//! holds an upper. Layout: the kernel's Documentation/filesystems/ext4
+//! holds an upper. The superblock, which says where the block is, is read
+//! by `superblock`. Layout: the kernel's Documentation/filesystems/ext4
 //! (super.rst, mmp.rst).
 
 use std::os::fd::AsFd;
+
+use crate::superblock::{self, Ext4Super, le16, le32, le64};
 
 /// `mmp_magic`
 const MAGIC: u32 = 0x004D_4D50;
@@ -19,10 +22,8 @@ const MAGIC: u32 = 0x004D_4D50;
 pub const SEQ_CLEAN: u32 = 0xFF4D_4D50;
 /// `mmp_seq` while e2fsck has the filesystem.
 pub const SEQ_FSCK: u32 = 0xE24D_4D50;
-const EXT4_MAGIC: u16 = 0xEF53;
-const INCOMPAT_MMP: u32 = 0x100;
-/// The superblock is 1024 bytes at byte 1024.
-const SB_OFFSET: u64 = 1024;
+/// The bytes of an MMP block that hold every field read.
+const BLOCK_LEN: usize = 0x80;
 
 /// The MMP block's fields that matter to an administrator.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,33 +60,18 @@ impl MmpBlock {
     }
 }
 
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
 fn c_string(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
 /// From an ext4 superblock: the byte offset of its MMP block, or None when
-/// it is not ext4 or has no MMP.
-pub fn block_offset(sb: &[u8]) -> Option<u64> {
-    if sb.len() < 0x170 || le16(sb, 0x38) != EXT4_MAGIC || le32(sb, 0x60) & INCOMPAT_MMP == 0 {
+/// it has no MMP.
+pub fn block_offset(sb: &Ext4Super) -> Option<u64> {
+    if !sb.has_mmp() {
         return None;
     }
-    let log = le32(sb, 0x18);
-    if log > 6 {
-        return None; // block size over 64 KiB: not a filesystem we made
-    }
-    let block_size = 1024u64 << log;
-    le64(sb, 0x168).checked_mul(block_size).filter(|&o| o > 0)
+    sb.mmp_block.checked_mul(sb.block_size()?).filter(|&o| o > 0)
 }
 
 /// An MMP block, or None when the magic is wrong.
@@ -105,37 +91,28 @@ pub fn parse_block(b: &[u8]) -> Option<MmpBlock> {
 /// The MMP block of the ext4 image open at `fd`, if it has one. Read
 /// errors count as "none": this is for messages, never for decisions.
 pub fn read(fd: impl AsFd) -> Option<MmpBlock> {
-    let mut sb = [0u8; 1024];
-    let n = rustix::io::pread(&fd, &mut sb, SB_OFFSET).ok()?;
-    let off = block_offset(&sb[..n])?;
-    let mut b = [0u8; 0x80];
-    let n = rustix::io::pread(&fd, &mut b, off).ok()?;
-    parse_block(&b[..n])
+    let off = block_offset(&superblock::read_ext4(&fd).ok()??)?;
+    parse_block(&superblock::read_at(&fd, off, BLOCK_LEN).ok()?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn sb(magic: u16, incompat: u32, log: u32, block: u64) -> Vec<u8> {
-        let mut s = vec![0u8; 1024];
-        s[0x38..0x3a].copy_from_slice(&magic.to_le_bytes());
-        s[0x60..0x64].copy_from_slice(&incompat.to_le_bytes());
-        s[0x18..0x1c].copy_from_slice(&log.to_le_bytes());
-        s[0x168..0x170].copy_from_slice(&block.to_le_bytes());
-        s
+    fn sb(incompat: u32, log: u32, block: u64) -> Ext4Super {
+        Ext4Super { log_block_size: log, feature_incompat: incompat, mmp_block: block }
     }
 
     #[test]
     fn superblocks() {
-        let cases: &[(Vec<u8>, Option<u64>)] = &[
-            (sb(0xEF53, 0x100 | 0x2, 2, 7986), Some(7986 * 4096)),
-            (sb(0xEF53, 0x100, 0, 100), Some(100 * 1024)),
-            (sb(0xEF53, 0x2, 2, 7986), None),   // no MMP feature
-            (sb(0x1234, 0x100, 2, 7986), None), // not ext4
-            (sb(0xEF53, 0x100, 2, 0), None),    // no block
-            (sb(0xEF53, 0x100, 40, 1), None),   // absurd block size
-            (vec![0u8; 100], None),             // short read
+        // Not ext4 and short reads: superblock's tests.
+        let cases: &[(Ext4Super, Option<u64>)] = &[
+            (sb(0x100 | 0x2, 2, 7986), Some(7986 * 4096)),
+            (sb(0x100, 0, 100), Some(100 * 1024)),
+            (sb(0x2, 2, 7986), None),       // no MMP feature
+            (sb(0x100, 2, 0), None),        // no block
+            (sb(0x100, 40, 1), None),       // absurd block size
+            (sb(0x100, 2, u64::MAX), None), // past any offset
         ];
         for (i, (s, want)) in cases.iter().enumerate() {
             assert_eq!(block_offset(s), *want, "case {i}");
@@ -171,19 +148,23 @@ mod tests {
         assert_eq!(parse_block(&[0u8; 16]), None);
     }
 
+    fn mkfs(opts: &[&str], img: &std::path::Path) {
+        let mut c = crate::command::Cmd::new("mkfs.ext4");
+        c.args(["-q", "-F"]).args(opts).arg(img);
+        c.run("mkfs.ext4").unwrap();
+    }
+
     #[test]
     fn real_image_from_mkfs() {
         let dir = std::env::temp_dir().join(format!("sl-mmp-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let img = dir.join("u.img");
         std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
-        let st = std::process::Command::new("mkfs.ext4").args(["-q", "-F", "-O", "mmp"]).arg(&img).status().unwrap();
-        assert!(st.success());
+        mkfs(&["-O", "mmp"], &img);
         let b = read(std::fs::File::open(&img).unwrap()).expect("an MMP block");
         assert_eq!(b.state(), MmpState::Clean);
         std::fs::File::create(dir.join("plain.img")).unwrap().set_len(64 << 20).unwrap();
-        let st = std::process::Command::new("mkfs.ext4").args(["-q", "-F"]).arg(dir.join("plain.img")).status().unwrap();
-        assert!(st.success());
+        mkfs(&[], &dir.join("plain.img"));
         assert_eq!(read(std::fs::File::open(dir.join("plain.img")).unwrap()), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }

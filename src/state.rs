@@ -185,7 +185,7 @@ fn read_all() -> Vec<(PathBuf, MountRecord)> {
 
 /// Remove scratch directories whose owner died without its guards running
 /// (SIGKILL, OOM) during a path or legacy mount (named
-/// `<pid>-<start time>-<uniq>` by `assemble::Scratch`): their layer mounts, and so
+/// `<pid>-<start time>-<uniq>` by `mount::Scratch`): their layer mounts, and so
 /// their loop devices, would otherwise stay. rmdir also detaches them in
 /// other mount namespaces (Linux 3.18+). The fd way never needs this.
 pub fn sweep_scratch() {

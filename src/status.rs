@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::assemble;
+use crate::kernel::Feature;
+use crate::mount;
 use crate::error::Result;
 use crate::kernel::Version;
 use crate::mountinfo;
@@ -38,6 +39,8 @@ pub struct Status {
 pub struct KernelInfo {
     pub release: String,
     pub multiple_lower_layers: bool,
+    pub openat2: bool,
+    pub new_mount_api: bool,
     pub loop_configure: bool,
     pub lowerdir_add: bool,
     pub layers_as_fds: bool,
@@ -165,7 +168,7 @@ fn layers_in_use(recs: &[MountRecord]) -> Vec<LayerUse> {
 
 pub fn gather(store: &Store, opts: &MountOptions) -> Result<Status> {
     let k = Version::running()?;
-    let release = std::fs::read_to_string(crate::kernel::OSRELEASE).unwrap_or_default().trim().to_string();
+    let release = crate::kernel::release()?;
     let recs = mounts()?;
     Ok(Status {
         storage_driver: "sharedloop",
@@ -175,11 +178,18 @@ pub fn gather(store: &Store, opts: &MountOptions) -> Result<Status> {
         kernel: KernelInfo {
             release,
             multiple_lower_layers: k.has_multi_lower(),
-            loop_configure: k.has_loop_configure(),
-            lowerdir_add: k.has_lowerdir_add(),
-            layers_as_fds: k.has_layer_fds(),
-            erofs_from_file: k.has_erofs_file_backed(),
-            mount_api: assemble::api_name(assemble::resolve_api(opts.mount_api.unwrap_or(MountApi::Auto), k)).into(),
+            openat2: Feature::Openat2.have(),
+            new_mount_api: Feature::NewMountApi.have(),
+            loop_configure: Feature::LoopConfigure.have(),
+            lowerdir_add: Feature::LowerdirAdd.have(),
+            layers_as_fds: Feature::LayersAsFds.have(),
+            erofs_from_file: Feature::ErofsFromFile.have(),
+            // What a mount would do: the configured way, or (if this kernel
+            // cannot) what the refusal says.
+            mount_api: match mount::resolve_api(opts.mount_api.unwrap_or(MountApi::Auto)) {
+                Ok(a) => mount::api_name(a).into(),
+                Err(e) => format!("refused: {e}"),
+            },
         },
         store: StoreTotals { root: dir_totals(&store.root), fallback: dir_totals(&store.fallback) },
         mounts: recs.iter().map(mount_info).collect(),
@@ -230,8 +240,9 @@ pub fn format_status(s: &Status) -> String {
     let k = &s.kernel;
     o.push_str(&format!(" Kernel: {}\n", k.release));
     o.push_str(&format!(
-        "  Multiple Lower Layers: {}, LOOP_CONFIGURE: {}, lowerdir+: {}, Layers As Fds: {}, erofs From File: {}\n",
-        yes(k.multiple_lower_layers),
+        "  openat2: {}, New Mount API: {}, LOOP_CONFIGURE: {}, lowerdir+: {}, Layers As Fds: {}, erofs From File: {}\n",
+        yes(k.openat2),
+        yes(k.new_mount_api),
         yes(k.loop_configure),
         yes(k.lowerdir_add),
         yes(k.layers_as_fds),
@@ -299,6 +310,8 @@ mod tests {
             kernel: KernelInfo {
                 release: "6.18.44".into(),
                 multiple_lower_layers: true,
+                openat2: true,
+                new_mount_api: true,
                 loop_configure: true,
                 lowerdir_add: true,
                 layers_as_fds: true,

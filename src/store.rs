@@ -11,9 +11,11 @@
 //! tmp/                                 staging; renamed into place whole
 //! ```
 //!
-//! Every path below a store directory is opened with openat2(RESOLVE_BENEATH
-//! | RESOLVE_NO_SYMLINKS) from the store directory's fd, so a symlink planted
-//! in a (shared, maybe writable by others) store cannot redirect us.
+//! Every path below a store directory is opened from the store directory's
+//! fd, refusing symlinks and `..` (`beneath`: openat2 RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS, or a walk one component at a time where openat2 is
+//! missing), so a symlink planted in a (shared, maybe writable by others)
+//! store cannot redirect us.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -22,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
@@ -154,10 +156,6 @@ pub fn falls_back(e: Errno) -> bool {
     e == Errno::NOENT || e == Errno::ACCESS || e == Errno::ROFS
 }
 
-const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
-    .union(ResolveFlags::NO_SYMLINKS)
-    .union(ResolveFlags::NO_MAGICLINKS);
-
 /// Open `rel` below the directory `dir`, refusing any symlink or escape.
 pub fn open_beneath(dir: &Path, rel: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd> {
     let dfd = open_dir(dir)?;
@@ -191,7 +189,7 @@ pub fn openat_beneath(
 ) -> Result<OwnedFd> {
     let path = dir.join(rel);
     let open = |flags: OFlags| {
-        rustix::fs::openat2(dfd, rel, flags | OFlags::CLOEXEC, mode, RESOLVE).map_err(|e| {
+        crate::beneath::open(dfd, rel, flags, mode, crate::beneath::Mounts::Cross).map_err(|e| {
             let what = if e == Errno::LOOP || e == Errno::XDEV {
                 "refusing symlink or path outside the store"
             } else {
@@ -515,10 +513,9 @@ impl Store {
         let path = h.path.join(&rel);
         let text = read_small(fd, &path, 1 << 16)?;
         let meta: LayerMeta = serde_json::from_str(&text).map_err(|e| {
-            Error::Store(format!("layer {id}: {}: corrupt metadata: {e}", path.display()))
+            Error::Store(format!("{}: corrupt metadata: {e}", path.display()))
         })?;
-        meta.validate(id)
-            .map_err(|e| e.context(&format!("layer {id}: {}", path.display())))?;
+        meta.validate(id).map_err(|e| e.context(&path.display().to_string()))?;
         Ok(meta)
     }
 
@@ -557,10 +554,8 @@ impl Store {
         }))
         .map_err(|e| match e.errno() {
             Some(Errno::NOENT) => Error::Store(format!("layer {id}: not found in {}", self.searched())),
-            // Store errors already name the layer; system errors do not.
-            Some(_) => e.context(&format!("layer {id}")),
-            None if e.to_string().starts_with(&format!("layer {id}")) => e,
-            None => e.context(&format!("layer {id}")),
+            // Nothing below names the layer (paths only): named once, here.
+            _ => e.context(&format!("layer {id}")),
         })
     }
 

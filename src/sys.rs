@@ -14,76 +14,46 @@ use std::process::Command;
 
 use rustix::io::Errno;
 
-// <linux/loop.h>
-const LOOP_SET_FD: libc::c_ulong = 0x4C00;
-const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
-const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
-const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
-const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
-const LOOP_CTL_ADD: libc::c_ulong = 0x4C80;
-const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+// <linux/loop.h>, from linux-raw-sys (generated from the kernel's uapi
+// headers) rather than copied by hand.
+use linux_raw_sys::loop_device as uapi;
 
-pub const LO_FLAGS_READ_ONLY: u32 = 1;
-pub const LO_FLAGS_AUTOCLEAR: u32 = 4;
-pub const LO_FLAGS_DIRECT_IO: u32 = 16;
+pub use uapi::loop_info64 as LoopInfo64;
 
-const LO_NAME_SIZE: usize = 64;
-const LO_KEY_SIZE: usize = 32;
+const LOOP_SET_FD: libc::c_ulong = uapi::LOOP_SET_FD as libc::c_ulong;
+const LOOP_CLR_FD: libc::c_ulong = uapi::LOOP_CLR_FD as libc::c_ulong;
+const LOOP_SET_STATUS64: libc::c_ulong = uapi::LOOP_SET_STATUS64 as libc::c_ulong;
+const LOOP_GET_STATUS64: libc::c_ulong = uapi::LOOP_GET_STATUS64 as libc::c_ulong;
+const LOOP_SET_DIRECT_IO: libc::c_ulong = uapi::LOOP_SET_DIRECT_IO as libc::c_ulong;
+const LOOP_CONFIGURE: libc::c_ulong = uapi::LOOP_CONFIGURE as libc::c_ulong;
+const LOOP_CTL_ADD: libc::c_ulong = uapi::LOOP_CTL_ADD as libc::c_ulong;
+const LOOP_CTL_GET_FREE: libc::c_ulong = uapi::LOOP_CTL_GET_FREE as libc::c_ulong;
 
-/// `struct loop_info64`, laid out as the kernel's uapi header does.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct LoopInfo64 {
-    pub lo_device: u64,
-    pub lo_inode: u64,
-    pub lo_rdevice: u64,
-    pub lo_offset: u64,
-    pub lo_sizelimit: u64,
-    pub lo_number: u32,
-    pub lo_encrypt_type: u32,
-    pub lo_encrypt_key_size: u32,
-    pub lo_flags: u32,
-    pub lo_file_name: [u8; LO_NAME_SIZE],
-    pub lo_crypt_name: [u8; LO_NAME_SIZE],
-    pub lo_encrypt_key: [u8; LO_KEY_SIZE],
-    pub lo_init: [u64; 2],
-}
+pub const LO_FLAGS_READ_ONLY: u32 = uapi::LO_FLAGS_READ_ONLY as u32;
+pub const LO_FLAGS_AUTOCLEAR: u32 = uapi::LO_FLAGS_AUTOCLEAR as u32;
+pub const LO_FLAGS_DIRECT_IO: u32 = uapi::LO_FLAGS_DIRECT_IO as u32;
 
-impl Default for LoopInfo64 {
-    fn default() -> Self {
-        LoopInfo64 {
-            lo_device: 0,
-            lo_inode: 0,
-            lo_rdevice: 0,
-            lo_offset: 0,
-            lo_sizelimit: 0,
-            lo_number: 0,
-            lo_encrypt_type: 0,
-            lo_encrypt_key_size: 0,
-            lo_flags: 0,
-            lo_file_name: [0; LO_NAME_SIZE],
-            lo_crypt_name: [0; LO_NAME_SIZE],
-            lo_encrypt_key: [0; LO_KEY_SIZE],
-            lo_init: [0; 2],
-        }
+/// An all-zero `struct loop_info64` with `flags` and the name losetup
+/// shows (informational only, cut at 63 bytes).
+pub fn loop_info(flags: u32, name: &[u8]) -> LoopInfo64 {
+    let mut file_name = [0u8; uapi::LO_NAME_SIZE as usize];
+    let n = name.len().min(file_name.len() - 1);
+    file_name[..n].copy_from_slice(&name[..n]);
+    LoopInfo64 {
+        lo_device: 0,
+        lo_inode: 0,
+        lo_rdevice: 0,
+        lo_offset: 0,
+        lo_sizelimit: 0,
+        lo_number: 0,
+        lo_encrypt_type: 0,
+        lo_encrypt_key_size: 0,
+        lo_flags: flags,
+        lo_file_name: file_name,
+        lo_crypt_name: [0; uapi::LO_NAME_SIZE as usize],
+        lo_encrypt_key: [0; uapi::LO_KEY_SIZE as usize],
+        lo_init: [0; 2],
     }
-}
-
-impl LoopInfo64 {
-    /// The name shown by losetup; informational only (truncated at 63 bytes).
-    pub fn set_file_name(&mut self, name: &[u8]) {
-        let n = name.len().min(LO_NAME_SIZE - 1);
-        self.lo_file_name[..n].copy_from_slice(&name[..n]);
-    }
-}
-
-/// `struct loop_config` (LOOP_CONFIGURE, Linux 5.8).
-#[repr(C)]
-struct LoopConfig {
-    fd: u32,
-    block_size: u32,
-    info: LoopInfo64,
-    reserved: [u64; 8],
 }
 
 fn check(ret: libc::c_int) -> Result<libc::c_int, Errno> {
@@ -113,15 +83,39 @@ pub fn loop_ctl_add(ctl: impl AsFd, n: u32) -> Result<(), Errno> {
 
 /// LOOP_CONFIGURE: bind `backing` and set every flag in one atomic call.
 pub fn loop_configure(dev: impl AsFd, backing: impl AsFd, info: &LoopInfo64) -> Result<(), Errno> {
-    let cfg = LoopConfig {
-        fd: backing.as_fd().as_raw_fd() as u32,
-        block_size: 0,
-        info: *info,
-        reserved: [0; 8],
-    };
-    // SAFETY: `cfg` is a properly laid out `struct loop_config` that lives
-    // across the call; the kernel only reads it. Both fds are borrowed.
-    check(unsafe { libc::ioctl(dev.as_fd().as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) })?;
+    loop_configure_raw(dev, backing.as_fd().as_raw_fd() as u32, info)
+}
+
+/// Does this kernel know LOOP_CONFIGURE (5.8)? Asked of a device with a
+/// backing fd that cannot be valid: a kernel that has the ioctl fails the
+/// fd lookup (EBADF) and binds nothing; one without it says EINVAL or
+/// ENOTTY, which is how util-linux tells too. Any other errno is returned.
+pub fn loop_configure_supported(dev: impl AsFd) -> Result<bool, Errno> {
+    match loop_configure_raw(dev, u32::MAX, &loop_info(0, b"")) {
+        Err(Errno::BADF) => Ok(true),
+        Err(Errno::INVAL) | Err(Errno::NOTTY) => Ok(false),
+        Err(e) => Err(e),
+        // Cannot happen (no fd -1); nothing was bound to a valid file.
+        Ok(()) => Ok(true),
+    }
+}
+
+fn loop_configure_raw(dev: impl AsFd, fd: u32, info: &LoopInfo64) -> Result<(), Errno> {
+    let cfg = uapi::loop_config { fd, block_size: 0, info: *info, __reserved: [0; 8] };
+    // SAFETY: `cfg` is a `struct loop_config` as the uapi header lays it
+    // out, alive across the call; the kernel only reads it. The device fd
+    // is borrowed.
+    check(unsafe { libc::ioctl(dev.as_fd().as_raw_fd(), LOOP_CONFIGURE, &cfg as *const uapi::loop_config) })?;
+    Ok(())
+}
+
+/// LOOP_SET_DIRECT_IO: LOOP_SET_STATUS64 ignores LO_FLAGS_DIRECT_IO, so
+/// on the pre-5.8 way direct I/O is switched on with this (4.10+) after
+/// SET_FD. EINVAL: the backing file's filesystem cannot do it.
+pub fn loop_set_direct_io(dev: impl AsFd, on: bool) -> Result<(), Errno> {
+    // SAFETY: LOOP_SET_DIRECT_IO takes an integer argument; the fd is
+    // borrowed and valid.
+    check(unsafe { libc::ioctl(dev.as_fd().as_raw_fd(), LOOP_SET_DIRECT_IO, on as libc::c_ulong) })?;
     Ok(())
 }
 
@@ -150,7 +144,7 @@ pub fn loop_set_status64(dev: impl AsFd, info: &LoopInfo64) -> Result<(), Errno>
 
 /// LOOP_GET_STATUS64: what the device is bound to (ENXIO if nothing).
 pub fn loop_get_status64(dev: impl AsFd) -> Result<LoopInfo64, Errno> {
-    let mut info = LoopInfo64::default();
+    let mut info = loop_info(0, b"");
     // SAFETY: `info` is a writable `struct loop_info64` the kernel fills;
     // it outlives the call.
     check(unsafe {
@@ -250,7 +244,11 @@ mod tests {
     fn struct_sizes_match_uapi() {
         // sizeof(struct loop_info64) == 232, sizeof(struct loop_config) == 304
         assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
-        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+        assert_eq!(std::mem::size_of::<uapi::loop_config>(), 304);
+        let i = loop_info(LO_FLAGS_AUTOCLEAR, &[b'x'; 100]);
+        assert_eq!(&i.lo_file_name[..63], &[b'x'; 63][..]);
+        assert_eq!(i.lo_file_name[63], 0);
+        assert_eq!(i.lo_flags, 4);
     }
 
     #[test]

@@ -444,7 +444,7 @@ fn octal(field: &mut [u8], v: u64) {
     field[s.len()] = 0;
 }
 
-use sharedloop::layer_build::pax_record;
+use sharedloop::image::pax_record;
 
 #[derive(Clone)]
 struct Ent<'a> {

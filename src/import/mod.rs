@@ -7,7 +7,7 @@
 //! streamed once — decompressed, both digests checked on the way — into a
 //! directory tree in overlay form in a node-local work directory
 //! (`crate::staging`; `unpack`), built there into a filesystem image by
-//! `layer_build`; only the image goes to a staging directory under the
+//! `image`; only the image goes to a staging directory under the
 //! store's tmp/ (renamed, or copied when the store is another filesystem)
 //! and is published with one rename. A layer is published before the next
 //! is unpacked, so the next can read the chain below it when its tar needs
@@ -243,7 +243,7 @@ impl Job<'_> {
         step("import-build", Some(i))?;
         self.progress.phase(&chain, &format!("building {} image", self.fstype));
         let img = work.path.join("layer.img");
-        let size = crate::layer_build::build_image(&tree, self.fstype, &img)?;
+        let size = crate::image::build_image(&tree, self.fstype, &img)?;
         // The tree is not needed any more: free the local disk now.
         if let Err(e) = std::fs::remove_dir_all(&tree) {
             log::warn!("{}: {e} (removed with its staging directory later)", tree.display());

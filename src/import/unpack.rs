@@ -1,7 +1,7 @@
 //! One layer blob, streamed: decompressed (gzip, zstd or none, told by
 //! its first bytes), hashed twice on the way (the blob against the
 //! manifest, the tar against the config's diff ID) and written as a
-//! directory tree in overlayfs form, ready for `layer_build::build_image`.
+//! directory tree in overlayfs form, ready for `image::build_image`.
 //!
 //! OCI → overlay: `.wh.NAME` becomes a whiteout (char device 0/0 at NAME),
 //! `.wh..wh..opq` the xattr trusted.overlay.opaque=y on its directory.
@@ -13,7 +13,8 @@
 //! dropped, `.` and empty components ignored, `..` refused), and every
 //! file system call is relative to a directory fd obtained with
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
-//! RESOLVE_NO_XDEV)` from the tree's root fd, with the last component
+//! RESOLVE_NO_XDEV)` (or its fallback walk, `crate::beneath`) from the
+//! tree's root fd, with the last component
 //! created or opened with O_NOFOLLOW / AT_SYMLINK_NOFOLLOW. An entry below
 //! a symlink (made by this layer or a lower one) is refused, so nothing is
 //! ever written outside the tree, whatever the tar says.
@@ -38,18 +39,15 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps, XattrFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags};
 use rustix::io::Errno;
 use sha2::{Digest as _, Sha256};
 
 use super::lower::{Found, Lower};
+use crate::beneath::Mounts;
 use crate::error::{Error, Result};
 use crate::ids::Digest;
 
-const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
-    .union(ResolveFlags::NO_SYMLINKS)
-    .union(ResolveFlags::NO_MAGICLINKS)
-    .union(ResolveFlags::NO_XDEV);
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const WH: &[u8] = b".wh.";
 const WH_OPQ: &[u8] = b".wh..wh..opq";
@@ -356,7 +354,7 @@ fn show(b: &[u8]) -> String {
 }
 
 /// The xattrs an OCI layer carries that we apply; the same set
-/// `layer_build` writes into its diff tar. Others (trusted.* — never from
+/// `image` writes into its diff tar. Others (trusted.* — never from
 /// an image —, security.selinux, ...) are host policy and dropped.
 fn wanted_xattr(name: &[u8]) -> bool {
     name.starts_with(b"user.") || name == b"security.capability"
@@ -587,7 +585,7 @@ impl TreeWriter {
         let fd = if rel.is_empty() {
             self.root.try_clone().map_err(|e| Error::io("dup", &self.root_path, &e))?
         } else {
-            match rustix::fs::openat2(&self.root, os(rel), OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty(), RESOLVE) {
+            match beneath(&self.root, os(rel), OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC) {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) | Err(Errno::XDEV) => match self.make_dirs(rel, lower, hint)? {
                     Some(fd) => fd,
@@ -606,7 +604,7 @@ impl TreeWriter {
         let fd = if rel.is_empty() {
             return Ok(Probe::Dir(self.root.try_clone().map_err(|e| Error::io("dup", &self.root_path, &e))?));
         } else {
-            rustix::fs::openat2(&self.root, os(rel), OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty(), RESOLVE)
+            beneath(&self.root, os(rel), OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC)
         };
         match fd {
             Ok(fd) => {
@@ -1009,7 +1007,7 @@ impl TreeWriter {
             let fd = if rel.is_empty() {
                 rustix::fs::openat(&self.root, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
             } else {
-                rustix::fs::openat2(&self.root, os(&rel), OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty(), RESOLVE)
+                beneath(&self.root, os(&rel), OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC)
             };
             match fd {
                 Ok(fd) => rustix::fs::futimens(&fd, &Timestamps { last_access: t, last_modification: t })
@@ -1036,7 +1034,7 @@ fn is_whiteout(st: &rustix::fs::Stat) -> bool {
 
 fn open_dir_at(parent: &OwnedFd, name: &[u8], rel: &[u8], path_only: bool) -> Result<OwnedFd> {
     let flags = if path_only { OFlags::PATH } else { OFlags::RDONLY };
-    rustix::fs::openat2(parent, os(name), flags | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty(), RESOLVE)
+    beneath(parent, os(name), flags | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC)
         .map_err(|e| errp("open directory", rel, e))
 }
 
@@ -1085,6 +1083,13 @@ fn read_xattrs(fd: &impl AsFd, rel: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Below the tree's root, never through a symlink, `..` or a mount point
+/// (openat2 RESOLVE_BENEATH | NO_SYMLINKS | NO_MAGICLINKS | NO_XDEV, or
+/// its fallback walk).
+fn beneath(dir: &OwnedFd, rel: impl AsRef<std::ffi::OsStr>, flags: OFlags) -> std::result::Result<OwnedFd, Errno> {
+    crate::beneath::open(dir, rel, flags, Mode::empty(), Mounts::Stay)
 }
 
 #[cfg(test)]
