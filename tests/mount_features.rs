@@ -141,6 +141,12 @@ fn five_hundred_layers() {
     let (ids, top) = chain(&env, 500);
     let m = env.mnt("m");
     for api in ["fd", "legacy"] {
+        if !mount_api_supported(api) {
+            let r = mount(&env, &top, &m, &format!("upper=tmpfs,mount_api={api}"));
+            assert_api_refused(&env, &r, api, &m, "500 layers");
+            env.assert_clean();
+            continue;
+        }
         mount(&env, &top, &m, &format!("upper=tmpfs,mount_api={api}")).ok();
         let (_, sopts) = env.overlay_at(&m).unwrap();
         let lowers = if api == "fd" { sopts.matches("lowerdir+=").count() } else { sopts.split("lowerdir=").nth(1).unwrap().split(',').next().unwrap().split(':').count() };
@@ -205,6 +211,16 @@ fn options_reach_the_kernel() {
     // ...and layer devices are read-only.
     for n in loops_for(&env, &ids) {
         assert_eq!(std::fs::read_to_string(format!("/sys/block/loop{n}/ro")).unwrap().trim(), "1");
+    }
+    umount(&env, &m);
+    // ...also the pre-5.8 way (LOOP_SET_FD + SET_STATUS64, which ignores
+    // the flag: LOOP_SET_DIRECT_IO turns it on), upper included...
+    mount(&env, &top, &m, "upper=u,upper_size=64M,loop_api=setfd").ok();
+    let loops = env.my_loops();
+    assert_eq!(loops.len(), 3, "{loops:?}");
+    for (n, _) in loops {
+        assert_eq!(std::fs::read_to_string(format!("/sys/block/loop{n}/loop/dio")).unwrap().trim(), "1", "setfd loop{n}");
+        assert_eq!(std::fs::read_to_string(format!("/sys/block/loop{n}/loop/autoclear")).unwrap().trim(), "1", "setfd loop{n}");
     }
     umount(&env, &m);
     // ...and off on request, with LOOP_SET_FD + SET_STATUS64 too.
@@ -319,7 +335,13 @@ fn single_layer_read_only_every_api() {
     let env = Env::new("single");
     let (_, top) = chain(&env, 1);
     let m = env.mnt("m");
-    for api in ["fd", "path", "legacy"] {
+    for api in ALL_MOUNT_APIS {
+        if !mount_api_supported(api) {
+            let r = mount(&env, &top, &m, &format!("mount_api={api}"));
+            assert_api_refused(&env, &r, api, &m, "single layer");
+            env.assert_clean();
+            continue;
+        }
         mount(&env, &top, &m, &format!("mount_api={api}")).ok();
         assert_eq!(list_in(&env, &m), vec!["f0.txt", "top.txt"], "{api}");
         assert_eq!(env.my_mounts().len(), 1, "{api}: only the overlay shows: {:#?}", env.my_mounts());
