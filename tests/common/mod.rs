@@ -494,3 +494,136 @@ pub fn check_failed(env: &Env, r: &Run, code: i32, frags: &[&str], target: &Path
     assert_eq!(env.utab(), "", "{ctx}: utab entry left");
     env.assert_clean();
 }
+
+// ------------------------------------------------- kernel surfaces (issue 9)
+
+/// The kernel the suite is run against, from SHAREDLOOP_TEST_KERNEL: None
+/// on the native kernel (the development machines' 6.18), "4.18" or "5.14"
+/// under `scripts/kernel-surface` (make check-kernels: seccomp and a fake
+/// osrelease), "6.1" in the qemu run of Debian 12's real kernel.
+pub fn kernel_surface() -> Option<&'static str> {
+    let v = std::env::var("SHAREDLOOP_TEST_KERNEL").ok()?;
+    match v.as_str() {
+        "" => None,
+        "4.18" => Some("4.18"),
+        "5.14" => Some("5.14"),
+        "6.1" => Some("6.1"),
+        other => panic!("SHAREDLOOP_TEST_KERNEL={other}: want 4.18, 5.14 or 6.1 (or unset for the native kernel)"),
+    }
+}
+
+/// What sharedloop must find the kernel can do (status' `kernel` object).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    pub openat2: bool,
+    pub new_mount_api: bool,
+    pub loop_configure: bool,
+    pub lowerdir_add: bool,
+    pub layers_as_fds: bool,
+    pub erofs_from_file: bool,
+    /// The way mount_api=auto takes: "fd", "path" or "legacy".
+    pub mount_api: &'static str,
+}
+
+impl Features {
+    /// For a value of `kernel_surface()`. The emulated 5.14 cannot hide
+    /// what lives behind calls that existed (overlayfs' lowerdir+, erofs
+    /// on a file): those are this machine's.
+    pub fn of(surface: Option<&str>) -> Features {
+        let all = Features {
+            openat2: true,
+            new_mount_api: true,
+            loop_configure: true,
+            lowerdir_add: true,
+            layers_as_fds: true,
+            erofs_from_file: true,
+            mount_api: "fd",
+        };
+        match surface {
+            None => all,
+            Some("5.14") => Features { layers_as_fds: false, mount_api: "path", ..all },
+            Some("6.1") => Features { lowerdir_add: false, layers_as_fds: false, erofs_from_file: false, mount_api: "legacy", ..all },
+            Some("4.18") => Features {
+                openat2: false,
+                new_mount_api: false,
+                loop_configure: false,
+                lowerdir_add: false,
+                layers_as_fds: false,
+                erofs_from_file: false,
+                mount_api: "legacy",
+            },
+            Some(other) => panic!("no expected features for kernel {other}"),
+        }
+    }
+
+    /// status' `kernel` object, as JSON.
+    pub fn assert_json(&self, k: &serde_json::Value) {
+        let ctx = format!("kernel {} ({:?}): {k}", kernel_surface().unwrap_or("native"), k["release"]);
+        for (key, want) in [
+            ("openat2", self.openat2),
+            ("new_mount_api", self.new_mount_api),
+            ("loop_configure", self.loop_configure),
+            ("lowerdir_add", self.lowerdir_add),
+            ("layers_as_fds", self.layers_as_fds),
+            ("erofs_from_file", self.erofs_from_file),
+        ] {
+            assert_eq!(k[key], want, "{key}: {ctx}");
+        }
+        assert_eq!(k["mount_api"], self.mount_api, "mount_api: {ctx}");
+    }
+
+    /// status' text line of features.
+    pub fn line(&self) -> String {
+        let y = |b: bool| if b { "yes" } else { "no" };
+        format!(
+            "  openat2: {}, New Mount API: {}, LOOP_CONFIGURE: {}, lowerdir+: {}, Layers As Fds: {}, erofs From File: {}\n",
+            y(self.openat2),
+            y(self.new_mount_api),
+            y(self.loop_configure),
+            y(self.lowerdir_add),
+            y(self.layers_as_fds),
+            y(self.erofs_from_file)
+        )
+    }
+}
+
+/// What sharedloop must detect on the kernel the tests run on.
+pub fn expected_features() -> Features {
+    Features::of(kernel_surface())
+}
+
+/// Every way of mounting, newest first.
+pub const ALL_MOUNT_APIS: [&str; 3] = ["fd", "path", "legacy"];
+
+/// The ways (mount_api=...) this kernel can take, newest first: fd needs
+/// layers as fds, path lowerdir+; legacy (mount(2)) is always there.
+pub fn mount_apis() -> Vec<&'static str> {
+    ALL_MOUNT_APIS.into_iter().filter(|a| mount_api_supported(a)).collect()
+}
+
+/// The newest way this kernel has (what mount_api=auto takes).
+pub fn best_mount_api() -> &'static str {
+    mount_apis()[0]
+}
+
+pub fn mount_api_supported(api: &str) -> bool {
+    let f = expected_features();
+    match api {
+        "fd" => f.layers_as_fds,
+        "path" => f.lowerdir_add,
+        "legacy" | "auto" => true,
+        other => panic!("no mount_api {other}"),
+    }
+}
+
+/// A mount asked for `mount_api=API` on a kernel without that way: exit
+/// 32, naming the option and what is missing, nothing at the target (the
+/// caller checks the rest is as before).
+#[track_caller]
+pub fn assert_api_refused(env: &Env, r: &Run, api: &str, target: &Path, ctx: &str) {
+    assert!(!mount_api_supported(api), "{ctx}: mount_api={api} is there on this kernel");
+    assert_eq!(r.code, 32, "{ctx}: mount_api={api} on a kernel without it: want exit 32: {r:?}");
+    let want = format!("mount_api={api} needs");
+    assert!(r.stderr.contains(&want), "{ctx}: stderr lacks {want:?}: {}", r.stderr);
+    assert!(env.overlay_at(target).is_none(), "{ctx}: mounted anyway");
+}
