@@ -47,6 +47,23 @@ have e2fsck     || need="$need e2fsprogs"
 # Crash tests (tests/failures.rs) kill the helper at chosen system calls
 # with strace's fault injection (-e inject=SYSCALL:signal=KILL:when=N).
 have strace     || need="$need strace"
+# Kernel matrix (tests/kernel_vm.rs, scripts/kernel-vm.sh): the test
+# binaries run again in a qemu VM (TCG, no KVM needed) on Debian 12's own
+# 6.1 kernel, fetched by apt-get download into target/kernel-vm (never
+# installed). The VM sees the host root over virtiofs (the cloud kernel has
+# no 9p; on Debian 12 qemu-system-common ships virtiofsd in /usr/lib/qemu,
+# later releases have a virtiofsd package); its initramfs is busybox-static
+# and the kernel's modules, packed with cpio; setpriv ties qemu to its parent.
+have qemu-system-x86_64 || need="$need qemu-system-x86"
+debian=$(cat /etc/debian_version 2>/dev/null || true)
+case $debian in
+12*|bookworm*) [ -x /usr/lib/qemu/virtiofsd ] || need="$need qemu-system-x86" ;;
+*) [ -x /usr/libexec/virtiofsd ] || have virtiofsd || need="$need virtiofsd" ;;
+esac
+[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need="$need busybox-static"
+have cpio       || need="$need cpio"
+have setpriv    || need="$need util-linux"
+have dpkg-deb   || need="$need dpkg"
 if [ -n "$need" ]; then
     echo "install-deps: installing$need"
     export DEBIAN_FRONTEND=noninteractive
