@@ -258,6 +258,9 @@ pub fn attach(backing: impl AsFd, backing_path: &Path, opts: AttachOptions) -> R
         let r = if configure {
             sys::loop_configure(&fd, &backing, &info)
         } else {
+            // Held across the window; dropped whatever the outcome, since
+            // a failed attach_set_fd left the device unbound.
+            let _intent = SetFdIntent::write(n, &backing, backing_path)?;
             attach_set_fd(&fd, &backing, &info, backing_path)
         };
         match r {
@@ -317,6 +320,90 @@ fn attach_set_fd(dev: &OwnedFd, backing: impl AsFd, info: &LoopInfo64, backing_p
     Ok(())
 }
 
+/// LOOP_SET_FD binds the file before LOOP_SET_STATUS64 can set autoclear:
+/// a process killed between the two leaves a device bound for ever (the
+/// one window LOOP_CONFIGURE closes). So while it is open a file in the
+/// state directory names the device, the file's dev:ino and our process;
+/// the next command of the node (`sweep_half_attached`, from
+/// `state::reconcile`) unbinds a device its dead writer left that way.
+struct SetFdIntent(PathBuf);
+
+fn intents_dir() -> PathBuf {
+    crate::state::dir().join("attaching")
+}
+
+impl SetFdIntent {
+    fn write(n: u32, backing: impl AsFd, backing_path: &Path) -> Result<SetFdIntent> {
+        let dir = intents_dir();
+        let (pid, start) = crate::procs::me();
+        let path = dir.join(format!("loop{n}.{pid}.{start}"));
+        let tmp = dir.join(format!(".loop{n}.{pid}.{start}"));
+        let st = rustix::fs::fstat(&backing).map_err(|e| Error::sys("stat", backing_path, e))?;
+        crate::store::mkdir_p(&dir)?;
+        // Whole or absent: written aside, renamed into place.
+        std::fs::write(&tmp, format!("{}:{}\n", st.st_dev, st.st_ino)).map_err(|e| Error::io("write loop attach intent", &tmp, &e))?;
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io("write loop attach intent", &path, &e));
+        }
+        Ok(SetFdIntent(path))
+    }
+}
+
+impl Drop for SetFdIntent {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `loop<N>.<pid>.<start>` -> (N, pid, start).
+fn parse_intent(name: &str) -> Option<(u32, u32, u64)> {
+    let mut f = name.strip_prefix("loop")?.split('.');
+    let (n, pid, start) = (f.next()?.parse().ok()?, f.next()?.parse().ok()?, f.next()?.parse().ok()?);
+    f.next().is_none().then_some((n, pid, start))
+}
+
+/// Unbind the devices that processes killed inside the LOOP_SET_FD window
+/// left (see `SetFdIntent`): only a device still bound to the very file
+/// the intent names, without autoclear, whose writer is gone.
+pub fn sweep_half_attached() {
+    let dir = intents_dir();
+    let Ok(rd) = std::fs::read_dir(&dir) else { return };
+    for ent in rd.flatten() {
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let path = ent.path();
+        if let Some(tmp) = name.strip_prefix('.') {
+            // A half-written intent: its process never reached SET_FD.
+            if parse_intent(tmp).is_some_and(|(_, pid, start)| !crate::procs::same_process(pid, start)) {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
+        let Some((n, pid, start)) = parse_intent(&name) else { continue };
+        if crate::procs::same_process(pid, start) {
+            continue;
+        }
+        let named = std::fs::read_to_string(&path).ok().and_then(|t| {
+            let (d, i) = t.trim().split_once(':')?;
+            Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?))
+        });
+        if let (Some((d, i)), Ok(fd)) = (named, rustix::fs::open(dev_path(n), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())) {
+            match sys::loop_get_status64(&fd) {
+                Ok(info) if info.lo_device == d && info.lo_inode == i && info.lo_flags & LO_FLAGS_AUTOCLEAR == 0 => match sys::loop_clr_fd(&fd) {
+                    Ok(()) => log::info!("/dev/loop{n}: detached, left half-attached by process {pid} (killed between LOOP_SET_FD and LOOP_SET_STATUS64)"),
+                    Err(e) => {
+                        log::warn!("/dev/loop{n}: left half-attached by process {pid}; detach: {}", crate::error::Errno(e));
+                        continue;
+                    }
+                },
+                // Unbound, rebound to something else, or finished: not ours.
+                _ => {}
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
 /// LOOP_CONFIGURE known to this kernel? Tried on a free device (made if
 /// there is none), with a backing fd that cannot be valid, so nothing is
 /// ever bound; see `sys::loop_configure_supported`.
@@ -340,6 +427,20 @@ pub fn superblock_alive(n: u32, fstype: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn intent_names() {
+        let cases: &[(&str, Option<(u32, u32, u64)>)] = &[
+            ("loop7.1234.5678", Some((7, 1234, 5678))),
+            ("loop7.1234", None),
+            ("loop7.1234.5678.9", None),
+            ("loopx.1.2", None),
+            ("disk7.1.2", None),
+        ];
+        for (n, want) in cases {
+            assert_eq!(parse_intent(n), *want, "{n:?}");
+        }
+    }
 
     #[test]
     fn attach_backoff_grows_to_ten_milliseconds() {

@@ -229,6 +229,7 @@ fn live_namespaces() -> std::collections::BTreeSet<u64> {
 /// and their utab lines: see the module documentation.
 pub fn live(mounts: &[MountInfo]) -> Vec<MountRecord> {
     sweep_scratch();
+    crate::loopdev::sweep_half_attached();
     let ns = mnt_ns();
     let all = read_all();
     let mut namespaces: Option<std::collections::BTreeSet<u64>> = None;

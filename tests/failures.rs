@@ -884,6 +884,39 @@ fn sigkill_at_system_calls_leaves_a_whole_mount_or_what_the_next_command_reconci
     env.assert_clean();
 }
 
+/// The pre-5.8 attach binds the file (LOOP_SET_FD) before autoclear can
+/// be set (LOOP_SET_STATUS64): a SIGKILL at any ioctl of a mount that
+/// attaches that way must leave no device once the next command of the
+/// node has run, the one killed between the two calls included.
+#[test]
+fn sigkill_at_every_ioctl_of_a_set_fd_attach_leaves_no_loop_device() {
+    let env = Env::new("sigkill-setfd");
+    let (_, _, top) = chain3(&env);
+    let m = env.mnt("m");
+    let extra = format!("loop_api=setfd,mount_api={},upper=kf,{UPPER_SIZE}", best_mount_api());
+    mount_umount_ok(&env, &top, &m, &extra, "first mount");
+    let calls = syscalls_of(&env, &["mount.sharedloop", &top, s(&m), "-o", &opts(&env, &extra)]);
+    env.run(&["umount", s(&m)]).ok();
+    // The main thread attaches the upper: LOOP_CTL_GET_FREE, LOOP_SET_FD,
+    // LOOP_SET_STATUS64, LOOP_SET_DIRECT_IO (and, with some ways, more).
+    // Each layer's thread does the same four; strace counts calls per
+    // thread (-f), so kill N lands on the Nth ioctl of whichever thread
+    // gets there first: N = 3 is inside the window on every device.
+    let ioctls = calls.iter().filter(|c| *c == "ioctl").count();
+    assert!(ioctls >= 4, "{calls:?}");
+    for n in 1..=ioctls {
+        let ctx = format!("SIGKILL at ioctl #{n} of a thread");
+        let inject = format!("inject=ioctl:signal=KILL:when={n}");
+        let r = env.run(&["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=ioctl", "-e", &inject, "mount.sharedloop", &top, s(&m), "-o", &opts(&env, &extra)]);
+        assert_ne!(r.code, 0, "{ctx}: the mount went through: {r:?}");
+        // The next command of the node reconciles.
+        assert_eq!(env.sl(&["mounts", "--json"]).ok().stdout.trim(), "[]", "{ctx}");
+        assert_nothing_left(&env, &m, &ctx);
+    }
+    mount_umount_ok(&env, &top, &m, &extra, "after the kills");
+    env.assert_clean();
+}
+
 /// The same for umount.sharedloop: killed at any of its calls, the mount
 /// is either still there and whole (umount again takes it down) or gone,
 /// and then the next command of the node removes its record and utab line.
