@@ -149,6 +149,11 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
 
     let t0 = std::time::Instant::now();
     step("resolve", None)?;
+    // A way this kernel cannot do is refused before the store is read.
+    if log::log_enabled!(log::Level::Info) {
+        log::info!("kernel {}: {}", crate::kernel::release().unwrap_or_default(), crate::kernel::summary());
+    }
+    let api = mount::resolve_api(opts.mount_api.unwrap_or(MountApi::Auto))?;
     store.require()?;
     let layers = match &opts.layers {
         Some(refs) => store.explicit_chain(refs)?,
@@ -158,10 +163,6 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
             store.chain(&top)?
         }
     };
-    if log::log_enabled!(log::Level::Info) {
-        log::info!("kernel {}: {}", crate::kernel::release().unwrap_or_default(), crate::kernel::summary());
-    }
-    let api = mount::resolve_api(opts.mount_api.unwrap_or(MountApi::Auto))?;
     let loop_configure = match opts.loop_api.unwrap_or(LoopApi::Auto) {
         LoopApi::Auto => Feature::LoopConfigure.have(),
         LoopApi::Configure => true,
@@ -197,7 +198,6 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
         api,
         loop_configure,
         direct_io: opts.direct_io.unwrap_or(true),
-        erofs_from_file: Feature::ErofsFromFile.have(),
         overlay_opts: opts.overlay.clone(),
         flags: opts.flags.clone(),
         store,

@@ -157,12 +157,6 @@ impl Feature {
         self.probe().have
     }
 
-    /// Record what a real call found, when it contradicts the probe (a
-    /// fallback taken at run time), so later choices in this process agree.
-    pub fn learned_missing(self, what: &str, e: Errno) {
-        let _ = self.slot().set(Probe::no(what, e));
-    }
-
     /// Err naming the missing feature and what the probe saw, for an
     /// explicit choice (`mount_api=fd`) this kernel cannot honour.
     pub fn require(self, for_what: &str) -> Result<()> {

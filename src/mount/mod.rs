@@ -55,7 +55,6 @@ pub struct Plan {
     pub api: MountApi,
     pub loop_configure: bool,
     pub direct_io: bool,
-    pub erofs_from_file: bool,
     pub overlay_opts: Vec<(String, Option<String>)>,
     pub flags: Flags,
     pub store: Store,
@@ -195,7 +194,6 @@ impl Plan {
             api: resolve_api(MountApi::Auto)?,
             loop_configure: Feature::LoopConfigure.have(),
             direct_io: true,
-            erofs_from_file: Feature::ErofsFromFile.have(),
             overlay_opts: Vec::new(),
             flags: Flags { noexec: Some(true), nosuid: Some(true), nodev: Some(true), ..Flags::default() },
             store: store.clone(),
@@ -374,7 +372,7 @@ impl Plan {
     }
 
     fn uses_loop(&self, l: &Layer) -> bool {
-        !(l.meta.fstype == FsType::Erofs && self.erofs_from_file && self.api != MountApi::Legacy)
+        !(l.meta.fstype == FsType::Erofs && self.api != MountApi::Legacy && Feature::ErofsFromFile.have())
     }
 
     /// The layer's loop device: the one found already attached, or a new one.
