@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use crate::error::{Error, Result};
-use crate::sys;
+use crate::kernel::sys;
 
 /// Lines of stderr an error keeps.
 const STDERR_TAIL: usize = 3;

@@ -13,8 +13,8 @@ fn main() {
     let prog = args.first().and_then(|a| Path::new(a).file_name()).map(|f| f.to_os_string()).unwrap_or_default();
     let rest = &args[1.min(args.len())..];
     let (name, result) = match prog.as_encoded_bytes() {
-        b"mount.sharedloop" => ("mount.sharedloop", sharedloop::helper::mount_main(rest)),
-        b"umount.sharedloop" => ("umount.sharedloop", sharedloop::helper::umount_main(rest)),
+        b"mount.sharedloop" => ("mount.sharedloop", sharedloop::cli::helper::mount_main(rest)),
+        b"umount.sharedloop" => ("umount.sharedloop", sharedloop::cli::helper::umount_main(rest)),
         _ => ("sharedloop", sharedloop::cli::main(&args)),
     };
     let code = match result {

@@ -502,7 +502,7 @@ fn second_rw_mount_of_an_upper() {
     env.assert_clean();
     // A lock held by someone else (not a mount of ours): refused, and said so.
     let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
-    sharedloop::sys::ofd_try_write_lock(&f).unwrap();
+    sharedloop::kernel::sys::ofd_try_write_lock(&f).unwrap();
     let r = helper(&env, &top, &m2, "upper=shared");
     check_failed(
         &env,

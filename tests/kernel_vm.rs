@@ -145,7 +145,7 @@ fn test_binaries_on_debian_12_kernel() {
     c.env("CARGO_TARGET_DIR", &target);
     c.current_dir(env!("CARGO_MANIFEST_DIR"));
     c.stdin(std::process::Stdio::null());
-    sharedloop::sys::die_with_parent(&mut c);
+    sharedloop::kernel::sys::die_with_parent(&mut c);
     let t0 = Instant::now();
     let out = c.output().expect("run scripts/kernel-vm.sh");
     let wall = t0.elapsed().as_secs_f64();

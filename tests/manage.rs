@@ -332,7 +332,7 @@ fn rm_is_refused_while_a_layer_is_in_use() {
     // the store would hold).
     let img = root_layer_dir(&env, &e).join("layer.img");
     let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
-    sharedloop::sys::ofd_try_write_lock(&f).unwrap();
+    sharedloop::kernel::sys::ofd_try_write_lock(&f).unwrap();
     let r = sl(&env, &["rm", "e:1"]);
     r.fails(32, &format!("layer {e} has its image {} locked by another process or node", img.display()));
     let r = sl(&env, &["gc", "--min-age", "0"]);

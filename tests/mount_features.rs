@@ -412,14 +412,14 @@ fn attached_layers_carry_an_in_use_lock() {
     let (ids, top) = chain(&env, 2);
     let m = env.mnt("m");
     let img = |id: &str| std::fs::File::open(env.root.join("layers").join(&id[7..]).join("layer.img")).unwrap();
-    assert!(sharedloop::sys::ofd_write_lock_free(img(&ids[0])).unwrap());
+    assert!(sharedloop::kernel::sys::ofd_write_lock_free(img(&ids[0])).unwrap());
     mount(&env, &top, &m, "").ok();
     for id in &ids {
-        assert!(!sharedloop::sys::ofd_write_lock_free(img(id)).unwrap(), "{id} not marked in use");
+        assert!(!sharedloop::kernel::sys::ofd_write_lock_free(img(id)).unwrap(), "{id} not marked in use");
     }
     umount(&env, &m);
     for id in &ids {
-        assert!(sharedloop::sys::ofd_write_lock_free(img(id)).unwrap(), "{id} still marked after umount");
+        assert!(sharedloop::kernel::sys::ofd_write_lock_free(img(id)).unwrap(), "{id} still marked after umount");
     }
     env.assert_clean();
 }

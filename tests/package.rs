@@ -158,21 +158,21 @@ fn man_pages_render_without_warnings() {
 #[test]
 fn mount_man_page_documents_every_option_and_variable() {
     let page = troff_text(&std::fs::read_to_string(repo().join("man/mount.sharedloop.8")).unwrap());
-    let opts = std::fs::read_to_string(repo().join("src/opts.rs")).unwrap();
+    let opts = std::fs::read_to_string(repo().join("src/mount/opts.rs")).unwrap();
     // Every key the option parser matches, and mount(8)'s own.
     let mut keys = literals_between(&opts, "match key.as_str() {", "k if is_userspace(k)");
     keys.extend(literals_between(&opts, "fn is_userspace", "starts_with(\"x-\")"));
     assert!(keys.len() > 40 && keys.iter().any(|k| k == "loopback_root") && keys.iter().any(|k| k == "_netdev"), "parser keys not found: {keys:?}");
     let missing: Vec<&String> = keys.iter().filter(|k| !has_word(&page, k)).collect();
     assert!(missing.is_empty(), "mount.sharedloop.8 does not document {missing:?}");
-    // The helpers' flags, as src/argv.rs scans them: scan(args, b"FLAGS", b"VALUED").
-    let argv = std::fs::read_to_string(repo().join("src/argv.rs")).unwrap();
+    // The helpers' flags, as src/cli/argv.rs scans them: scan(args, b"FLAGS", b"VALUED").
+    let argv = std::fs::read_to_string(repo().join("src/cli/argv.rs")).unwrap();
     let scans: Vec<String> = argv
         .lines()
         .filter(|l| l.contains("scan(args, b\""))
         .map(|l| l.split('"').skip(1).step_by(2).take(2).collect::<String>())
         .collect();
-    assert_eq!(scans.len(), 2, "scan() calls in src/argv.rs: {scans:?}");
+    assert_eq!(scans.len(), 2, "scan() calls in src/cli/argv.rs: {scans:?}");
     let umount_page = troff_text(&std::fs::read_to_string(repo().join("man/umount.sharedloop.8")).unwrap());
     for (flags, text, name) in [(&scans[0], &page, "mount.sharedloop.8"), (&scans[1], &umount_page, "umount.sharedloop.8")] {
         for c in flags.chars() {

@@ -66,8 +66,8 @@ fn umount(env: &Env, target: &std::path::Path) {
 }
 
 /// The MMP block of an image on the node's view of the store.
-fn mmp_of(env: &Env, img: &std::path::Path) -> Option<sharedloop::mmp::MmpBlock> {
-    sharedloop::mmp::read(std::fs::File::open(env.view(img)).ok()?)
+fn mmp_of(env: &Env, img: &std::path::Path) -> Option<sharedloop::upper::mmp::MmpBlock> {
+    sharedloop::upper::mmp::read(std::fs::File::open(env.view(img)).ok()?)
 }
 
 fn fsck_clean(env: &Env, img: &std::path::Path) {
@@ -97,7 +97,7 @@ fn uppers_created_on_the_shared_store() {
     umount(&a, &m);
     for img in [&named, &path_upper] {
         let mmp = mmp_of(&a, img).unwrap_or_else(|| panic!("{}: no multi-mount protection", img.display()));
-        assert_eq!(mmp.state(), sharedloop::mmp::MmpState::Clean, "{}", img.display());
+        assert_eq!(mmp.state(), sharedloop::upper::mmp::MmpState::Clean, "{}", img.display());
     }
     // Only the images themselves: no temporary left beside them.
     let left: Vec<String> = std::fs::read_dir(a.view(&a.root.join("uppers")))

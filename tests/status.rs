@@ -22,7 +22,7 @@ fn status_shows_driver_store_and_shared_layers() {
     // The name for the filesystem the store really is on (statfs magic).
     let magic = std::process::Command::new("stat").args(["-f", "-c", "%t", root]).output().unwrap().stdout;
     let magic = i64::from_str_radix(String::from_utf8_lossy(&magic).trim(), 16).unwrap();
-    let fs = sharedloop::status::fs_name(magic);
+    let fs = sharedloop::manage::status::fs_name(magic);
     assert!(!fs.starts_with("<unknown"), "{fs}");
     let head = format!("Storage Driver: sharedloop\n Backing Filesystem: {fs}\n");
     assert!(text.starts_with(&head), "{text}");

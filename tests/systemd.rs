@@ -354,7 +354,7 @@ fn tmpfiles_creates_the_state_directory() {
     need("/usr/bin/systemd-tmpfiles");
     let conf = Path::new(MANIFEST).join("packaging/tmpfiles.d/sharedloop.conf");
     // The directory it makes is the helper's default state directory.
-    let state_src = std::fs::read_to_string(Path::new(MANIFEST).join("src/state.rs")).unwrap();
+    let state_src = std::fs::read_to_string(Path::new(MANIFEST).join("src/mount/state.rs")).unwrap();
     assert!(state_src.contains("\"/run/sharedloop\""), "the state directory moved: update the tmpfiles.d entry");
     let t = TempDir::new("tmpfiles");
     let run = |what: &str| {

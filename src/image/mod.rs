@@ -16,6 +16,7 @@ mod erofs;
 mod ext4;
 mod size;
 mod tar;
+pub mod superblock;
 #[cfg(test)]
 mod testutil;
 mod walk;
@@ -25,9 +26,9 @@ mod xfs;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::ids::{Digest, Name, chain_id};
+use crate::store::ids::{Digest, Name, chain_id};
 use crate::interrupt::step;
-use crate::staging::Workspace;
+use crate::store::staging::Workspace;
 use crate::store::{self, FsType, LayerMeta, Staging, Store};
 use walk::check_dir;
 

@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 use super::walk::{Entry, walk};
 use super::xattr::{Xattrs, read_xattrs};
 use crate::error::{Error, Result};
-use crate::ids::Digest;
+use crate::store::ids::Digest;
 
 const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 const WHITEOUT_PREFIX: &str = ".wh.";

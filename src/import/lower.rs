@@ -30,7 +30,7 @@ use rustix::fs::{Mode, OFlags, Stat};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result};
-use crate::ids::Digest;
+use crate::store::ids::Digest;
 use crate::mount::{LayerCache, Plan};
 use crate::store::Store;
 
@@ -50,7 +50,7 @@ impl Mounts {
     /// limit of 1024 (up to 500 layers, plus the loop devices' while they
     /// are set up): raise it to the hard limit, as mount.sharedloop does.
     pub fn new() -> Mounts {
-        crate::helper::raise_fd_limit();
+        crate::cli::helper::raise_fd_limit();
         Mounts::default()
     }
 }
@@ -107,7 +107,7 @@ impl<'a> Lower<'a> {
     pub fn lookup(&mut self, rel: &[u8]) -> Result<Option<Found>> {
         let Some(v) = self.view()? else { return Ok(None) };
         let path = std::ffi::OsStr::from_bytes(rel);
-        let fd = crate::beneath::open(&v.root, path, OFlags::PATH | OFlags::NOFOLLOW, Mode::empty(), crate::beneath::Mounts::Stay);
+        let fd = crate::kernel::beneath::open(&v.root, path, OFlags::PATH | OFlags::NOFOLLOW, Mode::empty(), crate::kernel::beneath::Mounts::Stay);
         let fd = match fd {
             Ok(fd) => fd,
             Err(Errno::NOENT) | Err(Errno::NOTDIR) => return Ok(None),

@@ -6,7 +6,7 @@
 //! skipped without its blob even being opened. Any other layer's blob is
 //! streamed once — decompressed, both digests checked on the way — into a
 //! directory tree in overlay form in a node-local work directory
-//! (`crate::staging`; `unpack`), built there into a filesystem image by
+//! (`crate::store::staging`; `unpack`), built there into a filesystem image by
 //! `image`; only the image goes to a staging directory under the
 //! store's tmp/ (renamed, or copied when the store is another filesystem)
 //! and is published with one rename. A layer is published before the next
@@ -31,9 +31,9 @@ use std::fs::File;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::ids::{Digest, Name, chain_id};
+use crate::store::ids::{Digest, Name, chain_id};
 use crate::interrupt::step;
-use crate::staging::{WorkDir, Workspace};
+use crate::store::staging::{WorkDir, Workspace};
 use crate::store::{self, FsType, LayerMeta, MAX_LAYERS, Staging, Store, Which};
 
 use lower::{Lower, Mounts};

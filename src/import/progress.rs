@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::ids::Digest;
+use crate::store::ids::Digest;
 
 pub enum Progress {
     Quiet,

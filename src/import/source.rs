@@ -23,7 +23,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
-use crate::ids::Digest;
+use crate::store::ids::Digest;
 
 /// Manifests, configs and indexes are small; anything larger is refused
 /// rather than read into memory.

@@ -13,7 +13,7 @@
 //! dropped, `.` and empty components ignored, `..` refused), and every
 //! file system call is relative to a directory fd obtained with
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
-//! RESOLVE_NO_XDEV)` (or its fallback walk, `crate::beneath`) from the
+//! RESOLVE_NO_XDEV)` (or its fallback walk, `crate::kernel::beneath`) from the
 //! tree's root fd, with the last component
 //! created or opened with O_NOFOLLOW / AT_SYMLINK_NOFOLLOW. An entry below
 //! a symlink (made by this layer or a lower one) is refused, so nothing is
@@ -44,9 +44,9 @@ use rustix::io::Errno;
 use sha2::{Digest as _, Sha256};
 
 use super::lower::{Found, Lower};
-use crate::beneath::Mounts;
+use crate::kernel::beneath::Mounts;
 use crate::error::{Error, Result};
-use crate::ids::Digest;
+use crate::store::ids::Digest;
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const WH: &[u8] = b".wh.";
@@ -1089,7 +1089,7 @@ fn read_xattrs(fd: &impl AsFd, rel: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
 /// (openat2 RESOLVE_BENEATH | NO_SYMLINKS | NO_MAGICLINKS | NO_XDEV, or
 /// its fallback walk).
 fn beneath(dir: &OwnedFd, rel: impl AsRef<std::ffi::OsStr>, flags: OFlags) -> std::result::Result<OwnedFd, Errno> {
-    crate::beneath::open(dir, rel, flags, Mode::empty(), Mounts::Stay)
+    crate::kernel::beneath::open(dir, rel, flags, Mode::empty(), Mounts::Stay)
 }
 
 #[cfg(test)]

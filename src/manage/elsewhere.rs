@@ -13,9 +13,9 @@ use super::FileId;
 use super::inventory::{Inventory, list_dir};
 use super::users::Users;
 use crate::error::Result;
-use crate::ids::Digest;
+use crate::store::ids::Digest;
 use crate::store::{Store, openat_beneath};
-use crate::sys;
+use crate::kernel::sys;
 
 /// What other nodes sharing the store hold, as far as this node can
 /// tell: images locked by users it does not know (their mounts' loop
@@ -52,7 +52,7 @@ pub fn held_elsewhere(store: &Store) -> Result<Elsewhere> {
             if !users.loops_of_file(file, &path).is_empty() || sys::ofd_write_lock_free(&fd) != Ok(false) {
                 continue;
             }
-            let node = crate::mmp::read(&fd).filter(|b| b.state() == crate::mmp::MmpState::Active).map(|b| b.node);
+            let node = crate::upper::mmp::read(&fd).filter(|b| b.state() == crate::upper::mmp::MmpState::Active).map(|b| b.node);
             out.uppers.push(UpperElsewhere { image: path, node });
         }
     }

@@ -29,7 +29,7 @@ use super::removal::{children_first, du, remove_entry, remove_layers};
 use super::temporaries::{claimed, stale_temporaries, work_in_progress_since};
 use super::users::Users;
 use crate::error::Result;
-use crate::ids::Digest;
+use crate::store::ids::Digest;
 use crate::store::{self, Store, Which};
 
 pub struct GcOptions {

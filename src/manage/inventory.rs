@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::FileId;
 use crate::error::{Error, Result};
-use crate::ids::{Digest, LayerRef, Name};
+use crate::store::ids::{Digest, LayerRef, Name};
 use crate::store::{self, DirHandle, LayerMeta, MAX_LAYERS, Store, Which, falls_back, openat_beneath};
 
 #[derive(Clone, Debug)]

@@ -11,7 +11,7 @@ use super::human::{human_size, table};
 use super::inventory::{Inventory, Problem};
 use super::users::Users;
 use crate::error::Result;
-use crate::ids::Digest;
+use crate::store::ids::Digest;
 use crate::store::{LayerMeta, Store, Which};
 
 /// `sharedloop ls --json`: one JSON document. Field names are stable.

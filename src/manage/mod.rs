@@ -39,6 +39,7 @@ mod inventory;
 mod ls;
 mod removal;
 mod rm;
+pub mod status;
 mod temporaries;
 mod users;
 mod verify;

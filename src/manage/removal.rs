@@ -26,8 +26,8 @@ use super::human::human_size;
 use super::inventory::{Inventory, StoredName};
 use super::users::Users;
 use crate::error::{Error, Result};
-use crate::ids::Digest;
-use crate::state;
+use crate::store::ids::Digest;
+use crate::mount::state;
 use crate::store::{self, DirHandle, openat_beneath};
 
 /// The node's attach lock (the one mount.sharedloop holds while it finds

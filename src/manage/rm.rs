@@ -23,7 +23,7 @@ use super::removal::{children_first, du, remove_layers, remove_name};
 use super::temporaries::claimed;
 use super::users::Users;
 use crate::error::{Error, Result};
-use crate::ids::{Digest, LayerRef, Name};
+use crate::store::ids::{Digest, LayerRef, Name};
 use crate::store::{self, Store};
 
 pub struct RmOptions {

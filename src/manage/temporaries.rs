@@ -27,9 +27,9 @@ use super::human::human_age;
 use super::inventory::{Inventory, list_dir};
 use super::removal::du;
 use super::users::Users;
-use crate::ids::Digest;
+use crate::store::ids::Digest;
 use crate::store::{self, DirHandle, Which, openat_beneath};
-use crate::sys;
+use crate::kernel::sys;
 
 /// Staging left by another host is only judged by its age.
 const OTHER_HOST_GRACE: u64 = 24 * 3600;
@@ -80,7 +80,7 @@ type ClaimHeld<'a> = &'a dyn Fn(&str, u32) -> Option<bool>;
 fn judge(host: Option<&str>, pid: u32, created: Option<u64>, age: u64, me: &str, held: ClaimHeld) -> Verdict {
     match host {
         Some(h) if h == me => {
-            if crate::procs::alive_since(pid, created) {
+            if crate::kernel::procs::alive_since(pid, created) {
                 Verdict::Keep(format!("process {pid} of this host is still at work"))
             } else {
                 Verdict::Stale(format!("left by process {pid}, which is gone"))
@@ -100,7 +100,7 @@ fn judge(host: Option<&str>, pid: u32, created: Option<u64>, age: u64, me: &str,
             )),
         },
         None if age > OTHER_HOST_GRACE => Verdict::Stale(format!("{} old", human_age(age))),
-        None if age > NAME_TMP_GRACE && !crate::procs::alive_since(pid, created) => {
+        None if age > NAME_TMP_GRACE && !crate::kernel::procs::alive_since(pid, created) => {
             Verdict::Stale(format!("{} old, no process {pid} here", human_age(age)))
         }
         None => Verdict::Keep(format!("{} old, being written", human_age(age))),
@@ -151,7 +151,7 @@ pub(super) fn claimed(inv: &Inventory, now: u64) -> Vec<Digest> {
     let mut out = Vec::new();
     for (_, h) in &inv.dirs {
         for (name, path) in list_dir(h, "tmp").unwrap_or_default() {
-            let Some((label, host, pid, created)) = crate::procs::split_host_pid_uniq(&name) else { continue };
+            let Some((label, host, pid, created)) = crate::kernel::procs::split_host_pid_uniq(&name) else { continue };
             if label != store::CLAIM_LABEL || stale(Some(host), pid, created, age_of(&path, now), &me, &claim_lock_held(h)).is_some() {
                 continue;
             }
@@ -173,7 +173,7 @@ pub(super) fn work_in_progress_since(inv: &Inventory, now: u64) -> Option<u64> {
     let mut since: Option<u64> = None;
     for (_, h) in &inv.dirs {
         for (name, path) in list_dir(h, "tmp").unwrap_or_default() {
-            let Some((label, host, pid, created)) = crate::procs::split_host_pid_uniq(&name) else { continue };
+            let Some((label, host, pid, created)) = crate::kernel::procs::split_host_pid_uniq(&name) else { continue };
             if label.ends_with(".deleting") {
                 continue;
             }
@@ -221,12 +221,12 @@ pub(super) fn stale_temporaries(which: Which, h: &DirHandle, users: &Users, now:
     };
     for (name, path) in list("tmp") {
         let age = age_of(&path, now);
-        let what = match crate::procs::split_host_pid_uniq(&name) {
+        let what = match crate::kernel::procs::split_host_pid_uniq(&name) {
             Some((label, _, _, _)) if label == store::CLAIM_LABEL => "claim of an import or add",
             Some((label, _, _, _)) if label.ends_with(".deleting") => "layer being removed",
             _ => "staging",
         };
-        let verdict = match crate::procs::split_host_pid_uniq(&name) {
+        let verdict = match crate::kernel::procs::split_host_pid_uniq(&name) {
             Some((_, host, pid, created)) => judge(Some(host), pid, created, age, &me, &held),
             None if age > OTHER_HOST_GRACE => Verdict::Stale(format!("unrecognised, {} old", human_age(age))),
             None => Verdict::Keep(format!("unrecognised, removed once {} old (now {})", human_age(OTHER_HOST_GRACE), human_age(age))),
@@ -235,7 +235,7 @@ pub(super) fn stale_temporaries(which: Which, h: &DirHandle, users: &Users, now:
     }
     for (name, path) in list("uppers") {
         let Some(inner) = name.strip_prefix('.') else { continue };
-        let Some((label, host, pid, created)) = crate::procs::split_host_pid_uniq(inner) else { continue };
+        let Some((label, host, pid, created)) = crate::kernel::procs::split_host_pid_uniq(inner) else { continue };
         if !label.ends_with(".tmp") {
             continue;
         }
@@ -252,7 +252,7 @@ pub(super) fn stale_temporaries(which: Which, h: &DirHandle, users: &Users, now:
     }
     for (name, path) in list("names") {
         let Some(inner) = name.strip_prefix('.') else { continue };
-        let Some((_, pid, created)) = crate::procs::split_pid_uniq(inner) else { continue };
+        let Some((_, pid, created)) = crate::kernel::procs::split_pid_uniq(inner) else { continue };
         let verdict = judge(None, pid, created, age_of(&path, now), &me, &held);
         consider("names", name, path, prefixed("name record being written", verdict));
     }
@@ -297,24 +297,24 @@ mod tests {
     #[test]
     fn temporary_names() {
         assert_eq!(
-            crate::procs::split_host_pid_uniq("layer-ab.node_1.1234.65f0a1b200000001"),
+            crate::kernel::procs::split_host_pid_uniq("layer-ab.node_1.1234.65f0a1b200000001"),
             Some(("layer-ab", "node_1", 1234, Some(0x65f0a1b2)))
         );
         assert_eq!(
-            crate::procs::split_host_pid_uniq("ab.deleting.h.7.65f0a1b2000000ff"),
+            crate::kernel::procs::split_host_pid_uniq("ab.deleting.h.7.65f0a1b2000000ff"),
             Some(("ab.deleting", "h", 7, Some(0x65f0a1b2)))
         );
-        assert_eq!(crate::procs::split_host_pid_uniq("x.h.notapid.65f0a1b200000001"), None);
-        assert_eq!(crate::procs::split_host_pid_uniq("h.1.65f0a1b200000001"), None);
-        assert_eq!(crate::procs::split_pid_uniq("debian:12.5.42.65f0a1b200000001"), Some(("debian:12.5", 42, Some(0x65f0a1b2))));
-        assert_eq!(crate::procs::split_pid_uniq("a.1.xyz"), None);
+        assert_eq!(crate::kernel::procs::split_host_pid_uniq("x.h.notapid.65f0a1b200000001"), None);
+        assert_eq!(crate::kernel::procs::split_host_pid_uniq("h.1.65f0a1b200000001"), None);
+        assert_eq!(crate::kernel::procs::split_pid_uniq("debian:12.5.42.65f0a1b200000001"), Some(("debian:12.5", 42, Some(0x65f0a1b2))));
+        assert_eq!(crate::kernel::procs::split_pid_uniq("a.1.xyz"), None);
     }
 
     #[test]
     fn own_process_is_alive_and_old_enough() {
         let me = std::process::id();
-        assert!(crate::procs::alive_since(me, Some(store::now_secs())));
-        assert!(!crate::procs::alive_since(me, Some(store::now_secs() - 10 * crate::procs::PID_REUSE_SLACK)));
-        assert!(!crate::procs::alive_since(u32::MAX, None));
+        assert!(crate::kernel::procs::alive_since(me, Some(store::now_secs())));
+        assert!(!crate::kernel::procs::alive_since(me, Some(store::now_secs() - 10 * crate::kernel::procs::PID_REUSE_SLACK)));
+        assert!(!crate::kernel::procs::alive_since(u32::MAX, None));
     }
 }

@@ -14,11 +14,11 @@ use rustix::fs::{Mode, OFlags};
 
 use super::FileId;
 use super::inventory::Inventory;
-use crate::ids::Digest;
-use crate::loopdev;
-use crate::state::{self, LayerRecord, MountRecord};
+use crate::store::ids::Digest;
+use crate::kernel::loopdev;
+use crate::mount::state::{self, LayerRecord, MountRecord};
 use crate::store::openat_beneath;
-use crate::sys;
+use crate::kernel::sys;
 
 #[derive(Debug)]
 struct AttachedLoop {
@@ -71,7 +71,7 @@ fn live_namespaces() -> BTreeSet<u64> {
 
 impl Users {
     pub fn scan() -> Users {
-        let records = match crate::mountinfo::read() {
+        let records = match crate::kernel::mountinfo::read() {
             Ok(m) => state::live(&m),
             Err(e) => {
                 log::warn!("{e}: mount records not consulted");

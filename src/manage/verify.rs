@@ -15,7 +15,7 @@ use rustix::fs::{Mode, OFlags};
 
 use super::inventory::{Inventory, StoredLayer};
 use crate::error::{Error, Result};
-use crate::ids::{Digest, LayerRef};
+use crate::store::ids::{Digest, LayerRef};
 use crate::store::{FsType, Store, Which, openat_beneath};
 
 pub struct VerifyOptions {
@@ -83,7 +83,7 @@ fn check_layer(inv: &Inventory, l: &StoredLayer, deep: bool) -> (Vec<String>, Ve
     let rel = format!("layers/{}/layer.img", l.id.hex());
     match openat_beneath(&h.fd, &h.path, &rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty()) {
         Ok(fd) => {
-            if let Err(e) = crate::superblock::check(&fd, meta.fstype) {
+            if let Err(e) = crate::image::superblock::check(&fd, meta.fstype) {
                 fail.push(e);
             }
         }

@@ -12,9 +12,9 @@ use rustix::mount::MountAttrFlags;
 use super::upper::UpperReady;
 use super::{Overlay, Plan, Ready, Way};
 use crate::error::Result;
-use crate::ids::Digest;
-use crate::loopdev::LoopDevice;
-use crate::mountapi::FsContext;
+use crate::store::ids::Digest;
+use crate::kernel::loopdev::LoopDevice;
+use crate::kernel::mountapi::FsContext;
 use crate::store::Layer;
 
 /// Detached layer mounts kept across several views (the import mounts

@@ -15,7 +15,7 @@ use super::upper::UpperReady;
 use super::{Overlay, Plan, Ready, Way, explain_refusal, legacy_flags};
 use crate::error::{Error, Result};
 use crate::interrupt::step;
-use crate::loopdev::LoopDevice;
+use crate::kernel::loopdev::LoopDevice;
 use crate::store::Layer;
 
 /// Page size minus the NUL: mount(2) copies at most one page of options.

@@ -17,6 +17,9 @@
 //! its version; `mount_api=` asks for one, and is refused up front, naming
 //! the missing feature, where the kernel cannot do it.
 
+pub mod opts;
+pub mod state;
+pub mod utab;
 mod fd;
 mod legacy;
 mod path;
@@ -37,10 +40,10 @@ pub use legacy::{LEGACY_OPTS_MAX, legacy_data};
 use crate::error::{Error, Result};
 use crate::interrupt::step;
 use crate::kernel::Feature;
-use crate::loopdev::{self, AttachOptions, LoopDevice, LoopIndex};
-use crate::mountapi::{FsContext, attach_at, mount_id};
-use crate::opts::{Atime, Flags, MountApi, UpperSpec};
-use crate::state::{LayerRecord, LoopRecord, UpperRecord};
+use crate::kernel::loopdev::{self, AttachOptions, LoopDevice, LoopIndex};
+use crate::kernel::mountapi::{FsContext, attach_at, mount_id};
+use crate::mount::opts::{Atime, Flags, MountApi, UpperSpec};
+use crate::mount::state::{LayerRecord, LoopRecord, UpperRecord};
 use crate::store::{FsType, Layer, Store};
 use crate::upper::CreateOptions;
 use upper::UpperReady;
@@ -186,7 +189,7 @@ impl Plan {
             layers,
             upper: None,
             upper_create: CreateOptions {
-                size: crate::opts::DEFAULT_UPPER_SIZE,
+                size: crate::mount::opts::DEFAULT_UPPER_SIZE,
                 fstype: FsType::Ext4,
                 mmp: Default::default(),
                 alloc: Default::default(),
@@ -197,7 +200,7 @@ impl Plan {
             overlay_opts: Vec::new(),
             flags: Flags { noexec: Some(true), nosuid: Some(true), nodev: Some(true), ..Flags::default() },
             store: store.clone(),
-            state_dir: crate::state::dir(),
+            state_dir: crate::mount::state::dir(),
         })
     }
 
@@ -386,7 +389,7 @@ impl Plan {
         // layer in use for `rm`/`gc`, here and on other nodes, exactly as
         // long as the device is attached. Best effort: a store without
         // locking (ENOLCK) still mounts.
-        if let Err(e) = crate::sys::ofd_try_read_lock(&layer.image) {
+        if let Err(e) = crate::kernel::sys::ofd_try_read_lock(&layer.image) {
             log::debug!("layer {}: no in-use lock: {}", layer.meta.chain_id.short(), crate::error::Errno(e));
         }
         let dev = loopdev::attach(
@@ -566,7 +569,7 @@ fn legacy_flags(f: &Flags) -> MountFlags {
 /// ext4 layer's place): the kernel only says EINVAL. The superblock is
 /// read only here, after a failure.
 fn explain_refusal(layer: &Layer, e: Error) -> Error {
-    match crate::superblock::check(&layer.image, layer.meta.fstype) {
+    match crate::image::superblock::check(&layer.image, layer.meta.fstype) {
         Ok(()) => e,
         Err(why) => Error::Store(format!(
             "{e}; {}: {why}, its metadata says {} (image replaced? `sharedloop verify` checks the store)",

@@ -8,8 +8,8 @@ use super::scratch::Scratch;
 use super::upper::UpperReady;
 use super::{Overlay, Plan, Ready, Way};
 use crate::error::Result;
-use crate::loopdev::LoopDevice;
-use crate::mountapi::attach_at;
+use crate::kernel::loopdev::LoopDevice;
+use crate::kernel::mountapi::attach_at;
 use crate::store::Layer;
 
 pub struct PathWay {

@@ -26,7 +26,7 @@ impl Scratch {
         let parent = state_dir.join("scratch");
         crate::store::mkdir_p(&parent)?;
         let me = std::process::id();
-        let path = parent.join(format!("{me}-{}-{}", crate::procs::start_time(me).unwrap_or(0), unique_suffix()));
+        let path = parent.join(format!("{me}-{}-{}", crate::kernel::procs::start_time(me).unwrap_or(0), unique_suffix()));
         std::fs::create_dir(&path).map_err(|e| Error::io("create scratch directory", &path, &e))?;
         let mut s = Scratch { path, mounted: false };
         rustix::mount::mount("sharedloop", &s.path, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, c"mode=0700,size=64k")

@@ -14,10 +14,10 @@ use super::{Plan, loop_record};
 use crate::error::{Error, Result};
 use crate::interrupt::step;
 use crate::kernel::Feature;
-use crate::loopdev::{self, AttachOptions};
-use crate::mountapi::{FsContext, attach_at};
-use crate::opts::UpperSpec;
-use crate::state::UpperRecord;
+use crate::kernel::loopdev::{self, AttachOptions};
+use crate::kernel::mountapi::{FsContext, attach_at};
+use crate::mount::opts::UpperSpec;
+use crate::mount::state::UpperRecord;
 use crate::upper;
 
 pub struct UpperReady {

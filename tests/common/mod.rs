@@ -304,7 +304,7 @@ pub fn holder_script(dir: &Path, pre: &str) -> String {
 pub fn spawn_holder(mut c: Command, what: &str) -> Child {
     // If the test process dies without unwinding, the holder goes too
     // (and with it every namespace and process below it).
-    sharedloop::sys::die_with_parent(&mut c);
+    sharedloop::kernel::sys::die_with_parent(&mut c);
     let mut holder = c.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn holder");
     let mut line = String::new();
     BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();

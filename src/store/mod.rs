@@ -17,6 +17,10 @@
 //! missing), so a symlink planted in a (shared, maybe writable by others)
 //! store cannot redirect us.
 
+pub mod ids;
+pub mod sharedfs;
+pub mod staging;
+
 use std::collections::BTreeSet;
 use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
@@ -29,7 +33,7 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ids::{Digest, LayerRef, Name, chain_id};
+use crate::store::ids::{Digest, LayerRef, Name, chain_id};
 
 pub const DEFAULT_ROOT: &str = "/var/lib/sharedloop/root";
 pub const DEFAULT_FALLBACK: &str = "/var/lib/sharedloop/private";
@@ -189,7 +193,7 @@ pub fn openat_beneath(
 ) -> Result<OwnedFd> {
     let path = dir.join(rel);
     let open = |flags: OFlags| {
-        crate::beneath::open(dfd, rel, flags, mode, crate::beneath::Mounts::Cross).map_err(|e| {
+        crate::kernel::beneath::open(dfd, rel, flags, mode, crate::kernel::beneath::Mounts::Cross).map_err(|e| {
             let what = if e == Errno::LOOP || e == Errno::XDEV {
                 "refusing symlink or path outside the store"
             } else {
@@ -741,7 +745,7 @@ impl Staging {
             }
         }
         let t = std::time::Instant::now();
-        let st = crate::staging::copy_sparse(img, &dest)?;
+        let st = crate::store::staging::copy_sparse(img, &dest)?;
         log::info!(
             "{}: copied into {} ({} MiB of data, {}, {:.1} s)",
             img.display(),
@@ -848,7 +852,7 @@ impl Claim {
                 Mode::from_raw_mode(0o600),
             )
             .map_err(|e| Error::sys("create claim", &path, e))?;
-            if let Err(e) = crate::sys::ofd_try_write_lock(&fd) {
+            if let Err(e) = crate::kernel::sys::ofd_try_write_lock(&fd) {
                 // ENOLCK (no lock service): gc then goes by age alone.
                 log::debug!("{}: no lock on the claim: {}", path.display(), crate::error::Errno(e));
             }

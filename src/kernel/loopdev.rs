@@ -17,7 +17,7 @@ use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result};
-use crate::sys::{self, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY, LoopInfo64};
+use crate::kernel::sys::{self, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY, LoopInfo64};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 const LOOP_CONTROL: &str = "/dev/loop-control";
@@ -329,13 +329,13 @@ fn attach_set_fd(dev: &OwnedFd, backing: impl AsFd, info: &LoopInfo64, backing_p
 struct SetFdIntent(PathBuf);
 
 fn intents_dir() -> PathBuf {
-    crate::state::dir().join("attaching")
+    crate::mount::state::dir().join("attaching")
 }
 
 impl SetFdIntent {
     fn write(n: u32, backing: impl AsFd, backing_path: &Path) -> Result<SetFdIntent> {
         let dir = intents_dir();
-        let (pid, start) = crate::procs::me();
+        let (pid, start) = crate::kernel::procs::me();
         let path = dir.join(format!("loop{n}.{pid}.{start}"));
         let tmp = dir.join(format!(".loop{n}.{pid}.{start}"));
         let st = rustix::fs::fstat(&backing).map_err(|e| Error::sys("stat", backing_path, e))?;
@@ -374,13 +374,13 @@ pub fn sweep_half_attached() {
         let path = ent.path();
         if let Some(tmp) = name.strip_prefix('.') {
             // A half-written intent: its process never reached SET_FD.
-            if parse_intent(tmp).is_some_and(|(_, pid, start)| !crate::procs::same_process(pid, start)) {
+            if parse_intent(tmp).is_some_and(|(_, pid, start)| !crate::kernel::procs::same_process(pid, start)) {
                 let _ = std::fs::remove_file(&path);
             }
             continue;
         }
         let Some((n, pid, start)) = parse_intent(&name) else { continue };
-        if crate::procs::same_process(pid, start) {
+        if crate::kernel::procs::same_process(pid, start) {
             continue;
         }
         let named = std::fs::read_to_string(&path).ok().and_then(|t| {

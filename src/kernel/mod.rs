@@ -8,6 +8,15 @@
 //! EINVAL, ENOTTY, ENOTBLK mean "not here"). Each probe runs at most once
 //! per process, when first needed; the version string is only shown.
 
+pub mod beneath;
+pub mod loopdev;
+pub mod mountapi;
+pub mod mountinfo;
+pub mod procs;
+// All `unsafe` lives here, each block with a `// SAFETY:` note.
+#[allow(unsafe_code)]
+pub mod sys;
+
 use std::fmt;
 use std::sync::OnceLock;
 
@@ -194,7 +203,7 @@ fn probe_new_mount_api() -> Probe {
 }
 
 fn probe_loop_configure() -> Probe {
-    match crate::loopdev::probe_configure() {
+    match crate::kernel::loopdev::probe_configure() {
         Ok(true) => Probe::yes("LOOP_CONFIGURE with no backing file: EBADF"),
         Ok(false) => Probe { have: false, seen: "LOOP_CONFIGURE: unknown ioctl".into() },
         Err(e) => Probe::no("LOOP_CONFIGURE probe", e),

@@ -1,11 +1,16 @@
 //! The admin CLI, `sharedloop`: everything that is not a mount.
 
+pub mod argv;
+pub mod config;
+pub mod helper;
+pub mod logging;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 use crate::error::{Error, Result};
-use crate::helper::{effective_options, store_of};
+use crate::cli::helper::{effective_options, store_of};
 use crate::store::FsType;
 
 #[derive(Parser)]
@@ -133,9 +138,9 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
             std::process::exit(0);
         }
     };
-    crate::logging::init("sharedloop", cli.verbose);
+    crate::cli::logging::init("sharedloop", cli.verbose);
     crate::interrupt::install();
-    let given = crate::opts::MountOptions {
+    let given = crate::mount::opts::MountOptions {
         loopback_root: cli.loopback_root.as_deref().map(|p| store_dir_arg("--loopback-root", p)).transpose()?,
         loopback_fallback: cli.loopback_fallback.as_deref().map(|p| store_dir_arg("--loopback-fallback", p)).transpose()?,
         ..Default::default()
@@ -151,7 +156,7 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
     };
     match cli.cmd {
         Cmd::Import { source, name, fstype, quiet, staging_dir } => {
-            let name = name.map(|n| crate::ids::Name::parse(&n)).transpose()?;
+            let name = name.map(|n| crate::store::ids::Name::parse(&n)).transpose()?;
             let staging_dir = staging(staging_dir)?;
             let opts = crate::import::ImportOptions {
                 source: &source,
@@ -164,20 +169,20 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
             Ok(())
         }
         Cmd::Status { json } => {
-            let st = crate::status::gather(&store, &opts)?;
+            let st = crate::manage::status::gather(&store, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st).expect("serialize"));
             } else {
-                print!("{}", crate::status::format_status(&st));
+                print!("{}", crate::manage::status::format_status(&st));
             }
             Ok(())
         }
         Cmd::Mounts { json } => {
-            let ms = crate::status::mounts_info(&crate::status::mounts()?);
+            let ms = crate::manage::status::mounts_info(&crate::manage::status::mounts()?);
             if json {
                 println!("{}", serde_json::to_string_pretty(&ms).expect("serialize"));
             } else {
-                print!("{}", crate::status::format_mounts(&ms));
+                print!("{}", crate::manage::status::format_mounts(&ms));
             }
             Ok(())
         }
@@ -188,8 +193,8 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
         Cmd::Gc { dry_run, min_age } => crate::manage::gc(&store, &crate::manage::GcOptions { dry_run, min_age }),
         Cmd::Verify { targets, deep } => crate::manage::verify(&store, &targets, &crate::manage::VerifyOptions { deep }),
         Cmd::Add { dir, parent, name, fstype, staging_dir } => {
-            let parent = parent.map(|p| store.resolve(&crate::ids::LayerRef::parse(&p)?)).transpose()?;
-            let name = name.map(|n| crate::ids::Name::parse(&n)).transpose()?;
+            let parent = parent.map(|p| store.resolve(&crate::store::ids::LayerRef::parse(&p)?)).transpose()?;
+            let name = name.map(|n| crate::store::ids::Name::parse(&n)).transpose()?;
             let fstype = FsType::parse(&fstype)?;
             let staging_dir = staging(staging_dir)?;
             let id = crate::image::add_layer(

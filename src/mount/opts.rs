@@ -9,7 +9,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::ids::{LayerRef, Name};
+use crate::store::ids::{LayerRef, Name};
 use crate::store::FsType;
 
 pub const DEFAULT_UPPER_SIZE: u64 = 10 << 30;
@@ -671,7 +671,7 @@ mod tests {
     fn layers_list() {
         let a = "a".repeat(64);
         let want = vec![
-            LayerRef::Id(crate::ids::Digest::from_hex(&a).unwrap()),
+            LayerRef::Id(crate::store::ids::Digest::from_hex(&a).unwrap()),
             LayerRef::Prefix("bbbbbbbbbbbbb".into()),
         ];
         assert_eq!(parse(&format!("layers=sha256:{a}:bbbbbbbbbbbbb")).unwrap().layers.unwrap(), want);

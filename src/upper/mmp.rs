@@ -14,7 +14,7 @@
 
 use std::os::fd::AsFd;
 
-use crate::superblock::{self, Ext4Super, le16, le32, le64};
+use crate::image::superblock::{self, Ext4Super, le16, le32, le64};
 
 /// `mmp_magic`
 const MAGIC: u32 = 0x004D_4D50;

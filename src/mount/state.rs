@@ -24,9 +24,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ids::Digest;
-use crate::mountinfo::MountInfo;
-use crate::procs;
+use crate::store::ids::Digest;
+use crate::kernel::mountinfo::MountInfo;
+use crate::kernel::procs;
 use crate::store::{Which, mkdir_p};
 
 pub fn dir() -> PathBuf {
@@ -197,7 +197,7 @@ pub fn sweep_scratch() {
         else {
             continue;
         };
-        if crate::procs::same_process(pid, start) {
+        if crate::kernel::procs::same_process(pid, start) {
             continue; // its owner is still at work
         }
         let p = ent.path();
@@ -229,7 +229,7 @@ fn live_namespaces() -> std::collections::BTreeSet<u64> {
 /// and their utab lines: see the module documentation.
 pub fn live(mounts: &[MountInfo]) -> Vec<MountRecord> {
     sweep_scratch();
-    crate::loopdev::sweep_half_attached();
+    crate::kernel::loopdev::sweep_half_attached();
     let ns = mnt_ns();
     let all = read_all();
     let mut namespaces: Option<std::collections::BTreeSet<u64>> = None;
@@ -250,8 +250,8 @@ pub fn live(mounts: &[MountInfo]) -> Vec<MountRecord> {
             // newer mount of the same target, maybe still pending) claims it.
             let target = rec.target.clone();
             let others: Vec<MountRecord> = keep.iter().filter(|r| r.target == target).cloned().collect();
-            let r = crate::utab::remove_stale(&target, || {
-                let now = crate::mountinfo::read().unwrap_or_default();
+            let r = crate::mount::utab::remove_stale(&target, || {
+                let now = crate::kernel::mountinfo::read().unwrap_or_default();
                 others.is_empty() && !now.iter().any(|m| m.mount_point == target)
             });
             if let Err(e) = r {
@@ -267,7 +267,7 @@ pub fn live(mounts: &[MountInfo]) -> Vec<MountRecord> {
 /// documentation: stale records, their utab lines, scratch directories);
 /// what `live` does, for callers that need no records.
 pub fn reconcile() {
-    match crate::mountinfo::read() {
+    match crate::kernel::mountinfo::read() {
         Ok(m) => {
             live(&m);
         }

@@ -11,9 +11,9 @@ use crate::kernel::Feature;
 use crate::mount;
 use crate::error::Result;
 use crate::kernel::Version;
-use crate::mountinfo;
-use crate::opts::{MountApi, MountOptions};
-use crate::state::{self, MountRecord};
+use crate::kernel::mountinfo;
+use crate::mount::opts::{MountApi, MountOptions};
+use crate::mount::state::{self, MountRecord};
 use crate::store::Store;
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -89,12 +89,12 @@ pub struct LayerUse {
     pub mounts: usize,
 }
 
-pub use crate::sharedfs::fs_name;
+pub use crate::store::sharedfs::fs_name;
 
 /// The filesystem `p` is on, or that of its nearest existing ancestor
 /// (a store directory may not exist yet).
 fn backing_fs(p: &Path) -> String {
-    crate::sharedfs::FsKind::of(p).map(|k| k.name()).unwrap_or_else(|| "<unknown>".into())
+    crate::store::sharedfs::FsKind::of(p).map(|k| k.name()).unwrap_or_else(|| "<unknown>".into())
 }
 
 fn dir_totals(dir: &Path) -> StoreDirTotals {
@@ -334,7 +334,7 @@ mod tests {
             }],
             layers_in_use: vec![LayerUse { chain_id: "sha256:aa".into(), loop_device: Some("/dev/loop0".into()), image: "/x".into(), mounts: 2 }],
             held_elsewhere: crate::manage::Elsewhere {
-                layers: vec![crate::ids::Digest::parse(&format!("sha256:{}", "b".repeat(64))).unwrap()],
+                layers: vec![crate::store::ids::Digest::parse(&format!("sha256:{}", "b".repeat(64))).unwrap()],
                 uppers: vec![crate::manage::UpperElsewhere { image: "/s/uppers/u.img".into(), node: Some("node-a".into()) }],
             },
         }

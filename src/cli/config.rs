@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
-use crate::opts::{MountOptions, Origin};
+use crate::mount::opts::{MountOptions, Origin};
 
 pub const DEFAULT_PATH: &str = "/etc/sharedloop/sharedloop.conf";
 

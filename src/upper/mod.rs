@@ -6,6 +6,8 @@
 //! the device is attached, needs no daemon, and (on NFSv4, Lustre, GPFS
 //! with locking) is seen by other nodes too.
 
+pub mod mmp;
+
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
@@ -14,13 +16,13 @@ use rustix::io::Errno;
 
 use crate::command::Cmd;
 use crate::error::{Error, Result};
-use crate::ids::Name;
-use crate::mmp::{self as ext4_mmp, MmpState};
-use crate::mountinfo;
-use crate::opts::{Alloc, Mmp};
-use crate::sharedfs::FsKind;
+use crate::store::ids::Name;
+use crate::upper::mmp::{self as ext4_mmp, MmpState};
+use crate::kernel::mountinfo;
+use crate::mount::opts::{Alloc, Mmp};
+use crate::store::sharedfs::FsKind;
 use crate::store::{FsType, Store, open_beneath, temp_name};
-use crate::sys;
+use crate::kernel::sys;
 
 /// An upper image opened read-write and locked for us.
 pub struct UpperImage {
@@ -140,7 +142,7 @@ fn sweep_dead_temps(dir: &Path, label: &str) {
     for e in rd.flatten() {
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.starts_with(label) && crate::procs::left_by_dead_process(name, label) {
+        if name.starts_with(label) && crate::kernel::procs::left_by_dead_process(name, label) {
             match std::fs::remove_file(e.path()) {
                 Ok(()) => log::info!("{}: removed, left by a process that is gone", e.path().display()),
                 Err(err) => log::warn!("{}: left by a process that is gone, cannot remove it: {err}", e.path().display()),
@@ -340,7 +342,7 @@ pub fn explain_mount_failure(img: &UpperImage, e: Error) -> Error {
 
 fn where_in_use(img: &UpperImage) -> String {
     let mounts = mountinfo::read().unwrap_or_default();
-    let recs = crate::state::live(&mounts);
+    let recs = crate::mount::state::live(&mounts);
     let hit = recs.iter().find(|r| r.upper.as_ref().and_then(|u| u.image.as_deref()) == Some(img.path.as_path()));
     match (hit, mmp_of(img)) {
         (Some(r), _) => format!(" at {} (source {})", r.target.display(), r.source),

@@ -10,21 +10,21 @@ use std::time::Duration;
 use rustix::io::Errno;
 use rustix::mount::UnmountFlags;
 
-use crate::argv::{Info, MOUNT_USAGE, MountArgs, Parsed, UMOUNT_USAGE, UmountArgs};
+use crate::cli::argv::{Info, MOUNT_USAGE, MountArgs, Parsed, UMOUNT_USAGE, UmountArgs};
 use crate::kernel::Feature;
 use crate::mount::{self, Plan};
-use crate::config;
+use crate::cli::config;
 use crate::error::{Error, Result};
-use crate::ids::LayerRef;
+use crate::store::ids::LayerRef;
 use crate::interrupt::{self, step};
 use crate::kernel::Version;
-use crate::loopdev;
-use crate::mountinfo::{self, MountInfo};
-use crate::opts::{DEFAULT_UPPER_SIZE, LoopApi, MountApi, MountOptions, Origin};
-use crate::state::{self, LayerRecord, MountRecord, UpperRecord};
+use crate::kernel::loopdev;
+use crate::kernel::mountinfo::{self, MountInfo};
+use crate::mount::opts::{DEFAULT_UPPER_SIZE, LoopApi, MountApi, MountOptions, Origin};
+use crate::mount::state::{self, LayerRecord, MountRecord, UpperRecord};
 use crate::store::{FsType, Store, now_secs};
 use crate::upper::CreateOptions;
-use crate::utab::{self, UtabEntry};
+use crate::mount::utab::{self, UtabEntry};
 
 /// How long umount waits, in all, for loop devices to be released.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -123,7 +123,7 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
             return Ok(());
         }
     };
-    crate::logging::init("mount.sharedloop", a.verbose);
+    crate::cli::logging::init("mount.sharedloop", a.verbose);
     raise_fd_limit();
     // setns(CLONE_NEWNS) wants a single-threaded process: before the
     // watchdog thread starts.
@@ -212,7 +212,7 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
     state::reconcile();
     log::debug!("chain resolved: {:?}", t0.elapsed());
     let write_utab = !a.no_mtab;
-    let (pid, pid_start) = crate::procs::me();
+    let (pid, pid_start) = crate::kernel::procs::me();
     // Called by the plan once the overlay exists, before it is attached:
     // the record and the utab line are there before anyone can see the
     // mount, so a SIGKILL at any point never leaves a sharedloop overlay
@@ -333,7 +333,7 @@ pub fn umount_main(args: &[OsString]) -> Result<()> {
             return Ok(());
         }
     };
-    crate::logging::init("umount.sharedloop", a.verbose);
+    crate::cli::logging::init("umount.sharedloop", a.verbose);
     if let Some(ns) = &a.namespace {
         enter_namespace(ns)?;
     }
