@@ -98,7 +98,7 @@ use util::Pressure;
 
 use rustix::mount::{MountPropagationFlags, UnmountFlags};
 use rustix::thread::UnshareFlags;
-use sharedloop::ids::{Digest, chain_id};
+use sharedloop::store::ids::{Digest, chain_id};
 use sharedloop::store::{FsType, LayerMeta};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sharedloop");

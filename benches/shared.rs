@@ -893,8 +893,8 @@ fn bench() -> i32 {
         let (m, _) = mount_cycle(n0, tag, &target, &format!("{},upper=bench", s.opts()), "big/second");
         create.push(m);
     }
-    let mmp = sharedloop::mmp::read(std::fs::File::open(n0.view(&shared.root.join("uppers/bench.img"))).unwrap()).is_some();
-    let mmp_local = sharedloop::mmp::read(std::fs::File::open(n0.view(&local.root.join("uppers/bench.img"))).unwrap()).is_some();
+    let mmp = sharedloop::upper::mmp::read(std::fs::File::open(n0.view(&shared.root.join("uppers/bench.img"))).unwrap()).is_some();
+    let mmp_local = sharedloop::upper::mmp::read(std::fs::File::open(n0.view(&local.root.join("uppers/bench.img"))).unwrap()).is_some();
     rows.push(bench_mount(
         n0,
         &format!(
