@@ -361,7 +361,7 @@ fn rm_of_a_needed_layer_is_refused() {
     // Usage and lookup errors.
     sl(&env, &["rm", "../etc"]).fails(1, "invalid name");
     sl(&env, &["rm", "nope:1"]).fails(32, "image nope:1: no such name");
-    sl(&env, &["rm", "sha256:0123456789ab"]).fails(32, "not found");
+    sl(&env, &["rm", "sha256:0123456789ab"]).fails(32, "layer sha256:0123456789ab: no layer with this ID prefix in ");
     sl(&env, &["rm", "--name-only", &c]).fails(1, "is a layer ID, not a name");
     sl(&env, &["rm"]).fails(1, "");
 

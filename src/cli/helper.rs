@@ -139,7 +139,7 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
     }
     let kernel = Version::running()?;
     if !kernel.has_multi_lower() && !opts.override_kernel_check {
-        return Err(Error::Store(format!(
+        return Err(Error::Unsupported(format!(
             "kernel {kernel} is older than 4.0 and may lack multiple lower layers in overlayfs; use override_kernel_check if your distribution backported them"
         )));
     }

@@ -25,7 +25,7 @@ mod xfs;
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Missing, Result};
 use crate::store::ids::{Digest, Name, chain_id};
 use crate::interrupt::step;
 use crate::store::staging::Workspace;
@@ -118,11 +118,11 @@ pub fn add_layer(store: &Store, opts: &AddOptions) -> Result<Digest> {
 fn check_parent(store: &Store, parent: &Digest) -> Result<()> {
     match store.has_layer(parent)? {
         Some(_) => Ok(()),
-        None => Err(Error::Store(format!(
-            "parent {parent}: not found in {} nor {}",
-            store.root.display(),
-            store.fallback.display()
-        ))),
+        None => Err(Error::not_found(
+            Missing::Parent,
+            parent,
+            format!("{} nor {}", store.root.display(), store.fallback.display()),
+        )),
     }
 }
 

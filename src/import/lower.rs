@@ -112,10 +112,10 @@ impl<'a> Lower<'a> {
             Ok(fd) => fd,
             Err(Errno::NOENT) | Err(Errno::NOTDIR) => return Ok(None),
             Err(Errno::LOOP) | Err(Errno::XDEV) => {
-                return Err(Error::Store(format!(
-                    "refusing to resolve {:?} through a symlink in the layers below",
-                    String::from_utf8_lossy(rel)
-                )));
+                return Err(Error::refused(
+                    format!("to resolve {:?}", String::from_utf8_lossy(rel)),
+                    "it goes through a symlink in the layers below",
+                ));
             }
             Err(e) => return Err(Error::sys("look up in lower layers", String::from_utf8_lossy(rel).into_owned(), e)),
         };

@@ -30,7 +30,7 @@ pub mod unpack;
 use std::fs::File;
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Missing, Result, StoreError};
 use crate::store::ids::{Digest, Name, chain_id};
 use crate::interrupt::step;
 use crate::store::staging::{WorkDir, Workspace};
@@ -62,12 +62,10 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
     let n = image.layers.len();
     let what = format!("{}:{}", src.transport.as_str(), src.path.display());
     if n == 0 {
-        return Err(Error::Store(format!("{what}: the image has no layers")));
+        return Err(Error::bad_image(what, "the image has no layers"));
     }
     if n > MAX_LAYERS {
-        return Err(Error::Store(format!(
-            "{what}: {n} layers; overlayfs mounts at most {MAX_LAYERS}, so the image could never be mounted"
-        )));
+        return Err(Error::bad_image(what, format!("{n} layers; overlayfs mounts at most {MAX_LAYERS}, so the image could never be mounted")));
     }
     // Claim the whole chain first: gc and rm keep what a live import needs.
     let chain_ids: Vec<Digest> = image
@@ -124,12 +122,17 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
     // while we worked: never name a chain that cannot be mounted.
     store
         .chain(&top)
-        .map_err(|e| Error::Store(format!("the imported chain is not whole, a layer vanished during the import (rm or gc?): {e}")))?;
+        .map_err(|e| {
+            Error::Store(StoreError::Vanished {
+                what: "the imported chain is not whole, a layer vanished during the import (rm or gc?)".into(),
+                source: Box::new(e),
+            })
+        })?;
     if let Some(name) = name {
         // Beside the top layer, where mount looks first for it.
         let which = store
             .has_layer(&top)?
-            .ok_or_else(|| Error::Store(format!("layer {top}: vanished from the store right after the import")))?;
+            .ok_or_else(|| Error::not_found(Missing::Layer, top, format!("{} right after the import", store.searched())))?;
         store::write_name(store.dir(which), &name, &top)?;
         log::info!("named {top} {name} in {}", store.dir(which).display());
     }
@@ -145,7 +148,7 @@ fn open_image(work: &Workspace, src: &SourceRef) -> Result<(Image, Option<WorkDi
         Transport::Oci => {
             let m = std::fs::metadata(&src.path).map_err(|e| Error::io("image layout", &src.path, &e))?;
             if !m.is_dir() {
-                return Err(Error::Store(format!("{what}: not a directory (an OCI archive is oci-archive:FILE)")));
+                return Err(Error::bad_image(what, "not a directory (an OCI archive is oci-archive:FILE)"));
             }
             let img = source::open_oci(Box::new(DirLayout { root: src.path.clone() }), reference, &what)?;
             Ok((img, None))
@@ -171,7 +174,7 @@ fn open_archive(work: &Workspace, path: &Path) -> Result<(File, Option<WorkDir>)
     let f = File::open(path).map_err(|e| Error::io("open archive", path, &e))?;
     let m = f.metadata().map_err(|e| Error::io("stat", path, &e))?;
     if m.is_dir() {
-        return Err(Error::Store(format!("{}: is a directory (an OCI layout directory is oci:DIR)", path.display())));
+        return Err(Error::bad_image(path.display().to_string(), "is a directory (an OCI layout directory is oci:DIR)"));
     }
     if m.is_file() {
         let mut head = [0u8; 4];
@@ -186,7 +189,7 @@ fn open_archive(work: &Workspace, path: &Path) -> Result<(File, Option<WorkDir>)
     let (mut r, c) = unpack::decompressed(std::io::BufReader::with_capacity(1 << 20, f))
         .map_err(|e| Error::io("read archive", path, &e))?;
     log::info!("{}: {} archive, copied to {}", path.display(), c.as_str(), p.display());
-    std::io::copy(&mut r, &mut out).map_err(|e| Error::Store(format!("{}: copy archive to {}: {e}", path.display(), p.display())))?;
+    std::io::copy(&mut r, &mut out).map_err(|e| Error::io(format!("copy archive to {}", p.display()), path, &e))?;
     drop(out);
     let f = File::open(&p).map_err(|e| Error::io("open", &p, &e))?;
     Ok((f, Some(spool)))

@@ -110,7 +110,7 @@ pub trait Layout: Send + Sync {
 pub fn read_small(l: &dyn Layout, rel: &str, limit: u64) -> Result<Vec<u8>> {
     let (r, size) = l.open(rel)?;
     if size > limit {
-        return Err(Error::Store(format!("{}: {size} bytes, more than the {limit} expected", l.describe(rel))));
+        return Err(Error::bad_image(l.describe(rel), format!("{size} bytes, more than the {limit} expected")));
     }
     let mut out = Vec::with_capacity(size as usize);
     r.take(limit + 1)
@@ -122,7 +122,7 @@ pub fn read_small(l: &dyn Layout, rel: &str, limit: u64) -> Result<Vec<u8>> {
 /// Relative paths inside a layout must stay inside it.
 fn check_rel(rel: &str) -> Result<()> {
     if rel.is_empty() || rel.starts_with('/') || rel.split('/').any(|c| c == "..") {
-        return Err(Error::Store(format!("{rel:?}: path outside the image layout")));
+        return Err(Error::bad_image(format!("{rel:?}"), "path outside the image layout"));
     }
     Ok(())
 }
@@ -139,7 +139,7 @@ impl Layout for DirLayout {
         let f = File::open(&p).map_err(|e| Error::io("open", &p, &e))?;
         let m = f.metadata().map_err(|e| Error::io("stat", &p, &e))?;
         if !m.is_file() {
-            return Err(Error::Store(format!("{}: not a regular file", p.display())));
+            return Err(Error::bad_image(p.display().to_string(), "not a regular file"));
         }
         Ok((Box::new(f), m.len()))
     }
@@ -188,7 +188,7 @@ impl ArchiveLayout {
         let mut end: u64 = 0;
         {
             let mut ar = tar::Archive::new(&file);
-            let err = |e: io::Error| Error::Store(format!("{}: not a readable tar archive: {e}", path.display()));
+            let err = |e: io::Error| Error::bad_image_io(format!("{}: not a readable tar archive", path.display()), &e);
             for ent in ar.entries_with_seek().map_err(err)? {
                 let ent = ent.map_err(err)?;
                 end = ent.raw_file_position() + ent.size().div_ceil(512) * 512;
@@ -197,11 +197,7 @@ impl ArchiveLayout {
                 let m = if kind.is_file() {
                     let (offset, size) = (ent.raw_file_position(), ent.size());
                     if offset.checked_add(size).is_none_or(|end| end > len) {
-                        return Err(Error::Store(format!(
-                            "{}: archive is truncated (member {name} needs bytes up to {}, the file has {len})",
-                            path.display(),
-                            offset.saturating_add(size)
-                        )));
+                        return Err(Error::bad_image(path.display().to_string(), format!("archive is truncated (member {name} needs bytes up to {}, the file has {len})", offset.saturating_add(size))));
                     }
                     Member::File { offset, size }
                 } else if kind.is_symlink() || kind.is_hard_link() {
@@ -223,10 +219,7 @@ impl ArchiveLayout {
         let mut block = [0u8; 512];
         let whole = file.read_exact_at(&mut block, end).is_ok() && block.iter().all(|&b| b == 0);
         if !whole {
-            return Err(Error::Store(format!(
-                "{}: archive is truncated (no end-of-archive block at byte {end}; the file has {len})",
-                path.display()
-            )));
+            return Err(Error::bad_image(path.display().to_string(), format!("archive is truncated (no end-of-archive block at byte {end}; the file has {len})")));
         }
         Ok(ArchiveLayout { file, path: path.to_path_buf(), members })
     }
@@ -238,11 +231,11 @@ impl ArchiveLayout {
                 Some(Member::File { offset, size }) => return Ok((*offset, *size)),
                 Some(Member::Link(t)) => cur = t.clone(),
                 None => {
-                    return Err(Error::Store(format!("{}: no member {rel} in the archive", self.path.display())));
+                    return Err(Error::bad_image(self.path.display().to_string(), format!("no member {rel} in the archive")));
                 }
             }
         }
-        Err(Error::Store(format!("{}: member {rel}: too many links", self.path.display())))
+        Err(Error::bad_image(self.path.display().to_string(), format!("member {rel}: too many links")))
     }
 }
 
@@ -362,10 +355,10 @@ const REF_NAME: &str = "org.opencontainers.image.ref.name";
 fn sha256_digest(s: &str, what: &str) -> Result<Digest> {
     match s.split_once(':') {
         Some(("sha256", _)) => {
-            Digest::parse(s).map_err(|_| Error::Store(format!("{what}: malformed digest {s:?}")))
+            Digest::parse(s).map_err(|_| Error::bad_image(what, format!("malformed digest {s:?}")))
         }
-        Some((alg, _)) => Err(Error::Store(format!("{what}: digest algorithm {alg:?} is not supported (only sha256)"))),
-        None => Err(Error::Store(format!("{what}: malformed digest {s:?}"))),
+        Some((alg, _)) => Err(Error::bad_image(what, format!("digest algorithm {alg:?} is not supported (only sha256)"))),
+        None => Err(Error::bad_image(what, format!("malformed digest {s:?}"))),
     }
 }
 
@@ -385,18 +378,18 @@ fn read_verified(l: &dyn Layout, desc: &Descriptor, what: &str) -> Result<Vec<u8
 fn check_bytes(data: &[u8], d: &Digest, size: Option<u64>, what: &str) -> Result<()> {
     let got = Digest::from_bytes(Sha256::digest(data).into());
     if &got != d {
-        return Err(Error::Store(format!("{what}: digest mismatch: expected {d}, content has {got}")));
+        return Err(Error::mismatch(what, "digest", format!("expected {d}"), format!("content has {got}")));
     }
     if let Some(s) = size
         && s != data.len() as u64
     {
-        return Err(Error::Store(format!("{what}: size mismatch: expected {s} bytes, found {}", data.len())));
+        return Err(Error::mismatch(what, "size", format!("expected {s} bytes"), format!("found {}", data.len())));
     }
     Ok(())
 }
 
 fn json<T: for<'de> Deserialize<'de>>(data: &[u8], what: &str) -> Result<T> {
-    serde_json::from_slice(data).map_err(|e| Error::Store(format!("{what}: invalid JSON: {e}")))
+    serde_json::from_slice(data).map_err(|e| Error::bad_image(what, format!("invalid JSON: {e}")))
 }
 
 /// The GOARCH name of the machine we run on, as OCI platforms spell it.
@@ -432,8 +425,8 @@ fn pick_platform<'a>(cands: &[&'a Descriptor], what: &str) -> Result<&'a Descrip
         .collect();
     match mine.as_slice() {
         [one] => Ok(one),
-        [] => Err(Error::Store(format!("{what}: {} manifests, none for linux/{arch}", cands.len()))),
-        _ => Err(Error::Store(format!("{what}: {} manifests for linux/{arch}, cannot choose", mine.len()))),
+        [] => Err(Error::bad_image(what, format!("{} manifests, none for linux/{arch}", cands.len()))),
+        _ => Err(Error::bad_image(what, format!("{} manifests for linux/{arch}, cannot choose", mine.len()))),
     }
 }
 
@@ -442,11 +435,16 @@ fn pick_platform<'a>(cands: &[&'a Descriptor], what: &str) -> Result<&'a Descrip
 pub fn open_oci(layout: Box<dyn Layout>, tag: Option<&str>, what: &str) -> Result<Image> {
     let l = layout.as_ref();
     let marker = read_small(l, "oci-layout", 4096).map_err(|e| {
-        Error::Store(format!("{what}: not an OCI image layout (no readable oci-layout file: {e})"))
+        let errno = e.errno().map(crate::error::Errno);
+        Error::Store(crate::error::StoreError::BadImage {
+            what: what.into(),
+            why: format!("not an OCI image layout (no readable oci-layout file: {e})"),
+            errno,
+        })
     })?;
     let v: serde_json::Value = json(&marker, &l.describe("oci-layout"))?;
     if v.get("imageLayoutVersion").and_then(|x| x.as_str()).is_none() {
-        return Err(Error::Store(format!("{}: no imageLayoutVersion", l.describe("oci-layout"))));
+        return Err(Error::bad_image(l.describe("oci-layout"), "no imageLayoutVersion"));
     }
     let index: Index = json(&read_small(l, "index.json", JSON_MAX)?, &l.describe("index.json"))?;
     let tags = || {
@@ -466,26 +464,19 @@ pub fn open_oci(layout: Box<dyn Layout>, tag: Option<&str>, what: &str) -> Resul
         None => index.manifests.iter().collect(),
     };
     let desc = match (cands.len(), tag) {
-        (0, Some(t)) => return Err(Error::Store(format!("{what}: no image tagged {t:?} (tags: {})", tags()))),
-        (0, None) => return Err(Error::Store(format!("{what}: index.json lists no image"))),
+        (0, Some(t)) => return Err(Error::bad_image(what, format!("no image tagged {t:?} (tags: {})", tags()))),
+        (0, None) => return Err(Error::bad_image(what, "index.json lists no image")),
         (1, _) => cands[0].clone(),
         (_, Some(_)) => pick_platform(&cands, what)?.clone(),
         (n, None) => {
-            return Err(Error::Store(format!(
-                "{what}: {n} images in index.json; name one as {what}:TAG (tags: {})",
-                tags()
-            )));
+            return Err(Error::bad_image(what, format!("{n} images in index.json; name one as {what}:TAG (tags: {})", tags())));
         }
     };
     let manifest = resolve_manifest(l, desc, what, 0)?;
     let config: Config = json(&read_verified(l, &manifest.config, "config")?, &format!("{what}: config"))?;
     let diff_ids = diff_ids(&config, what)?;
     if diff_ids.len() != manifest.layers.len() {
-        return Err(Error::Store(format!(
-            "{what}: manifest has {} layers but the config {} diff IDs",
-            manifest.layers.len(),
-            diff_ids.len()
-        )));
+        return Err(Error::bad_image(what, format!("manifest has {} layers but the config {} diff IDs", manifest.layers.len(), diff_ids.len())));
     }
     let mut layers = Vec::with_capacity(diff_ids.len());
     for (i, (d, diff_id)) in manifest.layers.iter().zip(diff_ids).enumerate() {
@@ -505,7 +496,7 @@ pub fn open_oci(layout: Box<dyn Layout>, tag: Option<&str>, what: &str) -> Resul
 /// Follow an index down to one image manifest (indexes may nest).
 fn resolve_manifest(l: &dyn Layout, desc: Descriptor, what: &str, depth: u32) -> Result<Manifest> {
     if depth > 4 {
-        return Err(Error::Store(format!("{what}: image indexes nested too deep")));
+        return Err(Error::bad_image(what, "image indexes nested too deep"));
     }
     let data = read_verified(l, &desc, "manifest")?;
     let v: serde_json::Value = json(&data, &format!("{what}: manifest {}", desc.digest))?;
@@ -513,7 +504,7 @@ fn resolve_manifest(l: &dyn Layout, desc: Descriptor, what: &str, depth: u32) ->
         let idx: Index = json(&data, &format!("{what}: index {}", desc.digest))?;
         let cands: Vec<&Descriptor> = idx.manifests.iter().collect();
         if cands.is_empty() {
-            return Err(Error::Store(format!("{what}: index {} lists no manifest", desc.digest)));
+            return Err(Error::bad_image(what, format!("index {} lists no manifest", desc.digest)));
         }
         let next = pick_platform(&cands, what)?.clone();
         return resolve_manifest(l, next, what, depth + 1);
@@ -525,7 +516,7 @@ fn diff_ids(config: &Config, what: &str) -> Result<Vec<Digest>> {
     if let Some(k) = &config.rootfs.kind
         && k != "layers"
     {
-        return Err(Error::Store(format!("{what}: config rootfs type {k:?}, expected \"layers\"")));
+        return Err(Error::bad_image(what, format!("config rootfs type {k:?}, expected \"layers\"")));
     }
     config
         .rootfs
@@ -542,7 +533,7 @@ fn check_media_type(mt: Option<&str>, what: &str) -> Result<()> {
     if let Some(mt) = mt
         && (mt.contains("encrypted") || !(mt.contains(".layer.") || mt.contains(".rootfs.")))
     {
-        return Err(Error::Store(format!("{what}: unsupported layer media type {mt:?}")));
+        return Err(Error::bad_image(what, format!("unsupported layer media type {mt:?}")));
     }
     Ok(())
 }
@@ -582,7 +573,7 @@ pub fn open_docker(layout: Box<dyn Layout>, reference: Option<&str>, what: &str)
                 .map_err(|_| Error::Usage(format!("{what}:{r}: @N needs an image index")))?;
             let e = entries
                 .get(i)
-                .ok_or_else(|| Error::Store(format!("{what}: no image @{i}, the archive has {}", entries.len())))?;
+                .ok_or_else(|| Error::bad_image(what, format!("no image @{i}, the archive has {}", entries.len())))?;
             (e, e.repo_tags.as_ref().and_then(|t| t.first().cloned()))
         }
         Some(r) => {
@@ -590,18 +581,14 @@ pub fn open_docker(layout: Box<dyn Layout>, reference: Option<&str>, what: &str)
             let e = entries
                 .iter()
                 .find(|e| e.repo_tags.iter().flatten().any(|t| normalize_ref(t) == want))
-                .ok_or_else(|| Error::Store(format!("{what}: no image {r:?} in the archive (tags: {})", all_tags())))?;
+                .ok_or_else(|| Error::bad_image(what, format!("no image {r:?} in the archive (tags: {})", all_tags())))?;
             (e, Some(r.to_string()))
         }
         None => match entries.as_slice() {
             [one] => (one, one.repo_tags.as_ref().and_then(|t| t.first().cloned())),
-            [] => return Err(Error::Store(format!("{what}: manifest.json lists no image"))),
+            [] => return Err(Error::bad_image(what, "manifest.json lists no image")),
             _ => {
-                return Err(Error::Store(format!(
-                    "{what}: {} images in the archive; name one as {what}:REF or {what}:@N (tags: {})",
-                    entries.len(),
-                    all_tags()
-                )));
+                return Err(Error::bad_image(what, format!("{} images in the archive; name one as {what}:REF or {what}:@N (tags: {})", entries.len(), all_tags())));
             }
         },
     };
@@ -615,11 +602,7 @@ pub fn open_docker(layout: Box<dyn Layout>, reference: Option<&str>, what: &str)
     let config: Config = json(&cfg_data, &l.describe(&entry.config))?;
     let diff_ids = diff_ids(&config, what)?;
     if diff_ids.len() != entry.layers.len() {
-        return Err(Error::Store(format!(
-            "{what}: manifest.json has {} layers but the config {} diff IDs",
-            entry.layers.len(),
-            diff_ids.len()
-        )));
+        return Err(Error::bad_image(what, format!("manifest.json has {} layers but the config {} diff IDs", entry.layers.len(), diff_ids.len())));
     }
     let layers = entry
         .layers

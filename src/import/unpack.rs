@@ -45,7 +45,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::lower::{Found, Lower};
 use crate::kernel::beneath::Mounts;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StoreError};
 use crate::store::ids::Digest;
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
@@ -257,7 +257,7 @@ pub fn unpack_layer(raw: impl Read, tree: &Path, lower: &mut Lower, expect: &Exp
         let mut w = TreeWriter::new(tree)?;
         {
             let mut ar = tar::Archive::new(&mut diff);
-            let bad = |e: io::Error| Error::Store(format!("layer tar: {e}"));
+            let bad = |e: io::Error| Error::bad_image_io("layer tar", &e);
             for ent in ar.entries().map_err(bad)? {
                 if crate::interrupt::interrupted() {
                     return Err(Error::Interrupted);
@@ -269,7 +269,7 @@ pub fn unpack_layer(raw: impl Read, tree: &Path, lower: &mut Lower, expect: &Exp
         w.finish()?;
         stats.entries = w.entries;
         stats.ignored_xattrs = w.ignored_xattrs;
-        diff.finish().map_err(|e| Error::Store(format!("layer tar: {e}")))
+        diff.finish().map_err(|e| Error::bad_image_io("layer tar", &e))
     })();
     stats.lower_used = lower.was_mounted();
     if let Err(Error::Interrupted) = result {
@@ -284,12 +284,12 @@ pub fn unpack_layer(raw: impl Read, tree: &Path, lower: &mut Lower, expect: &Exp
         if let Some(want) = expect.blob
             && got.0 != want
         {
-            return Err(Error::Store(format!("blob {want}: digest mismatch: the blob read has {} ({} bytes)", got.0, got.1)));
+            return Err(Error::mismatch(format!("blob {want}"), "digest", "", format!("the blob read has {} ({} bytes)", got.0, got.1)));
         }
         if let Some(s) = expect.blob_size
             && s != got.1
         {
-            return Err(Error::Store(format!("blob size mismatch: the manifest says {s} bytes, the blob has {}", got.1)));
+            return Err(Error::mismatch("", "blob size", format!("the manifest says {s} bytes"), format!("the blob has {}", got.1)));
         }
         Ok(())
     };
@@ -297,19 +297,27 @@ pub fn unpack_layer(raw: impl Read, tree: &Path, lower: &mut Lower, expect: &Exp
         Ok(v) => v,
         Err(e) => {
             if let Ok(got) = &blob_end {
-                blob_check(got).map_err(|m| Error::Store(format!("{m}; {e}")))?;
+                // The mismatch is the cause; the decoding error it led to follows.
+                blob_check(got).map_err(|m| match m {
+                    Error::Store(StoreError::Mismatch { what, which, want, got }) => {
+                        Error::Store(StoreError::Mismatch { what, which, want, got: format!("{got}; {e}") })
+                    }
+                    m => m,
+                })?;
             }
             return Err(e);
         }
     };
-    let got = blob_end.map_err(|e| Error::Store(format!("read layer blob: {e}")))?;
+    let got = blob_end.map_err(|e| Error::bad_image_io("read layer blob", &e))?;
     blob_check(&got)?;
     let diff_got = diff_got.unwrap_or(got.0);
     if diff_got != expect.diff_id {
-        return Err(Error::Store(format!(
-            "diff ID mismatch: the config says {}, the uncompressed layer has {diff_got}",
-            expect.diff_id
-        )));
+        return Err(Error::mismatch(
+            "",
+            "diff ID",
+            format!("the config says {}", expect.diff_id),
+            format!("the uncompressed layer has {diff_got}"),
+        ));
     }
     stats.blob_bytes = got.1;
     stats.tar_bytes = tar_bytes;
@@ -446,15 +454,15 @@ impl TreeWriter {
 
     fn meta_of<R: Read>(&mut self, ent: &mut tar::Entry<R>, rel: &[u8]) -> Result<Meta> {
         let h = ent.header();
-        let bad = |what: &str| Error::Store(format!("layer entry {:?}: bad {what} in tar header", show(rel)));
+        let bad = |what: &str| Error::bad_image(format!("layer entry {:?}", show(rel)), format!("bad {what} in tar header"));
         let mode = h.mode().map_err(|_| bad("mode"))? & 0o7777;
         let uid = u32::try_from(h.uid().map_err(|_| bad("uid"))?).map_err(|_| bad("uid"))?;
         let gid = u32::try_from(h.gid().map_err(|_| bad("gid"))?).map_err(|_| bad("gid"))?;
         let mut mtime = ts(h.mtime().map_err(|_| bad("mtime"))? as i64, 0);
         let mut xattrs = Vec::new();
-        if let Some(pax) = ent.pax_extensions().map_err(|e| Error::Store(format!("layer entry {:?}: PAX header: {e}", show(rel))))? {
+        if let Some(pax) = ent.pax_extensions().map_err(|e| Error::bad_image(format!("layer entry {:?}", show(rel)), format!("PAX header: {e}")))? {
             for ext in pax {
-                let ext = ext.map_err(|e| Error::Store(format!("layer entry {:?}: PAX header: {e}", show(rel))))?;
+                let ext = ext.map_err(|e| Error::bad_image(format!("layer entry {:?}", show(rel)), format!("PAX header: {e}")))?;
                 let k = ext.key_bytes();
                 if k == b"mtime" {
                     mtime = pax_time(ext.value_bytes()).ok_or_else(|| bad("PAX mtime"))?;
@@ -482,7 +490,7 @@ impl TreeWriter {
             return Ok(());
         }
         let raw = ent.path_bytes().into_owned();
-        let rel = clean_path(&raw).map_err(|m| Error::Store(format!("refusing layer entry {m}")))?;
+        let rel = clean_path(&raw).map_err(|m| Error::refused("layer entry", m))?;
         let meta = self.meta_of(ent, &rel)?;
         let (parent_rel, name) = split_last(&rel);
         if name == WH_OPQ {
@@ -497,7 +505,7 @@ impl TreeWriter {
                 return Ok(()); // aufs bookkeeping (.wh..wh.plnk, ...)
             }
             if target.is_empty() || target == b"." || target == b".." {
-                return Err(Error::Store(format!("refusing layer entry {:?}: bad whiteout name", show(&raw))));
+                return Err(Error::refused(format!("layer entry {:?}", show(&raw)), "bad whiteout name"));
             }
             let Some(fd) = self.dir_opt(parent_rel, lower, meta.mtime)? else {
                 return Ok(()); // below a non-directory of this layer: moot
@@ -511,7 +519,7 @@ impl TreeWriter {
         }
         if rel.is_empty() {
             if kind != T::Directory {
-                return Err(Error::Store(format!("refusing layer entry {:?}: the root must be a directory", show(&raw))));
+                return Err(Error::refused(format!("layer entry {:?}", show(&raw)), "the root must be a directory"));
             }
             self.root_listed = true;
             let fd = rustix::fs::openat(&self.root, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
@@ -529,15 +537,15 @@ impl TreeWriter {
                     .link_name_bytes()
                     .map(|c| c.into_owned())
                     .filter(|t| !t.is_empty())
-                    .ok_or_else(|| Error::Store(format!("layer entry {:?}: symlink without a target", show(&rel))))?;
+                    .ok_or_else(|| Error::bad_image(format!("layer entry {:?}", show(&rel)), "symlink without a target"))?;
                 self.symlink(&parent, name, &rel, &target, &meta)
             }
             T::Link => {
                 let target = ent
                     .link_name_bytes()
                     .map(|c| c.into_owned())
-                    .ok_or_else(|| Error::Store(format!("layer entry {:?}: hardlink without a target", show(&rel))))?;
-                let target = clean_path(&target).map_err(|m| Error::Store(format!("refusing hardlink {:?} to {m}", show(&rel))))?;
+                    .ok_or_else(|| Error::bad_image(format!("layer entry {:?}", show(&rel)), "hardlink without a target"))?;
+                let target = clean_path(&target).map_err(|m| Error::refused(format!("hardlink {:?}", show(&rel)), format!("target {m}")))?;
                 self.hardlink(&parent, name, &rel, &target, lower)
             }
             T::Char | T::Block | T::Fifo => {
@@ -545,7 +553,7 @@ impl TreeWriter {
                 let dev = if kind == T::Fifo {
                     0
                 } else {
-                    let bad = || Error::Store(format!("layer entry {:?}: bad device number", show(&rel)));
+                    let bad = || Error::bad_image(format!("layer entry {:?}", show(&rel)), "bad device number");
                     let ma = h.device_major().map_err(|_| bad())?.unwrap_or(0);
                     let mi = h.device_minor().map_err(|_| bad())?.unwrap_or(0);
                     rustix::fs::makedev(ma, mi)
@@ -557,11 +565,7 @@ impl TreeWriter {
                 };
                 self.special(&parent, name, &rel, ft, dev, &meta)
             }
-            other => Err(Error::Store(format!(
-                "layer entry {:?}: unsupported tar entry type {:?}",
-                show(&rel),
-                other.as_byte() as char
-            ))),
+            other => Err(Error::bad_image(format!("layer entry {:?}", show(&rel)), format!("unsupported tar entry type {:?}", other.as_byte() as char))),
         }
     }
 
@@ -571,7 +575,7 @@ impl TreeWriter {
     /// way an overlay copy-up would (lower metadata, else 0755 root).
     fn dir(&mut self, rel: &[u8], lower: &mut Lower, hint: Timespec) -> Result<OwnedFd> {
         self.dir_opt(rel, lower, hint)?.ok_or_else(|| {
-            Error::Store(format!("refusing layer entry below {:?}: a part of it is not a directory in this layer", show(rel)))
+            Error::refused(format!("layer entry below {:?}", show(rel)), "a part of it is not a directory in this layer")
         })
     }
 
@@ -648,10 +652,7 @@ impl TreeWriter {
                         continue;
                     }
                     if ft == FileType::Symlink {
-                        return Err(Error::Store(format!(
-                            "refusing layer entry below {:?}: it is a symlink in this layer",
-                            show(&prefix)
-                        )));
+                        return Err(Error::refused(format!("layer entry below {:?}", show(&prefix)), "it is a symlink in this layer"));
                     }
                     return Ok(None);
                 }
@@ -697,10 +698,7 @@ impl TreeWriter {
                     xattrs: read_xattrs(&fd, rel)?,
                 })
             }
-            FileType::Symlink => Err(Error::Store(format!(
-                "refusing layer entry below {:?}: it is a symlink in the layers below",
-                show(rel)
-            ))),
+            FileType::Symlink => Err(Error::refused(format!("layer entry below {:?}", show(rel)), "it is a symlink in the layers below")),
             // A file below, a directory from this layer on.
             _ => Ok(Meta::default_dir(hint)),
         }
@@ -807,7 +805,7 @@ impl TreeWriter {
                     Ok(0) => break,
                     Ok(k) => n += k,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(Error::Store(format!("layer entry {:?}: read from layer: {e}", show(rel)))),
+                    Err(e) => return Err(Error::bad_image(format!("layer entry {:?}", show(rel)), format!("read from layer: {e}"))),
                 }
             }
             if n == 0 {
@@ -844,7 +842,7 @@ impl TreeWriter {
 
     fn hardlink(&mut self, parent: &OwnedFd, name: &[u8], rel: &[u8], target: &[u8], lower: &mut Lower) -> Result<()> {
         if target == rel || target.is_empty() {
-            return Err(Error::Store(format!("layer entry {:?}: hardlink to itself or to the root", show(rel))));
+            return Err(Error::bad_image(format!("layer entry {:?}", show(rel)), "hardlink to itself or to the root"));
         }
         let (tp, tn) = split_last(target);
         let here = match self.probe_dir(tp)? {
@@ -855,30 +853,18 @@ impl TreeWriter {
             },
             Probe::Missing => None,
             Probe::Symlink => {
-                return Err(Error::Store(format!(
-                    "refusing hardlink {:?}: its target {:?} is below a symlink",
-                    show(rel),
-                    show(target)
-                )));
+                return Err(Error::refused(format!("hardlink {:?}", show(rel)), format!("its target {:?} is below a symlink", show(target))));
             }
             Probe::NotDir => {
-                return Err(Error::Store(format!(
-                    "layer entry {:?}: hardlink target {:?} is below a non-directory of this layer",
-                    show(rel),
-                    show(target)
-                )));
+                return Err(Error::bad_image(format!("layer entry {:?}", show(rel)), format!("hardlink target {:?} is below a non-directory of this layer", show(target))));
             }
         };
         let target_st = match here {
             Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-                return Err(Error::Store(format!("layer entry {:?}: hardlink to a directory {:?}", show(rel), show(target))));
+                return Err(Error::bad_image(format!("layer entry {:?}", show(rel)), format!("hardlink to a directory {:?}", show(target))));
             }
             Some(st) if is_whiteout(&st) => {
-                return Err(Error::Store(format!(
-                    "layer entry {:?}: hardlink to {:?}, which this layer deletes",
-                    show(rel),
-                    show(target)
-                )));
+                return Err(Error::bad_image(format!("layer entry {:?}", show(rel)), format!("hardlink to {:?}, which this layer deletes", show(target))));
             }
             Some(st) => st,
             None => self.copy_up(target, rel, lower)?,
@@ -901,11 +887,7 @@ impl TreeWriter {
         let (tp, tn) = split_last(target);
         let found: Option<Found> = if self.hidden_below(tp) { None } else { lower.lookup(target)? };
         let Some(f) = found else {
-            return Err(Error::Store(format!(
-                "layer entry {:?}: hardlink target {:?} is neither in this layer nor in the layers below",
-                show(rel),
-                show(target)
-            )));
+            return Err(Error::bad_image(format!("layer entry {:?}", show(rel)), format!("hardlink target {:?} is neither in this layer nor in the layers below", show(target))));
         };
         let st = f.stat;
         let ft = FileType::from_raw_mode(st.st_mode);
@@ -938,11 +920,7 @@ impl TreeWriter {
                 self.apply_at(&dir, tn, target, &meta, false)?;
             }
             _ => {
-                return Err(Error::Store(format!(
-                    "layer entry {:?}: hardlink to {:?}, which is not a file in the layers below",
-                    show(rel),
-                    show(target)
-                )));
+                return Err(Error::bad_image(format!("layer entry {:?}", show(rel)), format!("hardlink to {:?}, which is not a file in the layers below", show(target))));
             }
         }
         log::debug!("hardlink {:?}: copied {:?} up from the lower layers", show(rel), show(target));

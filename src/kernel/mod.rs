@@ -50,7 +50,7 @@ impl Version {
 
     pub fn running() -> Result<Version> {
         let s = release()?;
-        Version::parse(&s).ok_or_else(|| Error::Store(format!("{OSRELEASE}: cannot parse kernel release {:?}", s.trim())))
+        Version::parse(&s).ok_or_else(|| Error::Unsupported(format!("{OSRELEASE}: cannot parse kernel release {:?}", s.trim())))
     }
 
     /// Multiple lower layers in one overlay mount (4.0). The one check

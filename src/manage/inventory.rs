@@ -16,7 +16,7 @@ use rustix::fs::{Mode, OFlags};
 use serde::Serialize;
 
 use super::FileId;
-use crate::error::{Error, Result};
+use crate::error::{Error, Missing, Result, StoreError};
 use crate::store::ids::{Digest, LayerRef, Name};
 use crate::store::{self, DirHandle, LayerMeta, MAX_LAYERS, Store, Which, falls_back, openat_beneath};
 
@@ -289,26 +289,19 @@ impl Inventory {
 
     /// Resolve a user's layer reference against what is stored.
     pub(super) fn resolve_id(&self, r: &LayerRef) -> Result<Digest> {
-        let not_found = |what: String| {
-            Error::Store(format!(
-                "layer {what}: not found in {} nor {}",
-                self.root.display(),
-                self.fallback.display()
-            ))
-        };
+        let searched = || format!("{} nor {}", self.root.display(), self.fallback.display());
         match r {
             LayerRef::Id(d) if self.has(d) => Ok(*d),
-            LayerRef::Id(d) => Err(not_found(d.to_string())),
+            LayerRef::Id(d) => Err(Error::not_found(Missing::Layer, d, searched())),
             LayerRef::Prefix(p) => {
                 let found: Vec<&Digest> = self.ids().filter(|d| d.hex().starts_with(p.as_str())).collect();
                 match found.as_slice() {
-                    [] => Err(not_found(format!("sha256:{p}"))),
+                    [] => Err(Error::not_found(Missing::IdPrefix, p, searched())),
                     [one] => Ok(**one),
-                    many => Err(Error::Store(format!(
-                        "layer sha256:{p}: ambiguous ID prefix, {} layers match: {}",
-                        many.len(),
-                        many.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
-                    ))),
+                    many => Err(Error::Store(StoreError::Ambiguous {
+                        prefix: p.to_string(),
+                        matches: many.iter().map(|d| d.to_string()).collect(),
+                    })),
                 }
             }
             LayerRef::Name(n) => Err(Error::Internal(format!("{n} is not a layer ID"))),
@@ -318,10 +311,7 @@ impl Inventory {
     pub(super) fn refuse_if_incomplete(&self, what: &str) -> Result<()> {
         if self.incomplete {
             let p: Vec<String> = self.problems.iter().map(|p| p.error.clone()).collect();
-            return Err(Error::Store(format!(
-                "{what}: cannot tell which layers are referenced, the store could not be read completely: {}",
-                p.join("; ")
-            )));
+            return Err(Error::Store(StoreError::Incomplete { what: what.to_string(), problems: p }));
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ use super::inventory::{Inventory, StoredName};
 use super::removal::{children_first, du, remove_layers, remove_name};
 use super::temporaries::claimed;
 use super::users::Users;
-use crate::error::{Error, Result};
+use crate::error::{Error, Missing, Result};
 use crate::store::ids::{Digest, LayerRef, Name};
 use crate::store::{self, Store};
 
@@ -43,11 +43,11 @@ pub fn rm(store: &Store, targets: &[String], o: &RmOptions) -> Result<()> {
         match LayerRef::parse(t)? {
             LayerRef::Name(n) => {
                 if !inv.names.iter().any(|s| s.name == n) {
-                    return Err(Error::Store(format!(
-                        "image {n}: no such name in {} nor {}",
-                        inv.root.display(),
-                        inv.fallback.display()
-                    )));
+                    return Err(Error::not_found(
+                        Missing::Image,
+                        n,
+                        format!("{} nor {}", inv.root.display(), inv.fallback.display()),
+                    ));
                 }
                 gone_names.insert(n);
             }

@@ -14,7 +14,7 @@ use std::path::Path;
 use rustix::fs::{Mode, OFlags};
 
 use super::inventory::{Inventory, StoredLayer};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StoreError};
 use crate::store::ids::{Digest, LayerRef};
 use crate::store::{FsType, Store, Which, openat_beneath};
 
@@ -184,7 +184,7 @@ pub fn verify(store: &Store, refs: &[String], o: &VerifyOptions) -> Result<()> {
     }
     println!("verify: {checked} checked, {failed} failed");
     if failed > 0 {
-        return Err(Error::Store(format!("verify: {failed} of {checked} checks failed")));
+        return Err(Error::Store(StoreError::VerifyFailed { failed, checked }));
     }
     Ok(())
 }

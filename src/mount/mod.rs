@@ -37,7 +37,7 @@ use rustix::mount::{MountAttrFlags, MountFlags, UnmountFlags};
 pub use fd::LayerCache;
 pub use legacy::{LEGACY_OPTS_MAX, legacy_data};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StoreError};
 use crate::interrupt::step;
 use crate::kernel::Feature;
 use crate::kernel::loopdev::{self, AttachOptions, LoopDevice, LoopIndex};
@@ -364,11 +364,10 @@ impl Plan {
                 std::os::unix::fs::MetadataExt::ino(&m) == opened.st_ino && std::os::unix::fs::MetadataExt::dev(&m) == opened.st_dev
             });
             if !same {
-                return Err(Error::Store(format!(
-                    "layer {}: removed from the store while this mount was being set up (rm or gc?): {}",
-                    l.meta.chain_id,
-                    l.image_path.display()
-                )));
+                return Err(Error::Store(StoreError::Vanished {
+                    what: format!("layer {}: removed from the store while this mount was being set up (rm or gc?)", l.meta.chain_id),
+                    source: Box::new(Error::sys("stat", &l.image_path, rustix::io::Errno::NOENT)),
+                }));
             }
         }
         Ok(())
@@ -571,11 +570,12 @@ fn legacy_flags(f: &Flags) -> MountFlags {
 fn explain_refusal(layer: &Layer, e: Error) -> Error {
     match crate::image::superblock::check(&layer.image, layer.meta.fstype) {
         Ok(()) => e,
-        Err(why) => Error::Store(format!(
-            "{e}; {}: {why}, its metadata says {} (image replaced? `sharedloop verify` checks the store)",
-            layer.image_path.display(),
-            layer.meta.fstype
-        )),
+        Err(why) => Error::Store(StoreError::WrongFormat {
+            path: layer.image_path.clone(),
+            found: why,
+            expected: layer.meta.fstype.to_string(),
+            source: Box::new(e),
+        }),
     }
 }
 

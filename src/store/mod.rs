@@ -32,7 +32,7 @@ use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Missing, Result, StoreError};
 use crate::store::ids::{Digest, LayerRef, Name, chain_id};
 
 pub const DEFAULT_ROOT: &str = "/var/lib/sharedloop/root";
@@ -92,20 +92,20 @@ impl LayerMeta {
     /// The metadata must agree with itself (ChainID rule) and with where it
     /// was found; this also makes a parent cycle impossible short of a sha256
     /// collision.
-    pub fn validate(&self, expect: &Digest) -> Result<()> {
+    pub fn validate(&self, expect: &Digest, path: &Path) -> Result<()> {
         if &self.chain_id != expect {
-            return Err(Error::Store(format!(
-                "metadata names {} but is stored as {expect}",
-                self.chain_id
-            )));
+            return Err(Error::damaged(path, format!("metadata names {} but is stored as {expect}", self.chain_id)));
         }
         let computed = chain_id(self.parent.as_ref(), &self.diff_id);
         if computed != self.chain_id {
-            return Err(Error::Store(format!(
-                "metadata of {expect} is inconsistent: parent {} and diff id {} give chain id {computed}",
-                self.parent.map(|p| p.to_string()).unwrap_or_else(|| "none".into()),
-                self.diff_id
-            )));
+            return Err(Error::damaged(
+                path,
+                format!(
+                    "metadata of {expect} is inconsistent: parent {} and diff id {} give chain id {computed}",
+                    self.parent.map(|p| p.to_string()).unwrap_or_else(|| "none".into()),
+                    self.diff_id
+                ),
+            ));
         }
         Ok(())
     }
@@ -240,11 +240,10 @@ fn regular_or_refuse(path: &Path, mode: u32) -> Result<()> {
     if rustix::fs::FileType::from_raw_mode(mode) == rustix::fs::FileType::RegularFile {
         return Ok(());
     }
-    Err(Error::Store(format!(
-        "{}: {}, not a regular file: refusing to open it (damaged or tampered store?)",
-        path.display(),
-        file_type_name(mode)
-    )))
+    Err(Error::damaged(
+        path,
+        format!("{}, not a regular file: refusing to open it (damaged or tampered store?)", file_type_name(mode)),
+    ))
 }
 
 /// A small file in as few reads as possible (one, for metadata).
@@ -268,7 +267,7 @@ fn read_small(fd: OwnedFd, path: &Path, limit: u64) -> Result<String> {
         }
     }
     buf.truncate(len.min(limit as usize));
-    String::from_utf8(buf).map_err(|_| Error::Store(format!("{}: not UTF-8 text", path.display())))
+    String::from_utf8(buf).map_err(|_| Error::damaged(path, "not UTF-8 text"))
 }
 
 /// The inode number `names/<file>` has in a read of the directory, or
@@ -319,7 +318,7 @@ pub fn read_name_in(dir: &Path, name: &Name) -> Result<Digest> {
             _ => e,
         })?;
         Digest::parse(text.trim())
-            .map_err(|_| Error::Store(format!("name {name}: {}: corrupt name record", path.display())))
+            .map_err(|_| Error::damaged(&path, "corrupt name record").context(&format!("name {name}")))
     })
 }
 
@@ -457,7 +456,7 @@ impl Store {
                 Err(e2) if e2.errno() == Some(Errno::NOENT) && e.errno() == Some(Errno::NOENT) => {
                     Err(e2)
                 }
-                Err(e2) => Err(Error::Store(format!("{e}; fallback: {e2}"))),
+                Err(e2) => Err(Error::Store(StoreError::BothFailed { root: Box::new(e), fallback: Box::new(e2) })),
             },
             Err(e) => Err(e),
         }
@@ -487,12 +486,14 @@ impl Store {
             let st = rustix::fs::fstat(&fd).map_err(|e| Error::sys("stat", dir.join(&rel), e))?;
             let regular = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
             if !regular || st.st_size as u64 != meta.size {
-                return Err(Error::Store(format!(
-                    "{}: {}, its metadata says a file of {} bytes",
-                    dir.join(&rel).display(),
-                    if regular { format!("{} bytes", st.st_size) } else { "not a regular file".into() },
-                    meta.size
-                )));
+                return Err(Error::damaged(
+                    dir.join(&rel),
+                    format!(
+                        "{}, its metadata says a file of {} bytes",
+                        if regular { format!("{} bytes", st.st_size) } else { "not a regular file".into() },
+                        meta.size
+                    ),
+                ));
             }
             Ok(meta)
         })
@@ -517,9 +518,9 @@ impl Store {
         let path = h.path.join(&rel);
         let text = read_small(fd, &path, 1 << 16)?;
         let meta: LayerMeta = serde_json::from_str(&text).map_err(|e| {
-            Error::Store(format!("{}: corrupt metadata: {e}", path.display()))
+            Error::damaged(&path, format!("corrupt metadata: {e}"))
         })?;
-        meta.validate(id).map_err(|e| e.context(&path.display().to_string()))?;
+        meta.validate(id, &path)?;
         Ok(meta)
     }
 
@@ -532,22 +533,20 @@ impl Store {
             let image = openat_beneath(&h.fd, dir, &rel, OFlags::RDONLY, Mode::empty()).map_err(|e| match e.errno() {
                 // Publishing is atomic, so metadata without its image is damage,
                 // not "not here": say so instead of looking in the fallback.
-                Some(Errno::NOENT) => Error::Store(format!(
-                    "{}: image missing beside its metadata (damaged store?)",
-                    dir.join(&rel).display()
-                )),
+                Some(Errno::NOENT) => Error::damaged(dir.join(&rel), "image missing beside its metadata (damaged store?)"),
                 _ => e,
             })?;
             // A truncated or replaced image must not be mounted: the
             // filesystem in it would fail later, on some read, on every node.
             let st = rustix::fs::fstat(&image).map_err(|e| Error::sys("stat", dir.join(&rel), e))?;
             if st.st_size as u64 != meta.size {
-                return Err(Error::Store(format!(
-                    "{}: {} bytes, its metadata says {} (truncated or replaced image; `sharedloop verify` checks the store)",
-                    dir.join(&rel).display(),
-                    st.st_size,
-                    meta.size
-                )));
+                return Err(Error::damaged(
+                    dir.join(&rel),
+                    format!(
+                        "{} bytes, its metadata says {} (truncated or replaced image; `sharedloop verify` checks the store)",
+                        st.st_size, meta.size
+                    ),
+                ));
             }
             Ok(Layer {
                 meta,
@@ -557,7 +556,7 @@ impl Store {
             })
         }))
         .map_err(|e| match e.errno() {
-            Some(Errno::NOENT) => Error::Store(format!("layer {id}: not found in {}", self.searched())),
+            Some(Errno::NOENT) => Error::not_found(Missing::Layer, id, self.searched()),
             // Nothing below names the layer (paths only): named once, here.
             _ => e.context(&format!("layer {id}")),
         })
@@ -590,7 +589,7 @@ impl Store {
     pub fn read_name(&self, name: &Name) -> Result<Digest> {
         self.with_fallback(|dir, _| read_name_in(dir, name))
         .map_err(|e| match e.errno() {
-            Some(Errno::NOENT) => Error::Store(format!("image {name}: no such name in {}", self.searched())),
+            Some(Errno::NOENT) => Error::not_found(Missing::Image, name, self.searched()),
             _ => e,
         })
     }
@@ -603,16 +602,16 @@ impl Store {
             LayerRef::Prefix(p) => {
                 let found = self.ids_with_prefix(p)?;
                 match found.len() {
-                    0 => Err(Error::Store(format!(
-                        "layer sha256:{p}: no layer with this ID prefix in {} nor {}",
-                        self.root.display(),
-                        self.fallback.display()
-                    ))),
+                    0 => Err(Error::not_found(
+                        Missing::IdPrefix,
+                        p,
+                        format!("{} nor {}", self.root.display(), self.fallback.display()),
+                    )),
                     1 => Ok(*found.iter().next().expect("one")),
-                    n => Err(Error::Store(format!(
-                        "layer sha256:{p}: ambiguous ID prefix, {n} layers match: {}",
-                        found.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
-                    ))),
+                    _ => Err(Error::Store(StoreError::Ambiguous {
+                        prefix: p.to_string(),
+                        matches: found.iter().map(|d| d.to_string()).collect(),
+                    })),
                 }
             }
         }
@@ -626,18 +625,16 @@ impl Store {
         let mut next = Some(*top);
         while let Some(id) = next {
             if !seen.insert(id) {
-                return Err(Error::Store(format!("chain of {top}: parent cycle at {id}")));
+                return Err(Error::Store(StoreError::Cycle { top: top.to_string(), at: id.to_string() }));
             }
             if out.len() == MAX_LAYERS {
-                return Err(Error::Store(format!(
-                    "chain of {top}: more than {MAX_LAYERS} layers, overlayfs takes at most {MAX_LAYERS}"
-                )));
+                return Err(Error::Store(StoreError::TooLong { top: top.to_string(), max: MAX_LAYERS }));
             }
             let layer = self.open_layer(&id).map_err(|e| {
                 if out.is_empty() {
                     e
                 } else {
-                    Error::Store(format!("chain of {top} is broken: {e}"))
+                    Error::Store(StoreError::Broken { top: top.to_string(), source: Box::new(e) })
                 }
             })?;
             next = layer.meta.parent;
@@ -795,10 +792,7 @@ impl Staging {
                     Err(_) if transient(e) => Err(Error::sys("publish layer", &dest, e)),
                     Err(c) if c.errno().is_some_and(transient) => Err(c.context("publish layer: look at what is in the way")),
                     // A directory there without a whole layer is damage, not a race.
-                    Err(c) if e == Errno::EXIST || e == Errno::NOTEMPTY => Err(Error::Store(format!(
-                        "{}: in the way of publishing and not a whole layer: {c}",
-                        dest.display()
-                    ))),
+                    Err(c) if e == Errno::EXIST || e == Errno::NOTEMPTY => Err(Error::damaged(&dest, format!("in the way of publishing and not a whole layer: {c}"))),
                     Err(_) => Err(Error::sys("publish layer", &dest, e)),
                 }
             },

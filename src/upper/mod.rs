@@ -91,7 +91,7 @@ pub fn open_path(path: &Path, create: &CreateOptions) -> Result<UpperImage> {
 fn finish_open(path: PathBuf, fd: OwnedFd, created: bool) -> Result<UpperImage> {
     let st = rustix::fs::fstat(&fd).map_err(|e| Error::sys("stat upper image", &path, e))?;
     if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
-        return Err(Error::Store(format!("upper image {}: not a regular file", path.display())));
+        return Err(Error::damaged_upper(path, "not a regular file"));
     }
     let fstype = probe_fstype(&fd, &path)?;
     Ok(UpperImage { path, fd, fstype, created })
@@ -266,7 +266,7 @@ fn probe_fstype(fd: &OwnedFd, path: &Path) -> Result<FsType> {
     if n >= 1082 && buf[1080] == 0x53 && buf[1081] == 0xEF {
         return Ok(FsType::Ext4);
     }
-    Err(Error::Store(format!("upper image {}: no ext4 or xfs filesystem found (corrupt or not an image)", path.display())))
+    Err(Error::damaged_upper(path, "no ext4 or xfs filesystem found (corrupt or not an image)"))
 }
 
 /// Take the writer's lock, or say where the upper is in use.
