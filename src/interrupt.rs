@@ -66,6 +66,7 @@ pub fn install() {
                  exiting now: what is left is cleaned up by the next sharedloop command",
                 GRACE.as_secs()
             );
+            crate::mount::scratch::detach_all_before_exit();
             std::process::exit(crate::error::ExitCode::Interrupted as i32);
         });
     });

@@ -389,8 +389,8 @@ fn find_helper(root: u32) -> u32 {
 /// A helper blocked at `fp` (ignoring signals, as in an uninterruptible
 /// system call) gets SIGTERM: the watchdog ends it with exit 8 after its
 /// grace, and nothing of it is left.
-fn blocked_then_sigterm(env: &Env, top: &str, m: &Path, fp: &str) {
-    let o = env.store_opts();
+fn blocked_then_sigterm(env: &Env, top: &str, m: &Path, fp: &str, api: &str) {
+    let o = format!("{},mount_api={api}", env.store_opts());
     let mut c = env.command(&["mount.sharedloop", top, s(m), "-o", &o]);
     c.env(FP, format!("block:{fp}")).stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
@@ -421,8 +421,10 @@ fn sigterm_while_blocked_exits_8_by_the_watchdog() {
     let a = env.add(None, None, &[("a.txt", E::File("a\n"))]);
     let top = env.add(Some(&a), Some("blk:1"), &[("b.txt", E::File("b\n"))]);
     let m = env.mnt("m");
-    for fp in ["resolve", "layer-mount@1"] {
-        blocked_then_sigterm(&env, &top, &m, fp);
+    // Every way: the path and legacy ways hold their layers in a scratch
+    // mount that is attached, which the watchdog must detach itself.
+    for (api, fp) in mount_apis().into_iter().flat_map(|a| [(a, "resolve"), (a, "layer-mount@1")]) {
+        blocked_then_sigterm(&env, &top, &m, fp, api);
         // And the same image mounts normally afterwards.
         helper(&env, &top, &m, "").ok();
         assert_eq!(read_in(&env, &m.join("a.txt")).as_deref(), Some("a\n"), "after {fp}");

@@ -91,7 +91,16 @@ fn test_binaries_on_debian_12_kernel() {
     // The library every test binary links: one older than it is stale.
     let lib_built = newest(&deps, |n, _| n.starts_with("libsharedloop-") && n.ends_with(".rlib")).map(|(_, t)| t);
 
-    let plan: Vec<(&str, Vec<String>)> = if full {
+    // SHAREDLOOP_TEST_VM_ONLY=bin[,bin...]: those binaries whole, to look
+    // into one failure without the 35 minutes of a full run.
+    let only = std::env::var("SHAREDLOOP_TEST_VM_ONLY").unwrap_or_default();
+    let only: Vec<&str> = only.split(',').filter(|b| !b.is_empty()).collect();
+    for b in &only {
+        assert!(FULL.contains(b), "SHAREDLOOP_TEST_VM_ONLY: {b:?} is not one of {FULL:?}");
+    }
+    let plan: Vec<(&str, Vec<String>)> = if !only.is_empty() {
+        only.iter().map(|b| (*b, vec![])).collect()
+    } else if full {
         FULL.iter().map(|b| (*b, vec![])).collect()
     } else {
         SUBSET.iter().map(|(b, t)| (*b, t.iter().map(|s| s.to_string()).collect())).collect()
@@ -130,14 +139,14 @@ fn test_binaries_on_debian_12_kernel() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kernel-vm.sh");
     let mut c = Command::new("bash");
     c.arg(&script)
-        .args(["--timeout", &(if full { FULL_VM_TIMEOUT_S } else { VM_TIMEOUT_S }).to_string()])
+        .args(["--timeout", &(if full || !only.is_empty() { FULL_VM_TIMEOUT_S } else { VM_TIMEOUT_S }).to_string()])
         .args(["--mem", "6144", "--tmp-size", "4096", "--cpus", "2", "--quiet"])
         .arg("--scratch")
         .arg(&scratch)
         .args(["--env", &format!("SHAREDLOOP_TEST_KERNEL={KERNEL}")]);
     // The host's test switches go in too (SHAREDLOOP_TEST_ALL_KILLS, ...).
     for (k, v) in std::env::vars() {
-        if k.starts_with("SHAREDLOOP_TEST_") && k != "SHAREDLOOP_TEST_KERNEL" && k != "SHAREDLOOP_TEST_VM_FULL" {
+        if k.starts_with("SHAREDLOOP_TEST_") && k != "SHAREDLOOP_TEST_KERNEL" && k != "SHAREDLOOP_TEST_VM_FULL" && k != "SHAREDLOOP_TEST_VM_ONLY" {
             c.args(["--env", &format!("{k}={v}")]);
         }
     }

@@ -23,7 +23,7 @@ pub mod utab;
 mod fd;
 mod legacy;
 mod path;
-mod scratch;
+pub(crate) mod scratch;
 mod upper;
 
 use std::os::fd::OwnedFd;

@@ -6,11 +6,32 @@
 //! left. Private propagation: nothing mounted in it reaches peers.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::error::{Error, Result};
 use crate::store::unique_suffix;
+
+/// The scratch directories of this process that are mounted now, for the
+/// watchdog: a process it ends has no guards left to run, and a scratch is
+/// the one thing a path or legacy mount holds *attached* (the fd way holds
+/// only detached mounts, which go with the process).
+static MOUNTED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Detach and remove every scratch this process still has mounted: called
+/// by the watchdog right before it ends the process. Detaching is lazy, so
+/// a thread blocked on something in the scratch is not in the way; the
+/// layer mounts in it, and so their loop devices (autoclear), go with it.
+pub fn detach_all_before_exit() {
+    // try_lock: the lock is only ever held for a push or a remove, but the
+    // thread holding it may be the one that is blocked.
+    let Ok(mut live) = MOUNTED.try_lock() else { return };
+    for p in live.drain(..) {
+        let _ = rustix::mount::unmount(&p, UnmountFlags::DETACH);
+        let _ = std::fs::remove_dir(&p);
+    }
+}
 
 /// Dropping it detaches the whole subtree and removes the directory;
 /// mounts made from it that something still holds (the overlay's own
@@ -32,6 +53,7 @@ impl Scratch {
         rustix::mount::mount("sharedloop", &s.path, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, c"mode=0700,size=64k")
             .map_err(|e| Error::sys("mount scratch tmpfs", &s.path, e))?;
         s.mounted = true;
+        MOUNTED.lock().unwrap_or_else(|e| e.into_inner()).push(s.path.clone());
         rustix::mount::mount_change(&s.path, rustix::mount::MountPropagationFlags::PRIVATE)
             .map_err(|e| Error::sys("make scratch private", &s.path, e))?;
         Ok(s)
@@ -49,6 +71,7 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         if self.mounted {
             let _ = rustix::mount::unmount(&self.path, UnmountFlags::DETACH);
+            MOUNTED.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != &self.path);
         }
         let _ = std::fs::remove_dir(&self.path);
     }
