@@ -82,7 +82,7 @@ mod tests {
         let want = chain_id(Some(&chain_id(None, &p1)), &Digest::parse(&d2).unwrap());
         assert_eq!(c.top_chain("t").unwrap(), Some(want));
         assert_eq!(ImageConfig::parse(b"{}", "t").unwrap().top_chain("t").unwrap(), None);
-        assert!(ImageConfig::parse(b"[]", "t").unwrap_err().to_string().contains("invalid image config"));
+        assert!(ImageConfig::parse(b"\"x\"", "t").unwrap_err().to_string().contains("invalid image config"));
         let bad = br#"{"rootfs":{"diff_ids":["md5:00"]}}"#;
         assert!(ImageConfig::parse(bad, "t").unwrap().top_chain("t").unwrap_err().to_string().contains("diff ID 1"));
     }
