@@ -85,21 +85,21 @@ pub(super) fn config_garbage(inv: &Inventory, which: Which, h: &DirHandle, now: 
     }
 }
 
-/// The config record of a name: Ok(note) when it is whole (or absent),
-/// Err(why) when it is damaged or belongs to another image.
-pub(super) fn check_config(n: &StoredName, dir: &std::path::Path) -> std::result::Result<String, String> {
+/// The config record of a name: Ok(note) when it is whole (None: it has
+/// none), Err(why) when it is damaged or belongs to another image.
+pub(super) fn check_config(n: &StoredName, dir: &std::path::Path) -> std::result::Result<Option<String>, String> {
     let Some(d) = configs::read_config_name_in(dir, &n.name).map_err(|e| e.to_string())? else {
-        return Ok("no image config".into());
+        return Ok(None);
     };
     let data = configs::read_config_in(dir, &d).map_err(|e| format!("image config {d}: {e}"))?;
     let cfg = ImageConfig::parse(&data, &format!("image config {d}")).map_err(|e| e.to_string())?;
     let top = cfg.top_chain(&format!("image config {d}")).map_err(|e| e.to_string())?;
     match (&n.target, top) {
-        (Ok(t), Some(c)) if *t == c => Ok(format!("image config {d}")),
+        (Ok(t), Some(c)) if *t == c => Ok(Some(format!("image config {d}"))),
         (Ok(t), c) => Err(format!(
             "image config {d} is for chain {}, the name points to {t} (re-pointed by a sharedloop without image configs?); bundle ignores it",
             c.map(|c| c.to_string()).unwrap_or_else(|| "none".into())
         )),
-        (Err(_), _) => Ok(format!("image config {d}")),
+        (Err(_), _) => Ok(Some(format!("image config {d}"))),
     }
 }

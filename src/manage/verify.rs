@@ -185,7 +185,7 @@ pub fn verify(store: &Store, refs: &[String], o: &VerifyOptions) -> Result<()> {
         let mut notes = vec![];
         if let Some(h) = inv.handle(n.which) {
             match super::configs::check_config(n, &h.path) {
-                Ok(note) => notes.push(note),
+                Ok(note) => notes.extend(note),
                 Err(e) => why.push(e),
             }
         }

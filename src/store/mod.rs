@@ -911,7 +911,12 @@ pub fn write_pointer(dir: &Path, sub: &str, name: &Name, id: &Digest) -> Result<
     // Re-pointing a name is what `--name` is for (a new version of an
     // image), but never silently: the old target may be mounted on nodes.
     if let Ok(old) = &before {
-        log::warn!("{sub}/{name}: re-pointed from {old} to {id} in {}", dir.display());
+        if sub == "names" {
+            log::warn!("name {name}: re-pointed from {old} to {id} in {}", dir.display());
+        } else {
+            // Follows the name's own warning: said once is enough.
+            log::info!("{sub}/{name}: re-pointed from {old} to {id} in {}", dir.display());
+        }
     }
     let tmp = format!(".{}.{}.{}", name.file_name(), std::process::id(), unique_suffix());
     let tmp_path = dir.join(sub).join(&tmp);
