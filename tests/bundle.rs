@@ -43,8 +43,10 @@ printf 'root:x:0:\\napp:x:2345:\\nextra:x:3456:app\\n' > {r}/etc/group
     )
 }
 
-/// An OCI layout L with tag `t` (the full config) and `nouser` (User
-/// `nobody`, who is not in the image's /etc/passwd).
+/// An OCI layout L with tag `t` (the full config), `nouser` (User
+/// `nobody`, who is not in the image's /etc/passwd), `inside` (its
+/// /etc/passwd a symlink to ../srv/passwd) and `escape` (a symlink that
+/// climbs out of the image to the host's /etc/passwd).
 fn build_image(env: &Env) -> PathBuf {
     need("umoci");
     assert!(Path::new("/bin/busybox").exists(), "busybox-static is needed: run scripts/install-deps.sh");
@@ -61,7 +63,15 @@ umoci config --image L:t --config.env FOO=from-image --config.env PATH=/bin \
   --config.entrypoint /bin/sh --config.entrypoint -c --config.cmd '{CMD}' \
   --config.workingdir /srv/work --config.user app
 umoci config --image L:t --tag nouser --config.user nobody
-rm -rf B
+# /etc/passwd a symlink: inside the image (followed), out of it (refused).
+umoci unpack --image L:t C >/dev/null
+mv C/rootfs/etc/passwd C/rootfs/srv/passwd
+ln -s ../srv/passwd C/rootfs/etc/passwd
+umoci repack --image L:inside C
+rm C/rootfs/etc/passwd
+ln -s ../../../../../../../../etc/passwd C/rootfs/etc/passwd
+umoci repack --image L:escape C
+rm -rf B C
 ",
         rootfs_script("B/rootfs")
     );
@@ -358,6 +368,25 @@ fn errors_are_clear_and_leave_nothing() {
     assert!(!dir.exists());
     // After the mount: a user the image does not have. Unmounted again.
     bundle(&env, &["bb:nouser", s(&dir)]).fails(32, "image user \"nobody\": nobody: no such user in the image's /etc/passwd");
+    assert!(!dir.exists());
+    // The image's own accounts, through symlinks that stay inside it; one
+    // that leads out is refused, never read.
+    import(&env, &format!("oci:{}:inside", layout.display()), "bb:inside");
+    bundle(&env, &["bb:inside", s(&dir)]).ok();
+    assert_eq!(config_json(&dir)["process"]["user"], serde_json::json!({"uid": 1234, "gid": 2345, "additionalGids": [3456]}));
+    unbundle(&env, &dir);
+    import(&env, &format!("oci:{}:escape", layout.display()), "bb:escape");
+    bundle(&env, &["bb:escape", s(&dir)]).fails(32, &format!("refusing a symlink that leads out of the image: {}/rootfs/etc/passwd", dir.display()));
+    assert!(!dir.exists());
+    // A config record planted as a symlink or a FIFO: refused, naming it.
+    let rec = env.root.join("confignames/bb:1");
+    std::fs::remove_file(&rec).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", &rec).unwrap();
+    bundle(&env, &["bb:1", s(&dir)]).fails(32, &format!("refusing symlink or path outside the store: {}", rec.display()));
+    std::fs::remove_file(&rec).unwrap();
+    env.run(&["mkfifo", s(&rec)]).ok();
+    bundle(&env, &["bb:1", s(&dir)]).fails(32, &format!("{}: a FIFO, not a regular file", rec.display()));
+    std::fs::remove_file(&rec).unwrap();
     assert!(!dir.exists());
     env.assert_clean();
 

@@ -54,6 +54,14 @@ pub fn put_config(dir: &Path, data: &[u8]) -> Result<Digest> {
     let file = config_file(&d);
     let configs = store_subdir(dir, CONFIGS, 0o755)?;
     if read_config_in(dir, &d).is_ok() {
+        // Made young again: a `gc` that finds it unreferenced (its old
+        // name removed) must not take it before our pointer is written.
+        let now = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
+            last_modification: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW },
+        };
+        rustix::fs::utimensat(&configs, file.as_str(), &now, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| Error::sys("touch image config", dir.join(CONFIGS).join(&file), e))?;
         return Ok(d);
     }
     let tmp = format!(".{file}.{}.{}", std::process::id(), unique_suffix());
@@ -151,7 +159,12 @@ mod tests {
         let data = br#"{"config":{"Env":["A=1"]},"rootfs":{"type":"layers","diff_ids":[]}}"#;
         let d = put_config(&t.0, data).unwrap();
         assert_eq!(d, digest_of(data));
+        let f = t.0.join(CONFIGS).join(config_file(&d));
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        std::fs::File::options().write(true).open(&f).unwrap().set_modified(old).unwrap();
         assert_eq!(put_config(&t.0, data).unwrap(), d, "a second put keeps the first");
+        let m = std::fs::metadata(&f).unwrap().modified().unwrap();
+        assert!(m > old + std::time::Duration::from_secs(86400 * 365 * 20), "a second put makes it young again: {m:?}");
         assert_eq!(read_config_in(&t.0, &d).unwrap(), data);
         assert_eq!(std::fs::read_dir(t.0.join(CONFIGS)).unwrap().count(), 1, "no temporary left");
         let n = Name::parse("img:1").unwrap();
@@ -159,7 +172,6 @@ mod tests {
         name_config(&t.0, &n, &d).unwrap();
         assert_eq!(read_config_name_in(&t.0, &n).unwrap(), Some(d));
         // A changed blob is refused, naming the file.
-        let f = t.0.join(CONFIGS).join(config_file(&d));
         std::fs::write(&f, b"{}").unwrap();
         let e = read_config_in(&t.0, &d).unwrap_err().to_string();
         assert!(e.contains("digest mismatch") && e.contains(&config_file(&d)), "{e}");
