@@ -222,18 +222,14 @@ fn read_image_file(rootfs_fd: &rustix::fd::OwnedFd, rootfs: &Path, rel: &str) ->
     Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
 }
 
-fn write_new(path: &Path, data: &[u8]) -> Result<()> {
-    crate::store::write_synced(path, data)
-}
-
 pub fn bundle(store: &Store, o: &BundleOptions) -> Result<()> {
     crate::interrupt::install();
     // Everything that can be checked before anything is made.
     let found = find_image(store, o.image)?;
     let run: RunConfig = found.config.as_ref().map(|(_, c)| c.run()).unwrap_or_default();
-    if found.config.is_none() && o.args.is_none() {
-        // An add'ed image: the defaults, said out loud below.
-    } else {
+    // A command to run, checked now (an image without a config runs the
+    // default, said out loud at the end).
+    if found.config.is_some() || o.args.is_some() {
         spec::arguments(&run, o.args)?;
     }
     spec::working_dir(&run)?;
@@ -309,12 +305,12 @@ pub fn bundle(store: &Store, o: &BundleOptions) -> Result<()> {
     let marker = Marker { image: o.image.into(), chain: found.chain, config: found.config.as_ref().map(|(d, _)| *d), created_dir };
     // The marker first: a bundle --remove after a crash right here finds it.
     let mpath = dir.join(MARKER);
-    write_new(&mpath, &serde_json::to_vec_pretty(&marker).expect("serialize"))?;
+    crate::store::write_synced(&mpath, &serde_json::to_vec_pretty(&marker).expect("serialize"))?;
     undo.files.push(mpath);
     let cpath = dir.join(CONFIG);
     let mut text = serde_json::to_vec_pretty(&doc).expect("serialize");
     text.push(b'\n');
-    write_new(&cpath, &text)?;
+    crate::store::write_synced(&cpath, &text)?;
     undo.files.push(cpath);
     undo.commit();
     if let Some(why) = &found.why_none {
