@@ -101,7 +101,7 @@ _sharedloop()
     prev=${_sl_words[-1]-}
     COMPREPLY=()
 
-    local -a commands=(add import ls rm gc verify status mounts help)
+    local -a commands=(add import ls rm gc verify bundle unbundle status mounts help)
     local -a global=(--loopback-root --loopback-fallback -v --verbose -h --help)
     local -a names=()
 
@@ -129,6 +129,11 @@ _sharedloop()
             _sharedloop_reply_pre "$value_pre" 10m 1h 12h 1d 7d
             return
             ;;
+        -o | --options)
+            _sharedloop_reply_pre "$value_pre" upper=tmpfs upper=
+            compopt -o nospace 2>/dev/null
+            return
+            ;;
     esac
     [[ -n $value_pre ]] && return
 
@@ -138,8 +143,12 @@ _sharedloop()
     for ((i = 1; i < ${#_sl_words[@]}; i++)); do
         w=${_sl_words[i]}
         case $w in
-            --loopback-root | --loopback-fallback | --parent | --name | --fstype | --min-age | --staging-dir)
+            --loopback-root | --loopback-fallback | --parent | --name | --fstype | --min-age | --staging-dir | -o | --options)
                 ((i++))
+                ;;
+            --)
+                # bundle: what follows is the container's command.
+                [[ $cmd == bundle ]] && return
                 ;;
             -*) ;;
             *)
@@ -169,6 +178,8 @@ _sharedloop()
         rm) opts=(--name-only --dry-run) ;;
         gc) opts=(--dry-run --min-age) ;;
         verify) opts=(--deep) ;;
+        bundle) opts=(-o --options) ;;
+        unbundle) opts=() ;;
         help)
             ((nargs == 0)) && _sharedloop_reply "${commands[@]}"
             return
@@ -199,6 +210,17 @@ _sharedloop()
         rm | verify)
             mapfile -t names < <(_sharedloop_names)
             _sharedloop_reply "${names[@]}"
+            ;;
+        bundle)
+            if ((nargs == 0)); then
+                mapfile -t names < <(_sharedloop_names)
+                _sharedloop_reply "${names[@]}"
+            elif ((nargs == 1)); then
+                _sharedloop_paths -d ""
+            fi
+            ;;
+        unbundle)
+            ((nargs == 0)) && _sharedloop_paths -d ""
             ;;
     esac
 }

@@ -37,6 +37,10 @@ have cc         || need="$need gcc"
 # without a daemon, skopeo converts them (oci-archive, docker-archive, zstd).
 have umoci      || need="$need umoci"
 have skopeo     || need="$need skopeo"
+# Bundle tests (tests/bundle.rs) run a real busybox image with runc (crun
+# refuses hybrid cgroup layouts); its rootfs is busybox-static's binary.
+have runc       || need="$need runc"
+[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need="$need busybox-static"
 # Shared-storage tests (tests/shared_storage.rs) run a real GlusterFS
 # volume inside namespaces the tests make, mounted by several FUSE clients
 # (one per "node"); ip(8) puts the brick address on the namespace's lo.

@@ -15,6 +15,7 @@ pub mod import;
 pub mod mount;
 pub mod upper;
 pub mod manage;
+pub mod bundle;
 pub mod cli;
 
 /// The property tests' configuration: the same cases on every run (CI

@@ -65,6 +65,25 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         staging_dir: Option<PathBuf>,
     },
+    /// Make an OCI runtime bundle in DIR: the image mounted at DIR/rootfs, DIR/config.json from its image config
+    #[command(after_help = "Run it with `runc run --bundle DIR ID`, `crun run --bundle DIR ID` or `podman run --rootfs DIR/rootfs`; remove it with `sharedloop unbundle DIR`.")]
+    Bundle {
+        /// Image name, layer chain ID or unique ID prefix
+        image: String,
+        /// Bundle directory: created, or an empty directory
+        dir: PathBuf,
+        /// Mount options for DIR/rootfs, as mount.sharedloop takes them (default: read-only; e.g. upper=tmpfs)
+        #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
+        options: Option<std::ffi::OsString>,
+        /// The command to run instead of the image's Cmd (its Entrypoint stays)
+        #[arg(last = true, value_name = "ARGS")]
+        args: Option<Vec<String>>,
+    },
+    /// Unmount DIR/rootfs and remove what `sharedloop bundle` wrote in DIR
+    Unbundle {
+        /// Bundle directory made by `sharedloop bundle`
+        dir: PathBuf,
+    },
     /// The driver, its store, what the kernel offers, and the active mounts
     Status {
         /// One JSON document instead of text
@@ -145,6 +164,8 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
         loopback_fallback: cli.loopback_fallback.as_deref().map(|p| store_dir_arg("--loopback-fallback", p)).transpose()?,
         ..Default::default()
     };
+    // The store given on the command line, for mounts made in this process.
+    let (opts_root, opts_fallback) = (given.loopback_root.clone(), given.loopback_fallback.clone());
     let (opts, _) = effective_options(given)?;
     let store = store_of(&opts);
     // --staging-dir, else staging_dir= from the configuration file.
@@ -186,6 +207,18 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Bundle { image, dir, options, args } => crate::bundle::bundle(
+            &store,
+            &crate::bundle::BundleOptions {
+                image: &image,
+                dir: &dir,
+                options: options.as_deref(),
+                args: args.as_deref(),
+                store_options: crate::bundle::store_options(opts_root.as_deref(), opts_fallback.as_deref())?,
+                verbose: cli.verbose,
+            },
+        ),
+        Cmd::Unbundle { dir } => crate::bundle::unbundle(&dir, cli.verbose),
         Cmd::Ls { json } => crate::manage::ls(&store, json),
         Cmd::Rm { targets, name_only, dry_run } => {
             crate::manage::rm(&store, &targets, &crate::manage::RmOptions { name_only, dry_run })

@@ -129,6 +129,9 @@ fn check_parent(store: &Store, parent: &Digest) -> Result<()> {
 fn name_layer(store_dir: &Path, opts: &AddOptions, chain: &Digest) -> Result<Digest> {
     if let Some(name) = opts.name {
         store::write_name(store_dir, name, chain)?;
+        // A directory has no image config: one kept for what the name
+        // pointed to before is not this image's.
+        store::configs::forget_config_name(store_dir, name)?;
         say(
             opts,
             format_args!("named {chain} {name} in {}", store_dir.display()),

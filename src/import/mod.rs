@@ -22,6 +22,7 @@
 //! wins, the others drop their copy, and names are written with a rename
 //! too, so everyone ends with one complete copy of each layer.
 
+pub mod config;
 pub mod lower;
 pub mod progress;
 pub mod source;
@@ -133,8 +134,14 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
         let which = store
             .has_layer(&top)?
             .ok_or_else(|| Error::not_found(Missing::Layer, top, format!("{} right after the import", store.searched())))?;
-        store::write_name(store.dir(which), &name, &top)?;
-        log::info!("named {top} {name} in {}", store.dir(which).display());
+        let dir = store.dir(which);
+        // The config first, its pointer after the name: a reader that
+        // finds the pointer finds the config, and checks it against the
+        // name (an older sharedloop re-points names, never pointers).
+        let cfg = store::configs::put_config(dir, &image.config)?;
+        store::write_name(dir, &name, &top)?;
+        store::configs::name_config(dir, &name, &cfg)?;
+        log::info!("named {top} {name} in {} (image config {cfg})", dir.display());
     }
     Ok(top)
 }

@@ -297,6 +297,9 @@ pub struct Image {
     pub layers: Vec<LayerSpec>,
     /// The tag or reference the image was picked by (the default name).
     pub reference: Option<String>,
+    /// The image config, verbatim, checked against its digest where the
+    /// source names one (kept in the store for `bundle`).
+    pub config: Vec<u8>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -473,7 +476,8 @@ pub fn open_oci(layout: Box<dyn Layout>, tag: Option<&str>, what: &str) -> Resul
         }
     };
     let manifest = resolve_manifest(l, desc, what, 0)?;
-    let config: Config = json(&read_verified(l, &manifest.config, "config")?, &format!("{what}: config"))?;
+    let config_data = read_verified(l, &manifest.config, "config")?;
+    let config: Config = json(&config_data, &format!("{what}: config"))?;
     let diff_ids = diff_ids(&config, what)?;
     if diff_ids.len() != manifest.layers.len() {
         return Err(Error::bad_image(what, format!("manifest has {} layers but the config {} diff IDs", manifest.layers.len(), diff_ids.len())));
@@ -490,7 +494,7 @@ pub fn open_oci(layout: Box<dyn Layout>, tag: Option<&str>, what: &str) -> Resul
             diff_id,
         });
     }
-    Ok(Image { layout, layers, reference: tag.map(String::from) })
+    Ok(Image { layout, layers, reference: tag.map(String::from), config: config_data })
 }
 
 /// Follow an index down to one image manifest (indexes may nest).
@@ -619,7 +623,7 @@ pub fn open_docker(layout: Box<dyn Layout>, reference: Option<&str>, what: &str)
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Image { layout, layers, reference: name })
+    Ok(Image { layout, layers, reference: name, config: cfg_data })
 }
 
 /// `blobs/sha256/HEX` or `HEX<ext>`: a file named by its own digest.

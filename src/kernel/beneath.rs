@@ -123,6 +123,23 @@ fn walk(dir: BorrowedFd<'_>, rel: &[u8], flags: OFlags, mode: Mode, mounts: Moun
     Ok(fd)
 }
 
+/// Open `rel` below `dir` (an image's root), following the symlinks the
+/// image has as long as they stay inside it: RESOLVE_BENEATH refuses any
+/// that leads out (an absolute target, or `..` past `dir`) with EXDEV;
+/// magic links and other mounts are refused too. Without openat2 every
+/// symlink is refused (the walk of `open`): stricter, never looser.
+pub fn open_in_tree(dir: impl AsFd, rel: impl AsRef<OsStr>, flags: OFlags) -> Result<OwnedFd, Errno> {
+    let rel = rel.as_ref();
+    if Feature::Openat2.have() {
+        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_XDEV;
+        match rustix::fs::openat2(dir.as_fd(), rel, flags | OFlags::CLOEXEC, Mode::empty(), resolve) {
+            Err(Errno::NOSYS) => {}
+            r => return r,
+        }
+    }
+    open(dir, rel, flags, Mode::empty(), Mounts::Stay)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

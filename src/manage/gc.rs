@@ -12,7 +12,8 @@
 //! Layers in use (and their ancestors) are kept whatever their age, and
 //! no layer is removed when a store directory could not be read completely.
 //!
-//! It also removes what crashed processes left (see `temporaries`). Bytes
+//! It also removes what crashed processes left (see `temporaries`) and
+//! image configs no name needs (see `configs`). Bytes
 //! freed are counted as allocated blocks (`st_blocks`).
 //!
 //! Races the grace period does not cover: `add --parent P` checks that P
@@ -23,6 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use super::configs::config_garbage;
 use super::human::{human_age, human_size};
 use super::inventory::Inventory;
 use super::removal::{children_first, du, remove_entry, remove_layers};
@@ -154,6 +156,7 @@ pub fn gc(store: &Store, o: &GcOptions) -> Result<()> {
     let mut garbage = Vec::new();
     for (which, h) in &inv.dirs {
         stale_temporaries(*which, h, &users, now, &mut garbage);
+        config_garbage(&inv, *which, h, now, min_age, &mut garbage);
     }
 
     let verb = if o.dry_run { "would remove" } else { "removed" };

@@ -32,6 +32,7 @@
 //!   `rm`, `gc`, `verify`: the commands;
 //! - `human`: sizes, ages and tables for people.
 
+mod configs;
 mod elsewhere;
 mod gc;
 mod human;

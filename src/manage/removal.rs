@@ -129,9 +129,11 @@ fn retire_layer(h: &DirHandle, id: &Digest) -> Result<Option<String>> {
 pub(super) fn remove_name(h: &DirHandle, n: &StoredName) -> Result<()> {
     let names = open_subdir(h, "names")?;
     match rustix::fs::unlinkat(&names, n.name.file_name(), AtFlags::empty()) {
-        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-        Err(e) => Err(Error::sys(format!("name {}: remove", n.name), &n.path, e)),
+        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+        Err(e) => return Err(Error::sys(format!("name {}: remove", n.name), &n.path, e)),
     }
+    // Its image config record goes with it; the config itself is gc's.
+    store::configs::forget_config_name(&h.path, &n.name)
 }
 
 /// Remove name records, then layers (children before parents), under the

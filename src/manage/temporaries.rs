@@ -11,7 +11,8 @@
 //!   created): the same rule;
 //! - `names/.<name>.<pid>.<uniq>` (name records being written; they carry no
 //!   host): older than one hour with no process `<pid>` here, or older than
-//!   24 hours.
+//!   24 hours; the same for `configs/.*` and `confignames/.*` (image
+//!   configs and their records being written).
 //!
 //! Entries of `tmp/` that follow no known pattern go after 24 hours.
 //! Nothing whose file is attached to a loop device, or locked (uppers), is
@@ -250,11 +251,17 @@ pub(super) fn stale_temporaries(which: Which, h: &DirHandle, users: &Users, now:
         }
         consider("uppers", name, path, prefixed("upper being created", verdict));
     }
-    for (name, path) in list("names") {
-        let Some(inner) = name.strip_prefix('.') else { continue };
-        let Some((_, pid, created)) = crate::kernel::procs::split_pid_uniq(inner) else { continue };
-        let verdict = judge(None, pid, created, age_of(&path, now), &me, &held);
-        consider("names", name, path, prefixed("name record being written", verdict));
+    for (sub, what) in [
+        ("names", "name record being written"),
+        (crate::store::configs::CONFIGS, "image config being written"),
+        (crate::store::configs::CONFIGNAMES, "image config record being written"),
+    ] {
+        for (name, path) in list(sub) {
+            let Some(inner) = name.strip_prefix('.') else { continue };
+            let Some((_, pid, created)) = crate::kernel::procs::split_pid_uniq(inner) else { continue };
+            let verdict = judge(None, pid, created, age_of(&path, now), &me, &held);
+            consider(sub, name, path, prefixed(what, verdict));
+        }
     }
 }
 

@@ -7,7 +7,9 @@
 //! byte 1080, xfs `XFSB` at 0, erofs 0xE0F5E1E2 at 1024); its parent is in
 //! the store; with `--deep` the filesystem checker runs read-only
 //! (`e2fsck -fn`, `xfs_repair -n -f`, `fsck.erofs`). Per name: the record
-//! reads and its chain is complete. Exits with 32 when anything failed.
+//! reads and its chain is complete; its image config record, if any, names
+//! a config that is there, matches its digest and is for the chain the
+//! name points to. Exits with 32 when anything failed.
 
 use std::path::Path;
 
@@ -176,11 +178,18 @@ pub fn verify(store: &Store, refs: &[String], o: &VerifyOptions) -> Result<()> {
     }
     for i in names {
         let n = &inv.names[i];
-        let why: Vec<String> = match &n.target {
+        let mut why: Vec<String> = match &n.target {
             Err(e) => vec![e.clone()],
             Ok(top) => inv.chain(top).1.into_iter().map(|e| format!("chain of {top} is broken: {e}")).collect(),
         };
-        report(why.is_empty(), &format!("image {} ({})", n.name, n.which), &why, &[]);
+        let mut notes = vec![];
+        if let Some(h) = inv.handle(n.which) {
+            match super::configs::check_config(n, &h.path) {
+                Ok(note) => notes.extend(note),
+                Err(e) => why.push(e),
+            }
+        }
+        report(why.is_empty(), &format!("image {} ({})", n.name, n.which), &why, &notes);
     }
     println!("verify: {checked} checked, {failed} failed");
     if failed > 0 {

@@ -7,6 +7,8 @@
 //! layers/<64 hex chain id>/meta.json   parent link, diff id, fstype, size
 //! layers/<64 hex chain id>/layer.img   the read-only filesystem image
 //! names/<encoded name>                 "sha256:<chain id>\n"
+//! configs/sha256-<hex>.json            image configs, verbatim (`configs`)
+//! confignames/<encoded name>           "sha256:<config digest>\n"
 //! uppers/<encoded name>.img            writable upper images
 //! tmp/                                 staging; renamed into place whole
 //! ```
@@ -17,6 +19,7 @@
 //! missing), so a symlink planted in a (shared, maybe writable by others)
 //! store cannot redirect us.
 
+pub mod configs;
 pub mod ids;
 pub mod sharedfs;
 pub mod staging;
@@ -247,7 +250,7 @@ fn regular_or_refuse(path: &Path, mode: u32) -> Result<()> {
 }
 
 /// A small file in as few reads as possible (one, for metadata).
-fn read_small(fd: OwnedFd, path: &Path, limit: u64) -> Result<String> {
+pub(crate) fn read_small(fd: OwnedFd, path: &Path, limit: u64) -> Result<String> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
     // Stop at the size the file has (metadata and name records never
@@ -291,13 +294,19 @@ fn listed_ino(dir: &Path, sub: &str, file: &str) -> Result<Option<u64>> {
 /// What `names/<name>` in the store directory `dir` points to, as the
 /// server has it now.
 pub fn read_name_in(dir: &Path, name: &Name) -> Result<Digest> {
-    let rel = format!("names/{}", name.file_name());
+    read_pointer_in(dir, "names", name)
+}
+
+/// What `<sub>/<name>` (a `names/` or `confignames/` record) in the store
+/// directory `dir` points to, as the server has it now.
+pub fn read_pointer_in(dir: &Path, sub: &str, name: &Name) -> Result<Digest> {
+    let rel = format!("{sub}/{}", name.file_name());
     // Names are replaced in place, so a client may hold the old file for
     // as long as its entry cache lasts (GlusterFS: 1 s): try for longer
     // than that (10 ms doubling, 1.3 s in all).
     retry_with(NAME_TRIES, STALE_PAUSE, |e| e.errno() == Some(Errno::STALE), std::thread::sleep, || {
         let path = dir.join(&rel);
-        let Some(ino) = listed_ino(dir, "names", &name.file_name())? else {
+        let Some(ino) = listed_ino(dir, sub, &name.file_name())? else {
             return Err(Error::sys("open", &path, Errno::NOENT));
         };
         // O_NONBLOCK: a FIFO planted in the store must not hang us.
@@ -318,7 +327,10 @@ pub fn read_name_in(dir: &Path, name: &Name) -> Result<Digest> {
             _ => e,
         })?;
         Digest::parse(text.trim())
-            .map_err(|_| Error::damaged(&path, "corrupt name record").context(&format!("name {name}")))
+            .map_err(|_| {
+                Error::damaged(&path, format!("corrupt {} record", if sub == "names" { "name" } else { "config" }))
+                    .context(&format!("name {name}"))
+            })
     })
 }
 
@@ -880,21 +892,31 @@ impl Drop for Claim {
 /// Record `name` -> `id` in the store directory `dir`, atomically, through
 /// the `names` directory's fd.
 pub fn write_name(dir: &Path, name: &Name, id: &Digest) -> Result<()> {
-    let names = store_subdir(dir, "names", 0o755)?;
+    write_pointer(dir, "names", name, id)
+}
+
+/// Record `<sub>/<name>` -> `id` (`names/` or `confignames/`), atomically.
+pub fn write_pointer(dir: &Path, sub: &str, name: &Name, id: &Digest) -> Result<()> {
+    let names = store_subdir(dir, sub, 0o755)?;
     // A record that says it already stays: every import of an image would
     // otherwise replace it, and other nodes whose clients still hold the
     // replaced file get ESTALE reading it for a while (GlusterFS).
-    let before = read_name_in(dir, name);
+    let before = read_pointer_in(dir, sub, name);
     if before.as_ref().is_ok_and(|d| d == id) {
         return Ok(());
     }
     // Re-pointing a name is what `--name` is for (a new version of an
     // image), but never silently: the old target may be mounted on nodes.
     if let Ok(old) = &before {
-        log::warn!("name {name}: re-pointed from {old} to {id} in {}", dir.display());
+        if sub == "names" {
+            log::warn!("name {name}: re-pointed from {old} to {id} in {}", dir.display());
+        } else {
+            // Follows the name's own warning: said once is enough.
+            log::info!("{sub}/{name}: re-pointed from {old} to {id} in {}", dir.display());
+        }
     }
     let tmp = format!(".{}.{}.{}", name.file_name(), std::process::id(), unique_suffix());
-    let tmp_path = dir.join("names").join(&tmp);
+    let tmp_path = dir.join(sub).join(&tmp);
     let fd = rustix::fs::openat(
         &names,
         tmp.as_str(),
@@ -907,7 +929,7 @@ pub fn write_name(dir: &Path, name: &Name, id: &Digest) -> Result<()> {
         if n == data.len() { rustix::fs::fsync(&fd) } else { Err(Errno::NOSPC) }
     });
     drop(fd);
-    let dest = dir.join("names").join(name.file_name());
+    let dest = dir.join(sub).join(name.file_name());
     // As for layers: any rename error may be a race another writer won
     // (or a reply lost after our rename went through): a record there that
     // names `id` is success; transient errors are retried.
@@ -922,7 +944,7 @@ pub fn write_name(dir: &Path, name: &Name, id: &Digest) -> Result<()> {
                     Ok(()) => return Ok(()),
                     Err(e) => e,
                 };
-                match read_name_in(dir, name) {
+                match read_pointer_in(dir, sub, name) {
                     Ok(d) if d == *id => Ok(()),
                     Err(c) if !transient(e) && c.errno().is_some_and(transient) => Err(c.context("record name")),
                     _ => Err(Error::sys("record name", &dest, e)),

@@ -362,7 +362,7 @@ impl Drop for Env {
     }
 }
 
-/// Staging directories, half-made uppers and name records.
+/// Staging directories, half-made uppers, name and image config records.
 pub fn leftovers(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![];
     let mut stack = vec![dir.to_path_buf()];
@@ -375,7 +375,7 @@ pub fn leftovers(dir: &Path) -> Vec<PathBuf> {
             let grandparent = d.parent().and_then(|g| g.file_name()).map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
             if (parent == "tmp" && (grandparent == "root" || grandparent == "fallback"))
                 || name.contains(".tmp.")
-                || (parent == "names" && name.starts_with('.'))
+                || ((parent == "names" || parent == "configs" || parent == "confignames") && name.starts_with('.'))
             {
                 out.push(p.clone());
             }
