@@ -37,6 +37,10 @@ have cc         || need="$need gcc"
 # without a daemon, skopeo converts them (oci-archive, docker-archive, zstd).
 have umoci      || need="$need umoci"
 have skopeo     || need="$need skopeo"
+# Registry pulls (tests/registry.rs): Debian's reference registry serves
+# the pushed test images on 127.0.0.1; htpasswd -B writes its bcrypt users.
+have docker-registry || need="$need docker-registry"
+have htpasswd   || need="$need apache2-utils"
 # Shared-storage tests (tests/shared_storage.rs) run a real GlusterFS
 # volume inside namespaces the tests make, mounted by several FUSE clients
 # (one per "node"); ip(8) puts the brick address on the namespace's lo.
