@@ -79,6 +79,9 @@ enum Cmd {
         /// docker://: the image of a multi-platform index to pull (default linux/this machine)
         #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
         platform: Option<String>,
+        /// docker://: registries.conf to use (mirrors; default: CONTAINERS_REGISTRIES_CONF, else skopeo's)
+        #[arg(long, value_name = "FILE")]
+        registries_conf: Option<PathBuf>,
     },
     /// The driver, its store, what the kernel offers, and the active mounts
     Status {
@@ -170,7 +173,7 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
         }
     };
     match cli.cmd {
-        Cmd::Import { source, name, fstype, quiet, staging_dir, creds, authfile, tls_verify, cert_dir, platform } => {
+        Cmd::Import { source, name, fstype, quiet, staging_dir, creds, authfile, tls_verify, cert_dir, platform, registries_conf } => {
             let name = name.map(|n| crate::store::ids::Name::parse(&n)).transpose()?;
             let staging_dir = staging(staging_dir)?;
             let opts = crate::import::ImportOptions {
@@ -179,7 +182,7 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
                 fstype: FsType::parse(&fstype)?,
                 quiet,
                 staging_dir: staging_dir.as_deref(),
-                registry: crate::import::registry::RegistryOptions { creds, authfile, tls_verify, cert_dir, platform },
+                registry: crate::import::registry::RegistryOptions { creds, authfile, tls_verify, cert_dir, platform, registries_conf },
             };
             println!("{}", crate::import::import(&store, &opts)?);
             Ok(())

@@ -80,6 +80,9 @@ pub struct RegistryOptions {
     pub cert_dir: Option<PathBuf>,
     /// `--platform OS/ARCH[/VARIANT]`.
     pub platform: Option<String>,
+    /// `--registries-conf FILE`; else `CONTAINERS_REGISTRIES_CONF`; else
+    /// skopeo's default (/etc/containers/registries.conf and .d/).
+    pub registries_conf: Option<PathBuf>,
 }
 
 impl RegistryOptions {
@@ -100,6 +103,9 @@ impl RegistryOptions {
         }
         if self.platform.is_some() {
             v.push("--platform");
+        }
+        if self.registries_conf.is_some() {
+            v.push("--registries-conf");
         }
         v
     }
@@ -441,6 +447,8 @@ struct Skopeo<'a> {
     opts: &'a RegistryOptions,
     /// The auth file to pass (ours with --creds, else --authfile).
     authfile: Option<PathBuf>,
+    /// registries.conf to pass, if not skopeo's default.
+    registries_conf: Option<PathBuf>,
     work: &'a Path,
     reference: String,
 }
@@ -450,6 +458,11 @@ impl Skopeo<'_> {
         let mut c = Cmd::new("skopeo");
         // Its temporary files stay in our work directory.
         c.arg("--tmpdir").arg(self.work.join("tmp"));
+        // skopeo before 1.10 reads no CONTAINERS_REGISTRIES_CONF: the file
+        // goes as its (global, hidden) option, which later ones still take.
+        if let Some(r) = &self.registries_conf {
+            c.arg("--registries-conf").arg(r);
+        }
         c.arg(sub);
         let flag = |f: &str| if src_prefix { format!("--src-{f}") } else { format!("--{f}") };
         if let Some(a) = &self.authfile {
@@ -645,9 +658,9 @@ pub fn pull(store: &Store, ws: &Workspace, r: &DockerRef, opts: &RegistryOptions
     let explicit = opts.platform.as_deref().map(Platform::parse).transpose()?;
     let want = explicit.clone().unwrap_or_else(Platform::host);
     if let Some(d) = &opts.cert_dir {
-        let m = std::fs::metadata(d).map_err(|e| Error::io("--cert-dir", d, &e))?;
+        let m = std::fs::metadata(d).map_err(|e| Error::io(format!("{what}: --cert-dir"), d, &e))?;
         if !m.is_dir() {
-            return Err(Error::Usage(format!("--cert-dir {}: not a directory", d.display())));
+            return Err(Error::Usage(format!("{what}: --cert-dir {}: not a directory", d.display())));
         }
     }
     let work = ws.create("import-pull")?;
@@ -655,7 +668,21 @@ pub fn pull(store: &Store, ws: &Workspace, r: &DockerRef, opts: &RegistryOptions
         let p = work.path.join(sub);
         std::fs::create_dir(&p).map_err(|e| Error::io("create", &p, &e))?;
     }
-    let sk = Skopeo { opts, authfile: auth_file(opts, &r.registry(), &work.path)?, work: &work.path, reference: what.clone() };
+    let registries_conf = opts
+        .registries_conf
+        .clone()
+        .or_else(|| std::env::var_os("CONTAINERS_REGISTRIES_CONF").filter(|v| !v.is_empty()).map(PathBuf::from));
+    if let Some(p) = &registries_conf {
+        // skopeo would take a missing file for an empty configuration.
+        std::fs::File::open(p).map_err(|e| Error::io(format!("{what}: registries.conf: open"), p, &e))?;
+    }
+    let sk = Skopeo {
+        opts,
+        authfile: auth_file(opts, &r.registry(), &work.path).map_err(|e| e.context(&what))?,
+        registries_conf,
+        work: &work.path,
+        reference: what.clone(),
+    };
 
     // 1. The manifest, through an index if it is one; pinned by digest.
     let first = match r.digest {
@@ -669,7 +696,8 @@ pub fn pull(store: &Store, ws: &Workspace, r: &DockerRef, opts: &RegistryOptions
     {
         return Err(Error::Store(format!("{what}: the registry sent a manifest whose digest is {digest}")));
     }
-    if is_index(&data) {
+    let from_index = is_index(&data);
+    if from_index {
         let idx: Index = json(&data, &format!("{what}: index {digest}"))?;
         let d = pick(&idx, &want, &what)?;
         let md = digest_of(&d.digest, &format!("{what}: index {digest}"))?;
@@ -704,7 +732,12 @@ pub fn pull(store: &Store, ws: &Workspace, r: &DockerRef, opts: &RegistryOptions
         arch: config.architecture.clone().unwrap_or_default(),
         variant: config.variant.clone(),
     };
-    if image_platform.os != want.os || image_platform.arch != want.arch || (want.variant.is_some() && image_platform.variant != want.variant) {
+    // The index's entry was chosen for its platform; a single image is
+    // checked by its config (the variant only where both state one).
+    let differs = image_platform.os != want.os
+        || image_platform.arch != want.arch
+        || (want.variant.is_some() && image_platform.variant.is_some() && image_platform.variant != want.variant);
+    if !from_index && differs {
         if explicit.is_some() {
             return Err(Error::Store(format!("{what}: the image is for {image_platform}, not the {want} asked for")));
         }
