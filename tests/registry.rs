@@ -546,6 +546,14 @@ fn authentication_by_creds_authfile_and_stdin_and_tls() {
     std::fs::write(env.dir.join("home/auth.json"), &auth).unwrap();
     let (id, _) = import_ok(&env, &src, &["--cert-dir", &certs, "--name", "default-auth"]);
     assert_eq!(id, chain);
+    // --creds over an --authfile whose entry for the registry is wrong:
+    // --creds wins.
+    let stale = env.dir.join("stale-auth.json");
+    std::fs::write(&stale, format!(r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#, reg.host(), base64("alice:old-pw"))).unwrap();
+    let r = import(&env, &src, &["--authfile", stale.to_str().unwrap(), "--cert-dir", &certs]);
+    assert_pull_fails_keeping(&r, &src, &["unauthorized"]);
+    let (id, _) = import_ok(&env, &src, &["--authfile", stale.to_str().unwrap(), "--creds", &creds, "--cert-dir", &certs, "--name", "creds-over"]);
+    assert_eq!(id, chain);
     // An auth file that cannot be read, or is no auth file.
     let r = import(&env, &src, &["--authfile", "/nonexistent/auth.json", "--cert-dir", &certs]);
     assert_eq!(r.code, 32, "{r:?}");
@@ -555,7 +563,7 @@ fn authentication_by_creds_authfile_and_stdin_and_tls() {
     assert!(r.code != 0 && r.stderr.contains("not an auth.json file"), "{r:?}");
 
     let want: Vec<(String, String)> =
-        ["authfile", "creds", "default-auth", "noverify", "stdin"].iter().map(|n| (n.to_string(), chain.clone())).collect();
+        ["authfile", "creds", "creds-over", "default-auth", "noverify", "stdin"].iter().map(|n| (n.to_string(), chain.clone())).collect();
     assert_eq!(names(&env.root), want);
     assert_no_staging(&env);
     env.assert_clean();
@@ -587,6 +595,19 @@ fn unknown_tag_and_unreachable_registry_fail_cleanly() {
     let src = format!("docker://{}/t/img:base", reg.host());
     let r = import(&env, &src, &["--tls-verify=false", "--platform", "linux/s390x"]);
     assert_pull_fails(&env, &r, &src, &[&format!("the image is for linux/{}, not the linux/s390x asked for", host_arch())]);
+
+    // After all that, a docker (schema 2) manifest, which skopeo converts
+    // to OCI on its way into the layout: the same layers, the same tree.
+    need("skopeo");
+    sh(
+        &format!("skopeo --insecure-policy copy -q --format v2s2 --dest-tls-verify=false oci:L:derived docker://{}/t/v2:1", reg.host()),
+        &img.dir,
+    );
+    let (_, _, chain) = img.docs("derived");
+    let src = format!("docker://{}/t/v2:1", reg.host());
+    let (id, _) = import_ok(&env, &src, &["--tls-verify=false"]);
+    assert_eq!(id, chain);
+    mount_and_compare(&env, &format!("{}/t/v2:1", reg.host()), &img.expected("derived"));
     env.assert_clean();
 }
 
