@@ -587,6 +587,11 @@ fn unknown_tag_and_unreachable_registry_fail_cleanly() {
     let r = import(&env, &src, &["--tls-verify=false"]);
     assert_pull_fails(&env, &r, &src, &["manifest unknown"]);
 
+    // TLS asked for (a bare --tls-verify), from a registry without it.
+    let src = format!("docker://{}/t/img:base", reg.host());
+    let r = import(&env, &src, &["--tls-verify"]);
+    assert_pull_fails(&env, &r, &src, &["HTTP response to HTTPS client"]);
+
     let src = format!("docker://127.0.0.1:{}/t/img:base", free_port());
     let r = import(&env, &src, &["--tls-verify=false"]);
     assert_pull_fails(&env, &r, &src, &["connection refused"]);
@@ -799,6 +804,14 @@ fn platform_picks_from_an_index() {
     let r = import(&env, &src, &["--tls-verify=false", "--platform", "linux/s390x"]);
     assert_eq!(r.code, 32, "{r:?}");
     assert!(r.stderr.contains("no image for linux/s390x") && r.stderr.contains(&format!("linux/{other}/v8")), "{}", r.stderr);
+
+    // A single image for the other machine: taken with a warning when no
+    // --platform was given.
+    reg.push(&l, "other", "t/single:1", false);
+    let src = format!("docker://{}/t/single:1", reg.host());
+    let (id, err) = import_ok(&env, &src, &["--tls-verify=false"]);
+    assert_eq!(id, der_chain);
+    assert!(err.contains(&format!("warning: {src} is an image for linux/{other}, this machine is linux/{}", host_arch())), "{err}");
     assert_no_staging(&env);
     env.assert_clean();
 }

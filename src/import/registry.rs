@@ -495,21 +495,9 @@ impl Skopeo<'_> {
 }
 
 /// Run; its stdout. A failure names what was done, the command and what
-/// skopeo said (the message of its `level=fatal msg="..."` line).
+/// skopeo said.
 fn run(c: &mut Cmd, what: &str) -> Result<Vec<u8>> {
-    let out = c.output().map_err(|e| match e.kind() {
-        std::io::ErrorKind::Interrupted => Error::Interrupted,
-        _ => Error::io(format!("{what}: run"), crate::command::tool("skopeo"), &e),
-    })?;
-    if out.status.success() {
-        return Ok(out.stdout);
-    }
-    use std::os::unix::process::ExitStatusExt;
-    let status = match (out.status.code(), out.status.signal()) {
-        (Some(c), _) => format!("status {c}"),
-        (None, s) => format!("signal {}", s.unwrap_or(0)),
-    };
-    Err(Error::Command { what: what.into(), cmd: c.render(), status, stderr: skopeo_message(&String::from_utf8_lossy(&out.stderr)) })
+    c.run_stdout(what, skopeo_message)
 }
 
 /// `time="..." level=fatal msg="Error ...: reading manifest x in y: manifest unknown"`
@@ -524,10 +512,7 @@ fn skopeo_message(stderr: &str) -> String {
             let m = m.strip_suffix('"').unwrap_or(m);
             m.replace("\\\"", "\"").replace("\\\\", "\\")
         }
-        None => {
-            let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-            lines[lines.len().saturating_sub(3)..].join("; ")
-        }
+        None => crate::command::tail(stderr, 3),
     }
 }
 
