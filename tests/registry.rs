@@ -656,6 +656,109 @@ fn malformed_references_and_misplaced_options_are_refused() {
     env.assert_clean();
 }
 
+/// A TCP relay between skopeo and the registry that holds back the rest
+/// of one blob's response once `after` bytes of it have gone through, so
+/// that the registry can be killed with the blob half-sent.
+struct Relay {
+    port: u16,
+    /// Set once the blob is half-sent.
+    half: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Every connection's sockets, to cut them all.
+    socks: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    fn start(to: u16, blob_path: String, after: u64) -> Relay {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let half = Arc::new(AtomicBool::new(false));
+        let socks: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (h, sk) = (half.clone(), socks.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { return };
+                let Ok(up) = TcpStream::connect(("127.0.0.1", to)) else { return };
+                sk.lock().unwrap().extend([c.try_clone().unwrap(), up.try_clone().unwrap()]);
+                // The request for the blob seen on this connection.
+                let asked = Arc::new(AtomicBool::new(false));
+                let (mut cr, mut uw, a, want) = (c.try_clone().unwrap(), up.try_clone().unwrap(), asked.clone(), blob_path.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = cr.read(&mut buf) {
+                        if n == 0 || uw.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                        if String::from_utf8_lossy(&buf[..n]).contains(&want) {
+                            a.store(true, Ordering::SeqCst);
+                        }
+                    }
+                });
+                let (mut ur, mut cw, h) = (up, c, h.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    let mut sent = 0u64;
+                    while let Ok(n) = ur.read(&mut buf) {
+                        if n == 0 || cw.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                        if asked.load(Ordering::SeqCst) {
+                            sent += n as u64;
+                            if sent >= after {
+                                // Hold the rest: the test kills the registry now.
+                                h.store(true, Ordering::SeqCst);
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Relay { port, half, socks }
+    }
+
+    /// Cut every connection, as the registry's death does.
+    fn cut(&self) {
+        for s in self.socks.lock().unwrap().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The registry SIGKILLed while a layer blob is half-sent (through a relay
+/// that holds back the rest): the fetch fails, and nothing is left in the
+/// store or the staging.
+#[test]
+fn registry_killed_with_a_blob_half_sent_leaves_nothing() {
+    let mut env = Env::new("reg-half");
+    isolate(&mut env, "");
+    let img = Images::build(&env);
+    let mut reg = Registry::start(&env, "open", false);
+    reg.push(&img.layout(), "base", "t/img:base", false);
+    // The first layer holds the 1 MB of random data.
+    let (_, layers, _) = img.docs("base");
+    let relay = Relay::start(reg.port, format!("/v2/t/img/blobs/{}", layers[0]), 64 << 10);
+    let src = format!("docker://127.0.0.1:{}/t/img:base", relay.port);
+    let a = import_argv(&env, &src, &["--tls-verify=false"]);
+    let mut c = env.command(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let k = c.spawn().unwrap();
+    let t = Instant::now();
+    while !relay.half.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(t.elapsed() < Duration::from_secs(30), "the blob never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Half of it went through; skopeo waits for the rest. The registry
+    // dies, and its connections with it.
+    reg.kill();
+    relay.cut();
+    let out = k.wait_with_output().unwrap();
+    let r = Run { code: out.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into() };
+    assert_pull_fails(&env, &r, &src, &["fetch the layers", "unexpected EOF"]);
+    env.assert_clean();
+}
+
 /// The registry SIGSTOPped once the manifest and config are read, skopeo
 /// connected to it, then the registry SIGKILLed: the fetch fails, and
 /// nothing is left in the store or the staging.
