@@ -601,6 +601,30 @@ fn unknown_tag_and_unreachable_registry_fail_cleanly() {
     let r = import(&env, &src, &["--tls-verify=false", "--platform", "linux/s390x"]);
     assert_pull_fails(&env, &r, &src, &[&format!("the image is for linux/{}, not the linux/s390x asked for", host_arch())]);
 
+    // A manifest whose layer is no layer (an artifact): refused before a
+    // blob is downloaded.
+    let l = img.layout();
+    let mut idx: serde_json::Value = serde_json::from_slice(&std::fs::read(l.join("index.json")).unwrap()).unwrap();
+    let base = idx["manifests"].as_array().unwrap().iter().find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "base").unwrap().clone();
+    let blob = |d: &str| l.join("blobs/sha256").join(&d[7..]);
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(base["digest"].as_str().unwrap())).unwrap()).unwrap();
+    m["layers"][1]["mediaType"] = "application/vnd.example.not-a-layer".into();
+    let data = m.to_string();
+    let d = format!("sha256:{}", common::tree::sha256_hex(data.as_bytes()));
+    std::fs::write(blob(&d), &data).unwrap();
+    idx["manifests"].as_array_mut().unwrap().push(serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d, "size": data.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "odd"},
+    }));
+    std::fs::write(l.join("index.json"), idx.to_string()).unwrap();
+    reg.push(&l, "odd", "t/odd:1", false);
+    let src = format!("docker://{}/t/odd:1", reg.host());
+    let mark = reg.mark();
+    let r = import(&env, &src, &["--tls-verify=false"]);
+    assert_pull_fails(&env, &r, &src, &["layer 2", "unsupported layer media type \"application/vnd.example.not-a-layer\""]);
+    let cfg = m["config"]["digest"].as_str().unwrap().to_string();
+    assert_eq!(reg.blob_gets("t/odd", mark), [(cfg, 1)].into_iter().collect(), "only the config was read");
+
     // After all that, a docker (schema 2) manifest, which skopeo converts
     // to OCI on its way into the layout: the same layers, the same tree.
     need("skopeo");

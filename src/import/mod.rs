@@ -66,8 +66,8 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
     let (image, what, _pulled, _spool) = if let Some(r) = opts.source.strip_prefix("docker://") {
         let r = registry::DockerRef::parse(r)?;
         let p = registry::pull(store, &work, &r, &opts.registry, opts.quiet)?;
-        let registry::Pulled { image, work, _claim } = p;
-        (image, r.to_string(), Some((work, _claim)), None)
+        let registry::Pulled { image, work, claim } = p;
+        (image, r.to_string(), Some((work, claim)), None)
     } else {
         let given = opts.registry.given();
         if !given.is_empty() {

@@ -338,6 +338,8 @@ impl std::fmt::Display for Platform {
 
 #[derive(Deserialize, Debug, Clone)]
 struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
     digest: String,
     size: u64,
     #[serde(default)]
@@ -633,7 +635,9 @@ fn auth_file(opts: &RegistryOptions, registry: &str, work: &Path) -> Result<Opti
 pub struct Pulled {
     pub image: Image,
     pub work: WorkDir,
-    pub _claim: store::Claim,
+    /// On the image's chain, from before the store was looked at: gc
+    /// keeps the layers whose blobs were not fetched.
+    pub claim: store::Claim,
 }
 
 /// Fetch what the store lacks of `r` into a node-local OCI layout; the
@@ -745,11 +749,26 @@ pub fn pull(store: &Store, ws: &Workspace, r: &DockerRef, opts: &RegistryOptions
             diff_ids.len()
         )));
     }
+    // What import would refuse is refused before anything is downloaded.
+    let n = manifest.layers.len();
+    if n == 0 {
+        return Err(Error::Store(format!("{what}: the image has no layers")));
+    }
+    if n > store::MAX_LAYERS {
+        return Err(Error::Store(format!(
+            "{what}: {n} layers; overlayfs mounts at most {}, so the image could never be mounted",
+            store::MAX_LAYERS
+        )));
+    }
     let blobs = manifest
         .layers
         .iter()
         .enumerate()
-        .map(|(i, l)| digest_of(&l.digest, &format!("{what}: layer {}", i + 1)))
+        .map(|(i, l)| {
+            let d = digest_of(&l.digest, &format!("{what}: layer {}", i + 1))?;
+            source::check_media_type(l.media_type.as_deref(), &format!("{what}: layer {} ({d})", i + 1))?;
+            Ok(d)
+        })
         .collect::<Result<Vec<_>>>()?;
 
     // 3. Claim the chain, then plant a placeholder for each blob whose
@@ -789,7 +808,6 @@ pub fn pull(store: &Store, ws: &Workspace, r: &DockerRef, opts: &RegistryOptions
         let f = std::fs::File::create_new(&p).map_err(|e| Error::io("create placeholder", &p, &e))?;
         f.set_len(manifest.layers[i].size).map_err(|e| Error::io("size placeholder", &p, &e))?;
     }
-    let n = blobs.len();
     log::info!("{what}: manifest {digest}, {n} layers, {skipped} already stored, {} to fetch", n - skipped);
     if !quiet {
         eprintln!(
@@ -817,7 +835,7 @@ pub fn pull(store: &Store, ws: &Workspace, r: &DockerRef, opts: &RegistryOptions
         return Err(Error::Store(format!("{layout_what}: skopeo wrote other layers than the manifest {digest} lists")));
     }
     let image = Image { reference: Some(r.name()), ..image };
-    Ok(Pulled { image, work, _claim: claim })
+    Ok(Pulled { image, work, claim })
 }
 
 #[cfg(test)]
@@ -885,6 +903,7 @@ mod tests {
             assert!(Platform::parse(bad).is_err(), "{bad}");
         }
         let desc = |arch: &str, v: Option<&str>, dg: char| Descriptor {
+            media_type: None,
             digest: format!("sha256:{}", dg.to_string().repeat(64)),
             size: 1,
             platform: Some(DescPlatform { architecture: arch.into(), os: "linux".into(), variant: v.map(String::from) }),

@@ -539,7 +539,7 @@ fn diff_ids(config: &Config, what: &str) -> Result<Vec<Digest>> {
 
 /// Layers we can read: plain, gzip or zstd tars (the compression is told
 /// by the blob's first bytes). Encrypted layers are refused.
-fn check_media_type(mt: Option<&str>, what: &str) -> Result<()> {
+pub fn check_media_type(mt: Option<&str>, what: &str) -> Result<()> {
     if let Some(mt) = mt
         && (mt.contains("encrypted") || !(mt.contains(".layer.") || mt.contains(".rootfs.")))
     {
