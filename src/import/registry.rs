@@ -518,6 +518,56 @@ fn skopeo_message(stderr: &str) -> String {
     }
 }
 
+/// The copy, with a progress bar on a terminal: the bytes skopeo has
+/// written into the layout so far (allocated blocks, so the sparse
+/// placeholders count for nothing) against the bytes to fetch.
+fn fetch(c: &mut Cmd, what: &str, layout: &Path, total: u64, quiet: bool) -> Result<Vec<u8>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if quiet || !std::io::stderr().is_terminal() {
+        return run(c, what);
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:.bold} [{bar:25}] {bytes}/{total_bytes} {bytes_per_sec} {wide_msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("fetching");
+    bar.set_message("layers not in the store");
+    let done = AtomicBool::new(false);
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                bar.set_position(allocated(layout).min(total));
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        });
+        let r = run(c, what);
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    bar.finish_and_clear();
+    r
+}
+
+/// Bytes allocated to the regular files below `dir`.
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut sum = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) if m.is_file() => sum += m.blocks() * 512,
+                _ => {}
+            }
+        }
+    }
+    sum
+}
+
 // ---------------------------------------------------------------- credentials
 
 fn base64(data: &[u8]) -> String {
@@ -823,7 +873,7 @@ pub fn pull(store: &Store, ws: &Workspace, r: &DockerRef, opts: &RegistryOptions
     let mut c = sk.cmd("copy", true);
     c.args(["--quiet", "--remove-signatures"]);
     c.arg(&pinned).arg(format!("oci:oci:{LAYOUT_TAG}"));
-    run(&mut c, &format!("{what}: fetch the layers"))?;
+    fetch(&mut c, &format!("{what}: fetch the layers"), &layout, fetch_bytes, quiet)?;
     crate::interrupt::step("pull-fetched", None)?;
 
     // 5. The layout must hold the image inspected, layer for layer.
