@@ -853,6 +853,30 @@ fn sigint_during_the_fetch_kills_skopeo_and_undoes_everything() {
     env.assert_clean();
 }
 
+/// SIGKILLed mid-pull, the import leaves its work directory (with the
+/// --creds auth file, private); the next gc removes it.
+#[test]
+fn sigkill_leaves_a_private_work_directory_that_gc_removes() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut env = Env::new("reg-sigkill");
+    isolate(&mut env, "");
+    let img = Images::build(&env);
+    let reg = Registry::start(&env, "open", false);
+    reg.push(&img.layout(), "base", "t/img:base", false);
+    let src = format!("docker://{}/t/img:base", reg.host());
+    let (mut k, _err, _) = spawn_stopped(&env, &src, &["--tls-verify=false", "--creds", "bob:pw"]);
+    k.kill().unwrap();
+    k.wait().unwrap();
+    let tmp = env.fallback.join("tmp");
+    let work: Vec<PathBuf> = std::fs::read_dir(&tmp).unwrap().flatten().map(|e| e.path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("import-pull.")).collect();
+    assert_eq!(work.len(), 1, "{work:?}");
+    assert_eq!(std::fs::metadata(&work[0]).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(std::fs::metadata(work[0].join("auth.json")).unwrap().permissions().mode() & 0o777, 0o600);
+    env.sl(&["gc"]).ok();
+    assert_no_staging(&env);
+    env.assert_clean();
+}
+
 /// The tag is moved to another image between the inspection and the copy:
 /// the pull still gets the image it inspected, whole.
 #[test]
