@@ -112,8 +112,26 @@ _sharedloop()
     fi
 
     case $prev in
-        --loopback-root | --loopback-fallback | --staging-dir)
+        --loopback-root | --loopback-fallback | --staging-dir | --cert-dir)
             _sharedloop_paths -d "$value_pre"
+            return
+            ;;
+        --authfile | --registries-conf)
+            _sharedloop_paths -f "$value_pre"
+            return
+            ;;
+        --platform)
+            _sharedloop_reply_pre "$value_pre" linux/amd64 linux/arm64 linux/arm/v7 linux/ppc64le linux/s390x linux/riscv64
+            return
+            ;;
+        --tls-verify)
+            # Only as --tls-verify=BOOL (a bare --tls-verify means true).
+            if [[ -n $value_pre ]]; then
+                _sharedloop_reply_pre "$value_pre" true false
+                return
+            fi
+            ;;
+        --creds)
             return
             ;;
         --fstype)
@@ -143,7 +161,8 @@ _sharedloop()
     for ((i = 1; i < ${#_sl_words[@]}; i++)); do
         w=${_sl_words[i]}
         case $w in
-            --loopback-root | --loopback-fallback | --parent | --name | --fstype | --min-age | --staging-dir | -o | --options)
+            --loopback-root | --loopback-fallback | --parent | --name | --fstype | --min-age | --staging-dir | -o | --options | \
+                --creds | --authfile | --cert-dir | --platform | --registries-conf)
                 ((i++))
                 ;;
             --)
@@ -173,7 +192,7 @@ _sharedloop()
     local -a opts=()
     case $cmd in
         add) opts=(--parent --name --fstype --staging-dir) ;;
-        import) opts=(--name --fstype --staging-dir -q --quiet) ;;
+        import) opts=(--name --fstype --staging-dir -q --quiet --creds --authfile --tls-verify --cert-dir --platform --registries-conf) ;;
         ls | status | mounts) opts=(--json) ;;
         rm) opts=(--name-only --dry-run) ;;
         gc) opts=(--dry-run --min-age) ;;
@@ -201,8 +220,9 @@ _sharedloop()
                 oci:*) _sharedloop_paths -d "oci:" ;;
                 oci-archive:*) _sharedloop_paths -f "oci-archive:" ;;
                 docker-archive:*) _sharedloop_paths -f "docker-archive:" ;;
+                docker://*) ;;
                 *)
-                    _sharedloop_reply oci: oci-archive: docker-archive:
+                    _sharedloop_reply oci: oci-archive: docker-archive: docker://
                     compopt -o nospace 2>/dev/null
                     ;;
             esac

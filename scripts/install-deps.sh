@@ -41,6 +41,10 @@ have skopeo     || need="$need skopeo"
 # refuses hybrid cgroup layouts); its rootfs is busybox-static's binary.
 have runc       || need="$need runc"
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need="$need busybox-static"
+# Registry pulls (tests/registry.rs): Debian's reference registry serves
+# the pushed test images on 127.0.0.1; htpasswd -B writes its bcrypt users.
+have docker-registry || need="$need docker-registry"
+have htpasswd   || need="$need apache2-utils"
 # Shared-storage tests (tests/shared_storage.rs) run a real GlusterFS
 # volume inside namespaces the tests make, mounted by several FUSE clients
 # (one per "node"); ip(8) puts the brick address on the namespace's lo.

@@ -1,5 +1,5 @@
 //! The one way sharedloop runs an external command (mkfs.*, debugfs, the
-//! xfs copy, the filesystem checkers).
+//! xfs copy, the filesystem checkers, skopeo).
 //!
 //! A [`Cmd`] finds its tool in the system directories first (mount(8) runs
 //! helpers with a PATH that lacks /sbin), runs it with `LC_ALL=C` (messages
@@ -52,6 +52,17 @@ impl Cmd {
     }
 
     fn run_with(&mut self, what: &str, input: Option<&[u8]>) -> Result<String> {
+        self.run_checked(what, input, |e| tail(e, STDERR_TAIL)).map(|out| String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Run to completion with stdin from /dev/null. Ok: its stdout. Err as
+    /// [`Cmd::run`], with `message` making the error's text of its stderr
+    /// (for a tool whose last lines are not its message: skopeo).
+    pub fn run_stdout(&mut self, what: &str, message: fn(&str) -> String) -> Result<Vec<u8>> {
+        self.run_checked(what, None, message).map(|out| out.stdout)
+    }
+
+    fn run_checked(&mut self, what: &str, input: Option<&[u8]>, message: fn(&str) -> String) -> Result<Output> {
         let program = PathBuf::from(self.cmd.get_program());
         let out = self.exec(input).map_err(|f| match f {
             Failure::Spawn(e) => Error::io(format!("{what}: run"), &program, &e),
@@ -59,15 +70,15 @@ impl Cmd {
             Failure::Wait(e) => Error::io(format!("{what}: wait for"), &program, &e),
             Failure::Interrupted => Error::Interrupted,
         })?;
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if out.status.success() {
-            return Ok(stderr);
+            return Ok(out);
         }
         let status = match (out.status.code(), out.status.signal()) {
             (Some(c), _) => format!("status {c}"),
             (None, s) => format!("signal {}", s.unwrap_or(0)),
         };
-        Err(Error::Command { what: what.into(), cmd: self.render(), status, stderr: tail(&stderr, STDERR_TAIL) })
+        let stderr = message(&String::from_utf8_lossy(&out.stderr));
+        Err(Error::Command { what: what.into(), cmd: self.render(), status, stderr })
     }
 
     /// Run with stdin from /dev/null and hand back everything, for callers
@@ -142,7 +153,7 @@ pub fn tool(name: &str) -> PathBuf {
 }
 
 /// The last `n` non-empty lines, trimmed, joined with "; ".
-fn tail(s: &str, n: usize) -> String {
+pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join("; ")
 }

@@ -260,7 +260,8 @@ fn cli_surface() -> BTreeMap<String, BTreeSet<String>> {
                 continue;
             }
             for w in t.split([',', ' ']).filter(|w| w.starts_with('-')) {
-                s.insert(w.to_string());
+                // `--tls-verify[=<BOOL>]`: an option with an optional value.
+                s.insert(w.split(['[', '=']).next().unwrap_or(w).to_string());
             }
         }
         s
@@ -365,8 +366,12 @@ fn bash_completion() {
         ("sharedloop add --parent ".into(), false, vec!["debian:12".into(), "library/busybox:1.36".into()]),
         (format!("sharedloop --loopback-root {ds}/fb2 rm "), false, vec!["library/busybox:1.36".into(), "other:1".into()]),
         (format!("sharedloop rm --loopback-fallback={ds}/fb2 "), false, vec!["debian:12".into(), "other:1".into()]),
-        ("sharedloop import ".into(), false, vec!["oci:".into(), "oci-archive:".into(), "docker-archive:".into()]),
-        ("sharedloop import d".into(), false, vec!["docker-archive:".into()]),
+        ("sharedloop import ".into(), false, vec!["oci:".into(), "oci-archive:".into(), "docker-archive:".into(), "docker://".into()]),
+        ("sharedloop import d".into(), false, vec!["docker-archive:".into(), "docker://".into()]),
+        ("sharedloop import docker:/".into(), true, vec!["docker://".into()]),
+        ("sharedloop import --pl".into(), false, vec!["--platform".into()]),
+        ("sharedloop import --platform linux/arm".into(), false, vec!["linux/arm64".into(), "linux/arm/v7".into()]),
+        ("sharedloop import --tls-verify=f".into(), false, vec!["false".into()]),
         (format!("sharedloop import oci:{ds}/src/oc"), false, vec![format!("{ds}/src/ocidir")]),
         (format!("sharedloop import docker-archive:{ds}/src/im"), true, vec![format!("docker-archive:{ds}/src/img.tar")]),
         (format!("sharedloop add {ds}/src/la"), false, vec![format!("{ds}/src/layerdir")]),
@@ -460,6 +465,8 @@ zpty -d z
         ("sharedloop gc --d".into(), vec!["sharedloop gc --dry-run ".into()]),
         ("sharedloop rm --name".into(), vec!["sharedloop rm --name-only ".into()]),
         ("sharedloop import docker-a".into(), vec!["sharedloop import docker-archive:".into()]),
+        ("sharedloop import docker:/".into(), vec!["sharedloop import docker://".into()]),
+        ("sharedloop import --registries-c".into(), vec!["sharedloop import --registries-conf=".into()]),
         (format!("sharedloop import oci:{ds}/src/oc"), vec![format!("sharedloop import oci:{ds}/src/ocidir/")]),
         (format!("sharedloop --loopback-root {ds}/fb2 rm o"), vec![format!("sharedloop --loopback-root {ds}/fb2 rm other:1 ")]),
         // Ambiguous: the listing shows every command.

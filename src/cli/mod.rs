@@ -48,9 +48,9 @@ enum Cmd {
         staging_dir: Option<PathBuf>,
     },
     /// Import an OCI or Docker image, layer by layer; prints the top chain ID
-    #[command(after_help = "SOURCE is oci:DIR[:TAG] (OCI image layout), oci-archive:FILE[:TAG] (a tar of one) or docker-archive:FILE[:REF] (docker save, podman save), as skopeo spells them.")]
+    #[command(after_help = "SOURCE is oci:DIR[:TAG] (OCI image layout), oci-archive:FILE[:TAG] (a tar of one), docker-archive:FILE[:REF] (docker save, podman save) or docker://[HOST[:PORT]/]PATH[:TAG][@DIGEST] (pulled from a registry with skopeo; layers already in the store are not downloaded), as skopeo spells them.")]
     Import {
-        /// oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:REF]
+        /// oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:REF] or docker://REF
         source: String,
         /// Name to record for the image (default: TAG or REF, if given or in the archive)
         #[arg(long)]
@@ -64,6 +64,24 @@ enum Cmd {
         /// Node-local directory to unpack and build in (default: staging_dir from the configuration file, else tmp/ of the fallback store)
         #[arg(long, value_name = "DIR")]
         staging_dir: Option<PathBuf>,
+        /// docker://: credentials for the registry (without PASS: read from stdin)
+        #[arg(long, value_name = "USER[:PASS]")]
+        creds: Option<String>,
+        /// docker://: auth.json to use (default: skopeo's, REGISTRY_AUTH_FILE or $XDG_RUNTIME_DIR/containers/auth.json)
+        #[arg(long, value_name = "FILE")]
+        authfile: Option<PathBuf>,
+        /// docker://: check the registry's TLS certificate (default true, unless registries.conf says insecure)
+        #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+        tls_verify: Option<bool>,
+        /// docker://: directory of CA certificates (*.crt) and client keys for the registry
+        #[arg(long, value_name = "DIR")]
+        cert_dir: Option<PathBuf>,
+        /// docker://: the image of a multi-platform index to pull (default linux/this machine)
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
+        /// docker://: registries.conf to use (mirrors; default: CONTAINERS_REGISTRIES_CONF, else skopeo's)
+        #[arg(long, value_name = "FILE")]
+        registries_conf: Option<PathBuf>,
     },
     /// Make an OCI runtime bundle in DIR: the image mounted at DIR/rootfs, DIR/config.json from its image config
     #[command(after_help = "Run it with `runc run --bundle DIR ID`, `crun run --bundle DIR ID` or `podman run --rootfs DIR/rootfs`; remove it with `sharedloop unbundle DIR`.")]
@@ -176,7 +194,7 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
         }
     };
     match cli.cmd {
-        Cmd::Import { source, name, fstype, quiet, staging_dir } => {
+        Cmd::Import { source, name, fstype, quiet, staging_dir, creds, authfile, tls_verify, cert_dir, platform, registries_conf } => {
             let name = name.map(|n| crate::store::ids::Name::parse(&n)).transpose()?;
             let staging_dir = staging(staging_dir)?;
             let opts = crate::import::ImportOptions {
@@ -185,6 +203,7 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
                 fstype: FsType::parse(&fstype)?,
                 quiet,
                 staging_dir: staging_dir.as_deref(),
+                registry: crate::import::registry::RegistryOptions { creds, authfile, tls_verify, cert_dir, platform, registries_conf },
             };
             println!("{}", crate::import::import(&store, &opts)?);
             Ok(())

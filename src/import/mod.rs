@@ -25,6 +25,7 @@
 pub mod config;
 pub mod lower;
 pub mod progress;
+pub mod registry;
 pub mod source;
 pub mod unpack;
 
@@ -43,7 +44,8 @@ use source::{ArchiveLayout, DirLayout, Image, LayerSpec, SourceRef, Transport};
 use unpack::{Expect, unpack_layer};
 
 pub struct ImportOptions<'a> {
-    /// `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]` or `docker-archive:FILE[:REF]`.
+    /// `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`, `docker-archive:FILE[:REF]`
+    /// or `docker://REF`.
     pub source: &'a str,
     /// The name to record; default the TAG or REF the image was picked by.
     pub name: Option<&'a Name>,
@@ -52,16 +54,31 @@ pub struct ImportOptions<'a> {
     /// Node-local staging directory (`--staging-dir`, `staging_dir=`);
     /// `None`: `tmp/` of the fallback store.
     pub staging_dir: Option<&'a Path>,
+    /// Authentication, TLS and platform of a `docker://` pull.
+    pub registry: registry::RegistryOptions,
 }
 
 /// Import the image; returns the chain ID of its top layer.
 pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
     crate::interrupt::install();
-    let src = SourceRef::parse(opts.source)?;
     let work = Workspace::new(store, opts.staging_dir);
-    let (image, _spool) = open_image(&work, &src)?;
+    // A pull leaves a layout (and a claim on its chain) in a work
+    // directory: held to the end, as a spooled archive is.
+    let (image, what, _pulled, _spool) = if let Some(r) = opts.source.strip_prefix("docker://") {
+        let r = registry::DockerRef::parse(r)?;
+        let p = registry::pull(store, &work, &r, &opts.registry, opts.quiet)?;
+        let registry::Pulled { image, work, claim } = p;
+        (image, r.to_string(), Some((work, claim)), None)
+    } else {
+        let given = opts.registry.given();
+        if !given.is_empty() {
+            return Err(Error::Usage(format!("{}: only for a docker:// source, not {}", given.join(", "), opts.source)));
+        }
+        let src = SourceRef::parse(opts.source)?;
+        let (image, spool) = open_image(&work, &src)?;
+        (image, format!("{}:{}", src.transport.as_str(), src.path.display()), None, spool)
+    };
     let n = image.layers.len();
-    let what = format!("{}:{}", src.transport.as_str(), src.path.display());
     if n == 0 {
         return Err(Error::bad_image(what, "the image has no layers"));
     }

@@ -62,7 +62,7 @@ impl SourceRef {
     pub fn parse(s: &str) -> Result<SourceRef> {
         let bad = |why: &str| {
             Error::Usage(format!(
-                "{s:?}: {why} (want oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:REF])"
+                "{s:?}: {why} (want oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:REF] or docker://REF)"
             ))
         };
         let (t, rest) = s.split_once(':').ok_or_else(|| bad("no transport"))?;
@@ -70,6 +70,7 @@ impl SourceRef {
             "oci" => Transport::Oci,
             "oci-archive" => Transport::OciArchive,
             "docker-archive" => Transport::DockerArchive,
+            "docker" => return Err(bad("a registry image is docker://REF")),
             _ => return Err(bad(&format!("unknown transport {t:?}"))),
         };
         let (path, reference) = match rest.split_once(':') {
@@ -533,7 +534,7 @@ fn diff_ids(config: &Config, what: &str) -> Result<Vec<Digest>> {
 
 /// Layers we can read: plain, gzip or zstd tars (the compression is told
 /// by the blob's first bytes). Encrypted layers are refused.
-fn check_media_type(mt: Option<&str>, what: &str) -> Result<()> {
+pub fn check_media_type(mt: Option<&str>, what: &str) -> Result<()> {
     if let Some(mt) = mt
         && (mt.contains("encrypted") || !(mt.contains(".layer.") || mt.contains(".rootfs.")))
     {
@@ -650,7 +651,9 @@ mod tests {
                 Some((Transport::DockerArchive, "/t/b.tar", Some("docker.io/library/busybox:1.36"))),
             ),
             ("docker-archive:b.tar:@1", Some((Transport::DockerArchive, "b.tar", Some("@1")))),
+            // docker:// is a pull (`registry`), never a local source.
             ("docker://busybox", None),
+            ("docker:busybox", None),
             ("oci:", None),
             ("oci:dir:", None),
             ("/just/a/path", None),
