@@ -72,6 +72,40 @@ fn status_shows_driver_store_and_shared_layers() {
     for m in [&m1, &m2] {
         env.run(&["umount", m.to_str().unwrap()]).ok();
     }
-    assert_eq!(env.run(&[BIN, "mounts"]).ok().stdout, "");
+    // Nothing mounted: said, not left blank (findmnt cannot tell: these
+    // mounts are of type overlay); JSON: an empty list.
+    assert_eq!(env.run(&[BIN, "mounts"]).ok().stdout, "no sharedloop mounts\n");
+    let ms: serde_json::Value = serde_json::from_str(&env.run(&[BIN, "mounts", "--json"]).ok().stdout).unwrap();
+    assert_eq!(ms, serde_json::json!([]));
+
+    // Sizes: what stat(2) says, allocated first (the images are sparse),
+    // the same figures ls shows for these layers. Unmounted, so that
+    // nothing writes to the upper meanwhile.
+    let layers: Vec<(u64, u64)> = [&a, &b].iter().map(|id| stat_usage(&env.root.join("layers").join(hex(id)))).collect();
+    let lsum = layers.iter().fold((0, 0), |t, u| (t.0 + u.0, t.1 + u.1));
+    let upper = stat_usage(&env.root.join("uppers/u1.img"));
+    assert!(upper.0 < upper.1, "{upper:?}");
+    let v: serde_json::Value = serde_json::from_str(&env.run(&argv).ok().stdout).unwrap();
+    let r = &v["store"]["root"];
+    assert_eq!(
+        *r,
+        serde_json::json!({"layers": 2, "layer_allocated_bytes": lsum.0, "layer_apparent_bytes": lsum.1, "names": 1,
+                           "uppers": 1, "upper_allocated_bytes": upper.0, "upper_apparent_bytes": upper.1,
+                           "present": true})
+    );
+    argv.pop();
+    let text = env.run(&argv).ok().stdout.clone();
+    let h = sharedloop::manage::human_size;
+    let want = format!(
+        " Root: 2 layers ({}, apparent {}), 1 names, 1 uppers ({}, apparent {})\n",
+        h(lsum.0),
+        h(lsum.1),
+        h(upper.0),
+        h(upper.1)
+    );
+    assert!(text.contains(&want), "want {want:?} in {text}");
+    let ls: serde_json::Value = serde_json::from_str(&env.sl(&["ls", "--json"]).ok().stdout).unwrap();
+    let ls_sum = ls["layers"].as_array().unwrap().iter().map(|l| l["allocated_bytes"].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(ls_sum, lsum.0, "status and ls agree");
     env.assert_clean();
 }

@@ -1,0 +1,109 @@
+//! What a stored thing occupies: the one computation behind every size
+//! `ls`, `rm`, `gc` and `status` report.
+//!
+//! Layer images are sparse: a layer of a few bytes has an image of many
+//! MiB (its apparent size, `st_size`) of which a few blocks are written.
+//! What the disk holds, and what removing it frees, is the allocated size
+//! (`st_blocks * 512`): that is the main figure everywhere; the apparent
+//! size is shown beside it.
+//!
+//! The usage of an entry is that of the entry and, for a directory,
+//! everything below it: `allocated_bytes` sums `st_blocks * 512` of every
+//! file, directory and symlink (the directories too, since removing the
+//! entry frees them); `apparent_bytes` sums `st_size` of the regular files.
+//! A layer's usage is that of its directory `layers/<hex>` (image and
+//! metadata): exactly what `rm` or `gc` frees when it goes.
+//!
+//! The walk goes through directory fds (`fstatat` with
+//! `AT_SYMLINK_NOFOLLOW`, `openat` with `O_NOFOLLOW`): a symlink planted in
+//! a shared store is counted as a link, never followed.
+
+use std::ffi::CStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::store::{DirHandle, openat_beneath};
+
+/// Bytes on disk and apparent bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// `st_blocks * 512` summed: what the disk holds.
+    pub allocated_bytes: u64,
+    /// `st_size` of the regular files summed.
+    pub apparent_bytes: u64,
+}
+
+impl std::ops::AddAssign for Usage {
+    fn add_assign(&mut self, o: Usage) {
+        self.allocated_bytes += o.allocated_bytes;
+        self.apparent_bytes += o.apparent_bytes;
+    }
+}
+
+impl std::iter::Sum for Usage {
+    fn sum<I: Iterator<Item = Usage>>(it: I) -> Usage {
+        let mut t = Usage::default();
+        for u in it {
+            t += u;
+        }
+        t
+    }
+}
+
+fn of_stat(st: &rustix::fs::Stat) -> Usage {
+    let regular = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile;
+    Usage {
+        allocated_bytes: (st.st_blocks as u64).saturating_mul(512),
+        apparent_bytes: if regular { st.st_size as u64 } else { 0 },
+    }
+}
+
+/// Deep enough for anything sharedloop stores (a layer directory, a
+/// staging tree of an import); deeper is refused rather than followed.
+const MAX_DEPTH: usize = 64;
+
+/// The usage of `name` in the directory `dir` (at `path`, for errors).
+fn usage_at(dir: &impl AsFd, name: &CStr, path: &Path, depth: usize) -> Result<Usage> {
+    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| Error::sys("stat", path, e))?;
+    let mut u = of_stat(&st);
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        return Ok(u);
+    }
+    if depth >= MAX_DEPTH {
+        return Err(Error::Store(format!("{}: more than {MAX_DEPTH} directory levels, not counted", path.display())));
+    }
+    let sub: OwnedFd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| Error::sys("open", path, e))?;
+    let mut names = Vec::new();
+    for ent in rustix::fs::Dir::read_from(&sub).map_err(|e| Error::sys("read directory", path, e))? {
+        let ent = ent.map_err(|e| Error::sys("read directory", path, e))?;
+        let n = ent.file_name();
+        if n != c"." && n != c".." {
+            names.push(n.to_owned());
+        }
+    }
+    for n in names {
+        let p = path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(n.to_bytes()));
+        match usage_at(&sub, &n, &p, depth + 1) {
+            Ok(x) => u += x,
+            // Removed while we walked: it occupies nothing now.
+            Err(e) if e.errno() == Some(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(u)
+}
+
+/// The usage of `rel` (`sub/name`, e.g. `layers/<hex>`, `uppers/u.img`,
+/// `tmp/<staging>`) of a store directory: the one place sizes come from.
+pub fn usage_beneath(h: &DirHandle, rel: &str) -> Result<Usage> {
+    let (sub, name) = rel.rsplit_once('/').unwrap_or((".", rel));
+    let path = h.path.join(rel);
+    let dir = openat_beneath(&h.fd, &h.path, sub, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+    let cname = std::ffi::CString::new(name).map_err(|_| Error::Internal(format!("{name:?}: NUL in a file name")))?;
+    usage_at(&dir, &cname, &path, 0)
+}
