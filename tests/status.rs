@@ -109,3 +109,45 @@ fn status_shows_driver_store_and_shared_layers() {
     assert_eq!(ls_sum, lsum.0, "status and ls agree");
     env.assert_clean();
 }
+
+/// The demo shows its own store's loop devices only, not every image under
+/// some /layers/ another user or store has attached.
+#[test]
+fn demo_lists_only_its_own_loop_devices() {
+    let env = Env::new("demo");
+    // Another user's store, its layer attached.
+    let other = env.dir.join("other-user/layers").join("ab".repeat(32));
+    std::fs::create_dir_all(&other).unwrap();
+    let img = other.join("layer.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let o = std::process::Command::new("losetup").args(["--find", "--show", "--read-only"]).arg(&img).output().unwrap();
+    assert!(o.status.success(), "losetup: {}", String::from_utf8_lossy(&o.stderr));
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    let dev = Detach(String::from_utf8_lossy(&o.stdout).trim().to_string());
+
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo.sh");
+    let (root, fb) = (env.root.to_str().unwrap(), env.fallback.to_str().unwrap());
+    let r = env.run_env(&["bash", demo], &[("SHAREDLOOP", BIN), ("SHAREDLOOP_ROOT", root), ("SHAREDLOOP_FALLBACK", fb)]);
+    r.ok();
+    let out = &r.stdout;
+    let section: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("== loop devices of this store"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("== "))
+        .collect();
+    let layers = format!(" {}/layers/", std::fs::canonicalize(&env.root).unwrap().display());
+    // Three ext4 layers, three devices, all of this store.
+    assert_eq!(section.len(), 3, "{out}");
+    assert!(section.iter().all(|l| l.contains(&layers)), "{out}");
+    assert!(!out.contains(img.to_str().unwrap()) && !out.contains(&format!("{} ", dev.0)), "{out}");
+    assert!(out.contains("== done: nothing left mounted"), "{out}");
+    assert!(out.contains("image sharedloop-sample:1 (root): top sha256:"), "{out}");
+    drop(dev);
+    env.assert_clean();
+}
