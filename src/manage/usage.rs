@@ -107,3 +107,47 @@ pub fn usage_beneath(h: &DirHandle, rel: &str) -> Result<Usage> {
     let cname = std::ffi::CString::new(name).map_err(|_| Error::Internal(format!("{name:?}: NUL in a file name")))?;
     usage_at(&dir, &cname, &path, 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn stat(p: &Path) -> Usage {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        Usage { allocated_bytes: m.blocks() * 512, apparent_bytes: if m.is_file() { m.size() } else { 0 } }
+    }
+
+    /// Allocated and apparent bytes of a tree as stat(2) gives them, a
+    /// sparse file counted by its blocks, a symlink as a link (its
+    /// target, however big, not counted), a subdirectory walked.
+    #[test]
+    fn counts_what_stat_says_and_never_follows_links() {
+        let d = std::env::temp_dir().join(format!("sl-usage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let layer = d.join("layers/x");
+        std::fs::create_dir_all(layer.join("sub")).unwrap();
+        std::fs::write(layer.join("data"), vec![7u8; 64 << 10]).unwrap();
+        let sparse = std::fs::File::create(layer.join("sparse")).unwrap();
+        sparse.set_len(16 << 20).unwrap();
+        drop(sparse);
+        std::fs::write(layer.join("sub/small"), b"abc").unwrap();
+        let big = d.join("outside");
+        std::fs::write(&big, vec![1u8; 256 << 10]).unwrap();
+        std::os::unix::fs::symlink(&big, layer.join("link")).unwrap();
+
+        let fd = rustix::fs::open(&d, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap();
+        let h = DirHandle { path: d.clone(), fd };
+        let got = usage_beneath(&h, "layers/x").unwrap();
+        let want: Usage = ["", "data", "sparse", "sub", "sub/small", "link"].iter().map(|p| stat(&layer.join(p))).sum();
+        assert_eq!(got, want);
+        assert_eq!(got.apparent_bytes, (64 << 10) + (16 << 20) + 3);
+        assert!(got.allocated_bytes < (1 << 20), "the sparse file counts its blocks, the link not its target: {got:?}");
+        assert_eq!(usage_beneath(&h, "layers/x/sparse").unwrap(), stat(&layer.join("sparse")));
+        assert_eq!(usage_beneath(&h, "layers/x/link").unwrap(), stat(&layer.join("link")));
+        let e = usage_beneath(&h, "layers/missing").unwrap_err();
+        assert_eq!(e.errno(), Some(rustix::io::Errno::NOENT), "{e}");
+        assert!(e.to_string().contains(&d.join("layers/missing").display().to_string()), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
