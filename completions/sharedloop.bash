@@ -194,9 +194,9 @@ _sharedloop()
         add) opts=(--parent --name --fstype --staging-dir) ;;
         import) opts=(--name --fstype --staging-dir -q --quiet --creds --authfile --tls-verify --cert-dir --platform --registries-conf) ;;
         ls | status | mounts) opts=(--json) ;;
-        rm) opts=(--name-only --dry-run) ;;
-        gc) opts=(--dry-run --min-age) ;;
-        verify) opts=(--deep) ;;
+        rm) opts=(--name-only --dry-run --json) ;;
+        gc) opts=(--dry-run --min-age --json) ;;
+        verify) opts=(--deep --json) ;;
         bundle) opts=(-o --options) ;;
         unbundle) opts=() ;;
         help)
@@ -226,6 +226,12 @@ _sharedloop()
                     compopt -o nospace 2>/dev/null
                     ;;
             esac
+            ;;
+        ls)
+            # One image (or layer ID): its layers.
+            ((nargs == 0)) || return
+            mapfile -t names < <(_sharedloop_names)
+            _sharedloop_reply "${names[@]}"
             ;;
         rm | verify)
             mapfile -t names < <(_sharedloop_names)

@@ -55,14 +55,29 @@ opts="upper=tmpfs"
 [ -n "${SHAREDLOOP_FALLBACK:-}" ] && opts="$opts,loopback_fallback=$SHAREDLOOP_FALLBACK"
 mnt="$work/mnt"; mkdir -p "$mnt"
 
+# This store's layer directories, as the kernel names backing files
+# (canonical): the loop devices shown are those of this store only, not
+# every /layers/ image some other user or store has attached.
+store_json=$("$SL" status "${STORE_OPTS[@]}" --json)
+store_dir() {
+    local d
+    d=$(printf '%s\n' "$store_json" | sed -n "s/^  \"$1\": \"\(.*\)\",\$/\1/p")
+    realpath -m "$d"
+}
+root_layers="$(store_dir loopback_root)/layers/"
+fallback_layers="$(store_dir loopback_fallback)/layers/"
+
 unshare -m --propagation private bash -euc '
-    image=$1 mnt=$2 opts=$3
+    image=$1 mnt=$2 opts=$3 root_layers=$4 fallback_layers=$5 sl=$6; shift 6
     echo "== mount -t sharedloop $image $mnt -o $opts"
     mount -t sharedloop "$image" "$mnt" -o "$opts"
-    echo "== mountinfo (only the overlay shows):"
+    echo "== mountinfo (only the overlay shows; sharedloop mounts lists them):"
     grep " $mnt " /proc/self/mountinfo | cut -c1-160
-    echo "== loop devices:"
-    losetup --list --noheadings -O NAME,RO,DIO,AUTOCLEAR,BACK-FILE | grep -F "/layers/" || true
+    echo "== $sl ls $image"
+    "$sl" ls "$@" "$image"
+    echo "== loop devices of this store ($root_layers, $fallback_layers):"
+    losetup --list --noheadings -O NAME,RO,DIO,AUTOCLEAR,BACK-FILE |
+        awk -v r=" $root_layers" -v f=" $fallback_layers" "index(\$0, r) || index(\$0, f)" || true
     echo "== merged view:"
     (cd "$mnt" && find . -mindepth 1 | sort)
     [ -e "$mnt/etc/os-release" ] && { echo "== etc/os-release:"; cat "$mnt/etc/os-release"; }
@@ -73,4 +88,4 @@ unshare -m --propagation private bash -euc '
     umount "$mnt"
     grep -q " $mnt " /proc/self/mountinfo && { echo "still mounted!" >&2; exit 1; }
     echo "== done: nothing left mounted"
-' demo "$IMAGE" "$mnt" "$opts"
+' demo "$IMAGE" "$mnt" "$opts" "$root_layers" "$fallback_layers" "$SL" "${STORE_OPTS[@]}"

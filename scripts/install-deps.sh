@@ -28,6 +28,10 @@ have setpriv    || need="$need util-linux"
 have man        || need="$need man-db"
 have groff      || need="$need groff-base"
 have zsh        || need="$need zsh"
+# bash reads no completion directory itself: the bash-completion package
+# loads completions/sharedloop on demand (from ~/.bashrc, as Debian's skel
+# has it). tests/package.rs (bash_completion_in_a_users_shell) checks that.
+[ -f /usr/share/bash-completion/bash_completion ] || need="$need bash-completion"
 have dpkg-deb   || need="$need dpkg"
 have objdump    || need="$need binutils"
 have strip      || need="$need binutils"

@@ -32,6 +32,11 @@ fn size(env: &Env, id: &str) -> u64 {
     meta(env, id)["size"].as_u64().unwrap()
 }
 
+/// What stat(2) says the layer directory occupies: (allocated, apparent).
+fn usage(env: &Env, id: &str) -> (u64, u64) {
+    stat_usage(&root_layer_dir(env, id))
+}
+
 fn has_layer(env: &Env, id: &str) -> bool {
     root_layer_dir(env, id).exists()
 }
@@ -135,12 +140,21 @@ fn ls_shows_images_and_layers_human_and_json() {
     let m = env.mnt("m");
     mount(&env, "app:1", &m);
 
-    // Human: two tables, sizes from the metadata, sorted by name and by ID.
+    // Human: two tables, sorted by name and by ID. Sizes are what stat(2)
+    // says: allocated bytes first (the images are sparse: a layer of a few
+    // bytes has an image of many MiB, few of them written), apparent beside.
+    for id in [&a, &b, &u] {
+        // ext4 (erofs images are as small as their content).
+        let (alloc, apparent) = usage(&env, id);
+        assert!(alloc < apparent && apparent > size(&env, id), "{id}: {alloc} {apparent}");
+    }
     let r = sl(&env, &["ls"]);
     r.ok();
-    let mut images = vec![strs(&["NAME", "TOP", "LAYERS", "SIZE", "STORE"])];
-    images.push(vec!["app:1".into(), short(&b).into(), "2".into(), human(size(&env, &a) + size(&env, &b)), "root".into()]);
-    images.push(vec!["tool:2".into(), short(&c).into(), "2".into(), human(size(&env, &a) + size(&env, &c)), "root".into()]);
+    let sum = |ids: &[&str]| ids.iter().map(|id| usage(&env, id)).fold((0, 0), |t, u| (t.0 + u.0, t.1 + u.1));
+    let mut images = vec![strs(&["NAME", "TOP", "LAYERS", "SIZE", "APPARENT", "STORE"])];
+    let (ab, cb) = (sum(&[&a, &b]), sum(&[&a, &c]));
+    images.push(vec!["app:1".into(), short(&b).into(), "2".into(), human(ab.0), human(ab.1), "root".into()]);
+    images.push(vec!["tool:2".into(), short(&c).into(), "2".into(), human(cb.0), human(cb.1), "root".into()]);
     let row = |id: &str, parent: &str, fstype: &str, mounts: &str, names: &str| {
         let diff = meta(&env, id)["diff_id"].as_str().unwrap().to_string();
         vec![
@@ -148,7 +162,8 @@ fn ls_shows_images_and_layers_human_and_json() {
             short(&diff).to_string(),
             if parent.is_empty() { "-".to_string() } else { short(parent).to_string() },
             fstype.to_string(),
-            human(size(&env, id)),
+            human(usage(&env, id).0),
+            human(usage(&env, id).1),
             "root".to_string(),
             mounts.to_string(),
             "-".to_string(),
@@ -162,7 +177,8 @@ fn ls_shows_images_and_layers_human_and_json() {
         row(&u, "", "ext4", "0", "-"),
     ];
     rows.sort();
-    let mut layers = vec![strs(&["CHAIN ID", "DIFF ID", "PARENT", "FSTYPE", "SIZE", "STORE", "MOUNTS", "ELSEWHERE", "NAMES"])];
+    let mut layers =
+        vec![strs(&["CHAIN ID", "DIFF ID", "PARENT", "FSTYPE", "SIZE", "APPARENT", "STORE", "MOUNTS", "ELSEWHERE", "NAMES"])];
     layers.extend(rows);
     assert_eq!(r.stdout, format!("{}\n{}", render(&images), render(&layers)));
     assert!(r.stderr.contains("junk: not a layer"), "{}", r.stderr);
@@ -177,12 +193,16 @@ fn ls_shows_images_and_layers_human_and_json() {
     let imgs = j["images"].as_array().unwrap();
     assert_eq!(imgs.len(), 2);
     for i in imgs {
-        assert_eq!(keys(i), BTreeSet::from(["name", "store", "top", "layers", "size", "error"]));
+        assert_eq!(
+            keys(i),
+            BTreeSet::from(["name", "store", "top", "layers", "size", "allocated_bytes", "apparent_bytes", "error"])
+        );
     }
     assert_eq!(
         imgs[0],
         serde_json::json!({"name": "app:1", "store": "root", "top": b, "layers": 2,
-                           "size": size(&env, &a) + size(&env, &b), "error": null})
+                           "size": size(&env, &a) + size(&env, &b),
+                           "allocated_bytes": ab.0, "apparent_bytes": ab.1, "error": null})
     );
     assert_eq!(imgs[1]["name"], "tool:2");
     assert_eq!(imgs[1]["top"], c.as_str());
@@ -201,10 +221,12 @@ fn ls_shows_images_and_layers_human_and_json() {
         assert_eq!(
             keys(l),
             BTreeSet::from([
-                "chain_id", "diff_id", "parent", "fstype", "size", "created", "store", "names", "mounts", "loop_devices",
-                "held_elsewhere"
+                "chain_id", "diff_id", "parent", "fstype", "size", "created", "store", "allocated_bytes", "apparent_bytes",
+                "names", "mounts", "loop_devices", "held_elsewhere"
             ])
         );
+        let id = l["chain_id"].as_str().unwrap();
+        assert_eq!((l["allocated_bytes"].as_u64().unwrap(), l["apparent_bytes"].as_u64().unwrap()), usage(&env, id), "{id}");
     }
     let la = find(&a);
     assert_eq!(la["diff_id"], a.as_str(), "a base layer's chain ID is its diff ID");
@@ -238,6 +260,107 @@ fn ls_shows_images_and_layers_human_and_json() {
 }
 
 #[test]
+fn ls_image_shows_its_layers_bottom_to_top() {
+    let env = Env::new("ls-image");
+    let a = env.add(None, None, &file("base\n"));
+    let b = env.add_with(Some(&a), Some("app:1"), &file("middle\n"), &["--fstype", "erofs"]);
+    let c = env.add(Some(&b), Some("app:2"), &file("top\n"));
+    let other = env.add(None, Some("other:1"), &file("other\n"));
+    // A second copy of the base layer in the fallback.
+    std::fs::create_dir_all(env.fallback.join("layers")).unwrap();
+    let st = Command::new("cp").arg("-a").arg(root_layer_dir(&env, &a)).arg(env.fallback.join("layers")).status().unwrap();
+    assert!(st.success());
+    let m = env.mnt("m");
+    mount(&env, "app:2", &m);
+
+    let total = [&a, &b, &c].iter().map(|id| usage(&env, id)).fold((0, 0), |t, u| (t.0 + u.0, t.1 + u.1));
+    let row = |n: &str, id: &str, fstype: &str, store: &str, users: &str| {
+        let u = usage(&env, id);
+        strs(&[n, id, fstype, &human(u.0), &human(u.1), store, users])
+    };
+    let used = m.to_str().unwrap();
+    let table = render(&[
+        strs(&["#", "CHAIN ID", "FSTYPE", "SIZE", "APPARENT", "STORE", "USED BY"]),
+        row("1", &a, "ext4", "root,fallback", used),
+        row("2", &b, "erofs", "root", used),
+        row("3", &c, "ext4", "root", used),
+    ]);
+    let r = sl(&env, &["ls", "app:2"]);
+    r.ok();
+    assert_eq!(
+        r.stdout,
+        format!("image app:2 (root): top {c}, 3 layers, {} allocated, {} apparent\n{table}", human(total.0), human(total.1))
+    );
+
+    // JSON: the same, with every field; loop devices are those attached.
+    let r = sl(&env, &["ls", "app:2", "--json"]);
+    r.ok();
+    let mut j: Value = serde_json::from_str(&r.stdout).unwrap();
+    let mine: BTreeSet<u64> = env.my_loops().into_iter().map(|(n, _)| n as u64).collect();
+    for l in j["layers"].as_array_mut().unwrap() {
+        let loops = l.as_object_mut().unwrap().remove("loop_devices").unwrap();
+        let loops: Vec<u64> = loops.as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
+        let erofs = l["fstype"] == "erofs";
+        // An erofs layer may be mounted straight from its file.
+        assert!(loops.iter().all(|n| mine.contains(n)) && (erofs || loops.len() == 1), "{l}: {loops:?} of {mine:?}");
+    }
+    let layer = |id: &str, parent: Option<&str>, fstype: &str, stores: &[&str], mounted: bool| {
+        let u = usage(&env, id);
+        let mounts = if mounted { serde_json::json!([{"target": used, "source": "app:2"}]) } else { serde_json::json!([]) };
+        serde_json::json!({"chain_id": id, "diff_id": meta(&env, id)["diff_id"], "parent": parent, "fstype": fstype,
+                           "stores": stores, "allocated_bytes": u.0, "apparent_bytes": u.1, "mounts": mounts,
+                           "held_elsewhere": false})
+    };
+    assert_eq!(
+        j,
+        serde_json::json!({"image": "app:2", "store": "root", "top": c, "allocated_bytes": total.0,
+                           "apparent_bytes": total.1,
+                           "layers": [layer(&a, None, "ext4", &["root", "fallback"], true),
+                                      layer(&b, Some(&a), "erofs", &["root"], true),
+                                      layer(&c, Some(&b), "ext4", &["root"], true)],
+                           "error": null})
+    );
+    umount(&env, &m);
+
+    // By ID prefix: the chain below that layer, no name.
+    let r = sl(&env, &["ls", "--json", short(&b)]);
+    r.ok();
+    let j: Value = serde_json::from_str(&r.stdout).unwrap();
+    let (ua, ub) = (usage(&env, &a), usage(&env, &b));
+    assert_eq!(j["image"], Value::Null);
+    assert_eq!(j["store"], Value::Null);
+    assert_eq!(j["top"], b.as_str());
+    assert_eq!((j["allocated_bytes"].as_u64().unwrap(), j["apparent_bytes"].as_u64().unwrap()), (ua.0 + ub.0, ua.1 + ub.1));
+    let mut unmounted = vec![layer(&a, None, "ext4", &["root", "fallback"], false), layer(&b, Some(&a), "erofs", &["root"], false)];
+    for l in &mut unmounted {
+        l["loop_devices"] = serde_json::json!([]);
+    }
+    assert_eq!(j["layers"], Value::Array(unmounted));
+    let r = sl(&env, &["ls", &b]);
+    r.ok();
+    let table = render(&[
+        strs(&["#", "CHAIN ID", "FSTYPE", "SIZE", "APPARENT", "STORE", "USED BY"]),
+        row("1", &a, "ext4", "root,fallback", "-"),
+        row("2", &b, "erofs", "root", "-"),
+    ]);
+    assert_eq!(
+        r.stdout,
+        format!("layer {b}: top {b}, 2 layers, {} allocated, {} apparent\n{table}", human(ua.0 + ub.0), human(ua.1 + ub.1))
+    );
+    let j: Value = serde_json::from_str(&sl(&env, &["ls", "--json", "other:1"]).ok().stdout).unwrap();
+    assert_eq!(j["layers"].as_array().unwrap().len(), 1);
+    assert_eq!(j["layers"][0]["chain_id"], other.as_str());
+
+    // Bad input: an unknown name or ID is a store error, a malformed one a
+    // usage error.
+    sl(&env, &["ls", "nosuch:1"]).fails(32, &format!("image nosuch:1: no such name in {}", env.root.display()));
+    sl(&env, &["ls", "deadbeefdead"]).fails(32, "layer sha256:deadbeefdead: no layer with this ID prefix in");
+    sl(&env, &["ls", "Bad Name!"]).fails(1, "invalid name");
+    sl(&env, &["ls", "app:1", "app:2"]).fails(1, "");
+    env.assert_clean();
+}
+
+#[test]
 fn rm_removes_exactly_the_layers_nothing_else_needs() {
     let env = Env::new("rm-shared");
     let a = env.add(None, None, &file("base\n"));
@@ -252,27 +375,48 @@ fn rm_removes_exactly_the_layers_nothing_else_needs() {
     assert!(!env.root.join("names/app:1").exists());
     assert_eq!(layers_in_store(&env), BTreeSet::from([a.clone(), b.clone(), c.clone(), d.clone()]));
 
-    // Dry run: says, does nothing.
+    // Dry run: says, does nothing. The sizes are those ls shows and
+    // stat(2) says of the layer directories: allocated, then apparent.
+    let (ud, ub) = (usage(&env, &d), usage(&env, &b));
+    let line = |verb: &str, id: &str, u: (u64, u64)| format!("{verb} layer {id} (root, {}, apparent {})\n", human(u.0), human(u.1));
+    let total = (ud.0 + ub.0, ud.1 + ub.1);
     let r = sl(&env, &["rm", "--dry-run", &d]);
     r.ok();
-    assert!(r.stdout.contains(&format!("would remove layer {d} (root")), "{}", r.stdout);
+    let freed = |verb: &str| format!("{verb} {} bytes ({}, apparent {})\n", total.0, human(total.0), human(total.1));
+    assert_eq!(r.stdout, format!("{}{}{}", line("would remove", &d, ud), line("would remove", &b, ub), freed("would free")));
     assert_eq!(layers_in_store(&env).len(), 4);
+    let j: Value = serde_json::from_str(&sl(&env, &["rm", "--dry-run", "--json", &d]).ok().stdout).unwrap();
+    let layer_json = |id: &str, u: (u64, u64)| serde_json::json!({"chain_id": id, "store": "root", "allocated_bytes": u.0, "apparent_bytes": u.1});
+    assert_eq!(
+        j,
+        serde_json::json!({"dry_run": true, "names": [], "layers": [layer_json(&d, ud), layer_json(&b, ub)],
+                           "allocated_bytes": total.0, "apparent_bytes": total.1})
+    );
+    assert_eq!(layers_in_store(&env).len(), 4);
+    let ls: Value = serde_json::from_str(&sl(&env, &["ls", "--json"]).ok().stdout).unwrap();
+    let in_ls = |id: &str| {
+        let l = ls["layers"].as_array().unwrap().iter().find(|l| l["chain_id"] == id).unwrap();
+        (l["allocated_bytes"].as_u64().unwrap(), l["apparent_bytes"].as_u64().unwrap())
+    };
+    assert_eq!((in_ls(&d), in_ls(&b)), (ud, ub), "ls and rm agree");
 
     // d by ID takes b with it (children first); a is tool:2's.
     let r = sl(&env, &["rm", &d]);
     r.ok();
-    let lines: Vec<&str> = r.stdout.lines().collect();
-    assert!(lines[0].starts_with(&format!("removed layer {d} (root, ")), "{}", r.stdout);
-    assert!(lines[1].starts_with(&format!("removed layer {b} (root, ")), "{}", r.stdout);
-    assert!(lines[2].starts_with("freed "), "{}", r.stdout);
-    assert_eq!(lines.len(), 3, "{}", r.stdout);
+    assert_eq!(r.stdout, format!("{}{}{}", line("removed", &d, ud), line("removed", &b, ub), freed("freed")));
     assert_eq!(layers_in_store(&env), BTreeSet::from([a.clone(), c.clone()]));
 
     // The last name takes the rest.
-    let r = sl(&env, &["rm", "tool:2"]);
+    let (uc, ua) = (usage(&env, &c), usage(&env, &a));
+    let r = sl(&env, &["rm", "--json", "tool:2"]);
     r.ok();
-    assert!(r.stdout.contains(&format!("removed layer {c} (root")), "{}", r.stdout);
-    assert!(r.stdout.contains(&format!("removed layer {a} (root")), "{}", r.stdout);
+    let j: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        j,
+        serde_json::json!({"dry_run": false, "names": [{"name": "tool:2", "store": "root"}],
+                           "layers": [layer_json(&c, uc), layer_json(&a, ua)],
+                           "allocated_bytes": uc.0 + ua.0, "apparent_bytes": uc.1 + ua.1})
+    );
     assert!(layers_in_store(&env).is_empty());
     assert!(std::fs::read_dir(env.root.join("names")).unwrap().next().is_none());
     assert!(std::fs::read_dir(env.root.join("tmp")).unwrap().next().is_none(), "nothing left being deleted");
@@ -286,6 +430,12 @@ fn rm_removes_exactly_the_layers_nothing_else_needs() {
     r.ok();
     assert_eq!(r.stdout, "removed name x:1 (root)\n");
     assert!(has_layer(&env, &x));
+    let j: Value = serde_json::from_str(&sl(&env, &["rm", "--name-only", "--dry-run", "--json", "x:latest"]).ok().stdout).unwrap();
+    assert_eq!(
+        j,
+        serde_json::json!({"dry_run": true, "names": [{"name": "x:latest", "store": "root"}], "layers": [],
+                           "allocated_bytes": 0, "apparent_bytes": 0})
+    );
     sl(&env, &["rm", "x:latest"]).ok();
     assert!(!has_layer(&env, &x));
     env.assert_clean();
@@ -386,17 +536,33 @@ fn gc_collects_unreferenced_layers_after_the_grace_period() {
     std::fs::write(root_layer_dir(&env, &old).join("meta.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
     backdate(&root_layer_dir(&env, &old), "2 hours ago");
 
+    // Sizes: what stat(2) says of the layer directory, as ls and rm say.
+    let uo = usage(&env, &old);
     let r = sl(&env, &["gc", "--dry-run"]);
     r.ok();
-    assert!(r.stdout.contains(&format!("would remove layer {old} (root")), "{}", r.stdout);
-    assert!(r.stdout.contains("gc: would remove 1 items"), "{}", r.stdout);
+    assert_eq!(
+        r.stdout,
+        format!(
+            "would remove layer {old} (root, {}, apparent {}): not referenced\ngc: would remove 1 items, free {} bytes ({}, apparent {})\n",
+            human(uo.0),
+            human(uo.1),
+            uo.0,
+            human(uo.0),
+            human(uo.1)
+        )
+    );
     assert_eq!(layers_in_store(&env).len(), 5);
 
     // Default grace (1h): only the old one.
-    let r = sl(&env, &["gc"]);
+    let r = sl(&env, &["gc", "--json"]);
     r.ok();
-    assert!(r.stdout.contains(&format!("removed layer {old} (root")), "{}", r.stdout);
-    assert!(r.stdout.contains("gc: removed 1 items, freed "), "{}", r.stdout);
+    let j: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        j,
+        serde_json::json!({"dry_run": false,
+                           "layers": [{"chain_id": old, "store": "root", "allocated_bytes": uo.0, "apparent_bytes": uo.1}],
+                           "temporaries": [], "removed": 1, "allocated_bytes": uo.0, "apparent_bytes": uo.1})
+    );
     assert_eq!(layers_in_store(&env), BTreeSet::from([a.clone(), b.clone(), u1.clone(), u2.clone()]));
 
     // No grace: the unnamed chain goes (top first), the named image stays.
@@ -407,6 +573,11 @@ fn gc_collects_unreferenced_layers_after_the_grace_period() {
     assert!(i2 < i1, "children first: {}", r.stdout);
     assert_eq!(layers_in_store(&env), BTreeSet::from([a.clone(), b.clone()]));
     assert_eq!(sl(&env, &["gc", "--min-age", "0"]).ok().stdout, "gc: nothing to remove\n");
+    let j: Value = serde_json::from_str(&sl(&env, &["gc", "--json", "--min-age", "0"]).ok().stdout).unwrap();
+    assert_eq!(
+        j,
+        serde_json::json!({"dry_run": false, "layers": [], "temporaries": [], "removed": 0, "allocated_bytes": 0, "apparent_bytes": 0})
+    );
     sl(&env, &["gc", "--min-age", "1x"]).fails(1, "");
 
     // An import (or add) still at work keeps what it published since it
@@ -475,6 +646,28 @@ fn gc_removes_what_dead_processes_left_but_not_live_ones() {
     let r = sl(&env, &["gc", "--dry-run"]);
     r.ok();
     assert!(gone.iter().chain(&kept).all(|p| p.exists()));
+    // JSON: each temporary with what stat(2) says it occupies.
+    let j: Value = serde_json::from_str(&sl(&env, &["gc", "--dry-run", "--json"]).ok().stdout).unwrap();
+    assert_eq!(j["dry_run"], true);
+    assert_eq!(j["layers"], serde_json::json!([]));
+    let temps = j["temporaries"].as_array().unwrap();
+    let mut listed: Vec<&str> = temps.iter().map(|t| t["path"].as_str().unwrap()).collect();
+    listed.sort();
+    let mut want: Vec<&str> = gone.iter().map(|p| p.to_str().unwrap()).collect();
+    want.sort();
+    assert_eq!(listed, want);
+    let mut total = (0, 0);
+    for t in temps {
+        assert_eq!(keys(t), BTreeSet::from(["path", "store", "allocated_bytes", "apparent_bytes", "reason"]));
+        let p = Path::new(t["path"].as_str().unwrap());
+        let u = stat_usage(p);
+        assert_eq!((t["allocated_bytes"].as_u64().unwrap(), t["apparent_bytes"].as_u64().unwrap()), u, "{}", p.display());
+        let store = if p.starts_with(&env.fallback) { "fallback" } else { "root" };
+        assert_eq!(t["store"], store);
+        assert!(!t["reason"].as_str().unwrap().is_empty());
+        total = (total.0 + u.0, total.1 + u.1);
+    }
+    assert_eq!((j["removed"].as_u64().unwrap(), j["allocated_bytes"].as_u64().unwrap(), j["apparent_bytes"].as_u64().unwrap()), (gone.len() as u64, total.0, total.1));
     let r = sl(&env, &["gc"]);
     r.ok();
     for p in &gone {
@@ -579,6 +772,34 @@ fn verify_finds_damaged_layers() {
     assert_eq!(
         r.stdout,
         format!("OK    layer {e} (root)\nOK    layer {g} (root)\nOK    image good:2 (root)\nverify: 3 checked, 0 failed\n")
+    );
+    let j: Value = serde_json::from_str(&sl(&env, &["verify", "--json", "good:2"]).ok().stdout).unwrap();
+    let check = |kind: &str, subject: &str, ok: bool, errors: Vec<String>| {
+        serde_json::json!({"kind": kind, "subject": subject, "store": "root", "ok": ok, "errors": errors, "notes": []})
+    };
+    assert_eq!(
+        j,
+        serde_json::json!({"checks": [check("layer", &e, true, vec![]), check("layer", &g, true, vec![]),
+                                      check("image", "good:2", true, vec![])],
+                           "checked": 3, "failed": 0})
+    );
+    // A failure: the document still comes, and the exit code says it.
+    let r = sl(&env, &["verify", "--json", "zeroed:1"]);
+    r.fails(32, "verify: 1 of 2 checks failed");
+    let j: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        j,
+        serde_json::json!({"checks": [check("layer", &z, false, vec!["no ext4 superblock magic at byte 1080".into()]),
+                                      check("image", "zeroed:1", true, vec![])],
+                           "checked": 2, "failed": 1})
+    );
+    let r = sl(&env, &["verify", "--json", "missing:1"]);
+    r.fails(32, "verify: 1 of 1 checks failed");
+    let j: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        j["checks"],
+        serde_json::json!([{"kind": "image", "subject": "missing:1", "store": null, "ok": false,
+                            "errors": ["no such name in the store"], "notes": []}])
     );
     sl(&env, &["verify", "zeroed:1"]).fails(32, "verify: 1 of 2 checks failed");
     sl(&env, &["verify", short(&t)]).fails(32, "verify: 1 of 1 checks failed");

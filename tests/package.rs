@@ -355,9 +355,11 @@ fn bash_completion() {
         ("sharedloop add --fstype e".into(), false, vec!["ext4".into(), "erofs".into()]),
         ("sharedloop import --fstype=x".into(), false, vec!["xfs".into()]),
         ("sharedloop gc --".into(), false, vec![
-            "--dry-run".into(), "--min-age".into(), "--loopback-root".into(), "--loopback-fallback".into(), "--verbose".into(), "--help".into(),
+            "--dry-run".into(), "--min-age".into(), "--json".into(), "--loopback-root".into(), "--loopback-fallback".into(), "--verbose".into(), "--help".into(),
         ]),
         ("sharedloop rm deb".into(), false, vec!["debian:12".into()]),
+        ("sharedloop ls deb".into(), false, vec!["debian:12".into()]),
+        ("sharedloop ls debian:12 ".into(), false, vec![]),
         // readline replaces only what follows the last ':' ...
         ("sharedloop rm debian:".into(), false, vec!["12".into()]),
         // ... unless ':' does not break words.
@@ -413,6 +415,65 @@ fn bash_completion() {
             assert!(got.contains(o.as_str()), "sharedloop {cmd} -<TAB> lacks {o}: {got:?}");
         }
     }
+}
+
+/// The completion as a user gets it: installed by `make install` (default
+/// PREFIX, in a private mount namespace where the DESTDIR tree lies over
+/// /usr/local), and an interactive bash started with Debian's own
+/// ~/.bashrc (/etc/skel), which loads bash-completion; pressing TAB is
+/// what readline does: the default completion (bash-completion's loader)
+/// finds and sources our file, then our function answers.
+#[test]
+fn bash_completion_in_a_users_shell() {
+    if !Path::new("/usr/share/bash-completion/bash_completion").exists() {
+        make("deps");
+    }
+    let d = std::env::temp_dir().join(format!("sl-pkg-bashrc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let fixture = Fixture(d.clone());
+    let dest = d.join("dest");
+    let home = d.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::copy("/etc/skel/.bashrc", home.join(".bashrc")).unwrap();
+    {
+        let _g = MAKE.lock().unwrap_or_else(|e| e.into_inner());
+        ok(Command::new("make")
+            .args(["--no-print-directory", "install-files"])
+            .arg(format!("DESTDIR={}", dest.display()))
+            .arg(format!("BIN={}", common::BIN))
+            .current_dir(repo())
+            .env_remove("MAKEFLAGS")
+            .env_remove("MFLAGS")
+            .env_remove("MAKELEVEL"));
+    }
+    // Where the default PREFIX puts it, and where bash-completion looks
+    // (XDG_DATA_DIRS defaults to /usr/local/share:/usr/share).
+    assert!(dest.join("usr/local/share/bash-completion/completions/sharedloop").is_file());
+    let tab = r#"
+complete -p sharedloop >/dev/null 2>&1 && echo "registered before any TAB"
+read -r _ _ loader _ <<<"$(complete -p -D)"
+"$loader" sharedloop st sharedloop
+echo "loader=$?"
+complete -p sharedloop
+COMP_LINE='sharedloop st'; COMP_POINT=${#COMP_LINE}; COMPREPLY=()
+_sharedloop sharedloop st sharedloop
+printf 'reply=%s
+' "${COMPREPLY[@]}"
+"#;
+    let script = format!(
+        "set -e; mount --bind {} /usr/local; cd {}; exec env -i HOME={} TERM=dumb PATH=/usr/local/bin:/usr/bin:/bin bash -i",
+        dest.join("usr/local").display(),
+        home.display(),
+        home.display()
+    );
+    let mut c = Command::new("unshare");
+    c.args(["-m", "--propagation", "private", "--", "sh", "-c", &script]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), tab.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out, "loader=124\ncomplete -F _sharedloop sharedloop\nreply=status\n", "{}", out_str(&o));
+    drop(fixture);
 }
 
 #[test]
@@ -655,7 +716,10 @@ fn deb_package_builds_installs_mounts_and_purges() {
     for d in ["libc6 (>= 2.", "mount (>= 2.38)", "e2fsprogs"] {
         assert!(depends.contains(d), "Depends lacks {d}: {depends}");
     }
-    assert!(fields.contains("Recommends: xfsprogs, erofs-utils"), "{fields}");
+    // bash reads no completion directory itself: bash-completion (which
+    // apt installs with the package, Recommends being installed by
+    // default) loads ours.
+    assert!(fields.contains("Recommends: xfsprogs, erofs-utils, bash-completion"), "{fields}");
     let conffiles = ok(Command::new("dpkg-deb").arg("-I").arg(&deb).arg("conffiles"));
     assert_eq!(conffiles.trim(), "/etc/sharedloop/sharedloop.conf");
     let control_members = ok(Command::new("dpkg-deb").arg("-I").arg(&deb));
@@ -940,4 +1004,6 @@ fn rpm_spec_builds_the_same_layout() {
     assert!(scripts.contains("udevadm control --reload") && scripts.contains("systemd-tmpfiles --create"), "{scripts}");
     let reqs = ok(Command::new("rpm").args(["-qp", "--requires"]).arg(&rpm));
     assert!(reqs.contains("util-linux") && reqs.contains("e2fsprogs"), "{reqs}");
+    let recs = ok(Command::new("rpm").args(["-qp", "--recommends"]).arg(&rpm));
+    assert!(recs.lines().any(|l| l.trim() == "bash-completion"), "{recs}");
 }

@@ -72,6 +72,82 @@ fn status_shows_driver_store_and_shared_layers() {
     for m in [&m1, &m2] {
         env.run(&["umount", m.to_str().unwrap()]).ok();
     }
-    assert_eq!(env.run(&[BIN, "mounts"]).ok().stdout, "");
+    // Nothing mounted: said, not left blank (findmnt cannot tell: these
+    // mounts are of type overlay); JSON: an empty list.
+    assert_eq!(env.run(&[BIN, "mounts"]).ok().stdout, "no sharedloop mounts\n");
+    let ms: serde_json::Value = serde_json::from_str(&env.run(&[BIN, "mounts", "--json"]).ok().stdout).unwrap();
+    assert_eq!(ms, serde_json::json!([]));
+
+    // Sizes: what stat(2) says, allocated first (the images are sparse),
+    // the same figures ls shows for these layers. Unmounted, so that
+    // nothing writes to the upper meanwhile.
+    let layers: Vec<(u64, u64)> = [&a, &b].iter().map(|id| stat_usage(&env.root.join("layers").join(hex(id)))).collect();
+    let lsum = layers.iter().fold((0, 0), |t, u| (t.0 + u.0, t.1 + u.1));
+    let upper = stat_usage(&env.root.join("uppers/u1.img"));
+    assert!(upper.0 < upper.1, "{upper:?}");
+    let v: serde_json::Value = serde_json::from_str(&env.run(&argv).ok().stdout).unwrap();
+    let r = &v["store"]["root"];
+    assert_eq!(
+        *r,
+        serde_json::json!({"layers": 2, "layer_allocated_bytes": lsum.0, "layer_apparent_bytes": lsum.1, "names": 1,
+                           "uppers": 1, "upper_allocated_bytes": upper.0, "upper_apparent_bytes": upper.1,
+                           "present": true})
+    );
+    argv.pop();
+    let text = env.run(&argv).ok().stdout.clone();
+    let h = sharedloop::manage::human_size;
+    let want = format!(
+        " Root: 2 layers ({}, apparent {}), 1 names, 1 uppers ({}, apparent {})\n",
+        h(lsum.0),
+        h(lsum.1),
+        h(upper.0),
+        h(upper.1)
+    );
+    assert!(text.contains(&want), "want {want:?} in {text}");
+    let ls: serde_json::Value = serde_json::from_str(&env.sl(&["ls", "--json"]).ok().stdout).unwrap();
+    let ls_sum = ls["layers"].as_array().unwrap().iter().map(|l| l["allocated_bytes"].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(ls_sum, lsum.0, "status and ls agree");
+    env.assert_clean();
+}
+
+/// The demo shows its own store's loop devices only, not every image under
+/// some /layers/ another user or store has attached.
+#[test]
+fn demo_lists_only_its_own_loop_devices() {
+    let env = Env::new("demo");
+    // Another user's store, its layer attached.
+    let other = env.dir.join("other-user/layers").join("ab".repeat(32));
+    std::fs::create_dir_all(&other).unwrap();
+    let img = other.join("layer.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let o = std::process::Command::new("losetup").args(["--find", "--show", "--read-only"]).arg(&img).output().unwrap();
+    assert!(o.status.success(), "losetup: {}", String::from_utf8_lossy(&o.stderr));
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    let dev = Detach(String::from_utf8_lossy(&o.stdout).trim().to_string());
+
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo.sh");
+    let (root, fb) = (env.root.to_str().unwrap(), env.fallback.to_str().unwrap());
+    let r = env.run_env(&["bash", demo], &[("SHAREDLOOP", BIN), ("SHAREDLOOP_ROOT", root), ("SHAREDLOOP_FALLBACK", fb)]);
+    r.ok();
+    let out = &r.stdout;
+    let section: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("== loop devices of this store"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("== "))
+        .collect();
+    let layers = format!(" {}/layers/", std::fs::canonicalize(&env.root).unwrap().display());
+    // Three ext4 layers, three devices, all of this store.
+    assert_eq!(section.len(), 3, "{out}");
+    assert!(section.iter().all(|l| l.contains(&layers)), "{out}");
+    assert!(!out.contains(img.to_str().unwrap()) && !out.contains(&format!("{} ", dev.0)), "{out}");
+    assert!(out.contains("== done: nothing left mounted"), "{out}");
+    assert!(out.contains("image sharedloop-sample:1 (root): top sha256:"), "{out}");
+    drop(dev);
     env.assert_clean();
 }

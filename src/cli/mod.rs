@@ -114,8 +114,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// List images (names) and layers in the store
+    /// List images (names) and layers in the store, or one image's layers
     Ls {
+        /// An image name, layer chain ID or unique ID prefix: its layers, bottom to top
+        image: Option<String>,
         /// One JSON document instead of tables
         #[arg(long)]
         json: bool,
@@ -131,6 +133,9 @@ enum Cmd {
         /// Say what would be removed, remove nothing
         #[arg(long)]
         dry_run: bool,
+        /// One JSON document instead of lines
+        #[arg(long)]
+        json: bool,
     },
     /// Remove unreferenced layers and what crashed processes left in the store
     Gc {
@@ -140,6 +145,9 @@ enum Cmd {
         /// Keep unreferenced layers younger than this (e.g. 30m, 1h, 2d, 0)
         #[arg(long, default_value = "1h", value_parser = crate::manage::parse_duration)]
         min_age: std::time::Duration,
+        /// One JSON document instead of lines
+        #[arg(long)]
+        json: bool,
     },
     /// Recheck stored layers (all, or the chains of the given images/IDs)
     Verify {
@@ -148,6 +156,9 @@ enum Cmd {
         /// Also run the filesystem checker read-only (e2fsck -fn, xfs_repair -n, fsck.erofs)
         #[arg(long)]
         deep: bool,
+        /// One JSON document instead of lines
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -221,6 +232,10 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
             let ms = crate::manage::status::mounts_info(&crate::manage::status::mounts()?);
             if json {
                 println!("{}", serde_json::to_string_pretty(&ms).expect("serialize"));
+            } else if ms.is_empty() {
+                // Said, not left blank: findmnt and mount -t sharedloop show
+                // nothing either (these mounts are of type overlay).
+                println!("no sharedloop mounts");
             } else {
                 print!("{}", crate::manage::status::format_mounts(&ms));
             }
@@ -238,12 +253,16 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
             },
         ),
         Cmd::Unbundle { dir } => crate::bundle::unbundle(&dir, cli.verbose),
-        Cmd::Ls { json } => crate::manage::ls(&store, json),
-        Cmd::Rm { targets, name_only, dry_run } => {
-            crate::manage::rm(&store, &targets, &crate::manage::RmOptions { name_only, dry_run })
+        Cmd::Ls { image, json } => crate::manage::ls(&store, image.as_deref(), json),
+        Cmd::Rm { targets, name_only, dry_run, json } => {
+            crate::manage::rm(&store, &targets, &crate::manage::RmOptions { name_only, dry_run, json })
         }
-        Cmd::Gc { dry_run, min_age } => crate::manage::gc(&store, &crate::manage::GcOptions { dry_run, min_age }),
-        Cmd::Verify { targets, deep } => crate::manage::verify(&store, &targets, &crate::manage::VerifyOptions { deep }),
+        Cmd::Gc { dry_run, min_age, json } => {
+            crate::manage::gc(&store, &crate::manage::GcOptions { dry_run, min_age, json })
+        }
+        Cmd::Verify { targets, deep, json } => {
+            crate::manage::verify(&store, &targets, &crate::manage::VerifyOptions { deep, json })
+        }
         Cmd::Add { dir, parent, name, fstype, staging_dir } => {
             let parent = parent.map(|p| store.resolve(&crate::store::ids::LayerRef::parse(&p)?)).transpose()?;
             let name = name.map(|n| crate::store::ids::Name::parse(&n)).transpose()?;

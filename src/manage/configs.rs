@@ -15,6 +15,7 @@ use std::os::unix::fs::MetadataExt;
 use super::human::human_age;
 use super::inventory::{Inventory, StoredName, list_dir};
 use super::temporaries::Garbage;
+use super::usage::Usage;
 use crate::import::config::ImageConfig;
 use crate::store::configs::{self, CONFIGNAMES, CONFIGS};
 use crate::store::ids::{Digest, Name};
@@ -48,7 +49,7 @@ pub(super) fn config_garbage(inv: &Inventory, which: Which, h: &DirHandle, now: 
         if !names.contains(&name) {
             let a = age(path, now);
             if a >= min_age {
-                out.push(Garbage { which, sub: CONFIGNAMES, name: file.clone(), path: path.clone(), why: format!("image config of {name}, a name that is gone"), bytes: 0 });
+                out.push(Garbage { which, sub: CONFIGNAMES, name: file.clone(), path: path.clone(), why: format!("image config of {name}, a name that is gone"), usage: Usage::of_file(path) });
                 continue;
             }
             log::info!("{}: kept: its name is gone, but it is younger than --min-age {}", path.display(), human_age(min_age));
@@ -80,8 +81,7 @@ pub(super) fn config_garbage(inv: &Inventory, which: Which, h: &DirHandle, now: 
             log::info!("{}: kept: unreferenced, but younger than --min-age {}", path.display(), human_age(min_age));
             continue;
         }
-        let bytes = std::fs::symlink_metadata(path).map(|m| m.blocks() * 512).unwrap_or(0);
-        out.push(Garbage { which, sub: CONFIGS, name: file.clone(), path: path.clone(), why: "image config no name points to".into(), bytes });
+        out.push(Garbage { which, sub: CONFIGS, name: file.clone(), path: path.clone(), why: "image config no name points to".into(), usage: Usage::of_file(path) });
     }
 }
 

@@ -13,8 +13,10 @@
 //! no layer is removed when a store directory could not be read completely.
 //!
 //! It also removes what crashed processes left (see `temporaries`) and
-//! image configs no name needs (see `configs`). Bytes
-//! freed are counted as allocated blocks (`st_blocks`).
+//! image configs no name needs (see `configs`). Sizes are those of
+//! `usage`, the figures `ls` shows: bytes freed are allocated bytes
+//! (`st_blocks * 512`), the apparent size beside them. `--json` prints one
+//! document instead of lines ([`GcReport`]).
 //!
 //! Races the grace period does not cover: `add --parent P` checks that P
 //! exists when it starts and publishes its layer when it ends; a `gc` or
@@ -22,12 +24,16 @@
 //! leaves the new layer with a missing parent (`verify` reports it).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::configs::config_garbage;
+use serde::Serialize;
+
 use super::human::{human_age, human_size};
 use super::inventory::Inventory;
-use super::removal::{children_first, du, remove_entry, remove_layers};
+use super::removal::{Removed, RemovedLayer, children_first, remove_entry, remove_layers};
+use super::usage::Usage;
 use super::temporaries::{claimed, stale_temporaries, work_in_progress_since};
 use super::users::Users;
 use crate::error::Result;
@@ -38,6 +44,83 @@ pub struct GcOptions {
     pub dry_run: bool,
     /// Unreferenced layers younger than this stay.
     pub min_age: Duration,
+    /// One JSON document instead of lines.
+    pub json: bool,
+}
+
+/// `sharedloop gc --json`. Field names are stable.
+///
+/// ```text
+/// {
+///   "dry_run": false,                        true: nothing was removed, this is what would be
+///   "layers": [                              unreferenced layer copies, children first
+///     { "chain_id": "sha256:…", "store": "root",
+///       "allocated_bytes": 28672, "apparent_bytes": 4194714 } ],
+///   "temporaries": [                         what crashed processes left
+///     { "path": "/var/lib/sharedloop/root/tmp/…", "store": "root",
+///       "allocated_bytes": 4096, "apparent_bytes": 0,
+///       "reason": "staging, process 123 on this host is gone" } ],
+///   "removed": 2,                            items (layer copies and temporaries)
+///   "allocated_bytes": 32768,                all of them summed: bytes freed
+///   "apparent_bytes": 4194714
+/// }
+/// ```
+#[derive(Debug, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub layers: Vec<RemovedLayer>,
+    pub temporaries: Vec<RemovedTemporary>,
+    pub removed: usize,
+    #[serde(flatten)]
+    pub total: Usage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RemovedTemporary {
+    #[serde(with = "crate::bytes::path")]
+    pub path: PathBuf,
+    pub store: Which,
+    #[serde(flatten)]
+    pub usage: Usage,
+    pub reason: String,
+}
+
+impl GcReport {
+    fn print(&self, json: bool) {
+        if json {
+            println!("{}", serde_json::to_string_pretty(self).expect("serialize"));
+            return;
+        }
+        let verb = if self.dry_run { "would remove" } else { "removed" };
+        for l in &self.layers {
+            println!(
+                "{verb} layer {} ({}, {}, apparent {}): not referenced",
+                l.chain_id,
+                l.store,
+                human_size(l.usage.allocated_bytes),
+                human_size(l.usage.apparent_bytes)
+            );
+        }
+        for t in &self.temporaries {
+            println!(
+                "{verb} {} ({}, {}, apparent {}): {}",
+                t.path.display(),
+                t.store,
+                human_size(t.usage.allocated_bytes),
+                human_size(t.usage.apparent_bytes),
+                t.reason
+            );
+        }
+        let b = self.total.allocated_bytes;
+        let a = human_size(self.total.apparent_bytes);
+        if self.removed == 0 {
+            println!("gc: nothing to remove");
+        } else if self.dry_run {
+            println!("gc: would remove {} items, free {b} bytes ({}, apparent {a})", self.removed, human_size(b));
+        } else {
+            println!("gc: removed {} items, freed {b} bytes ({}, apparent {a})", self.removed, human_size(b));
+        }
+    }
 }
 
 /// "1h", "30m", "90s", "2d", "1h30m", "0"; a bare number is seconds.
@@ -159,24 +242,19 @@ pub fn gc(store: &Store, o: &GcOptions) -> Result<()> {
         config_garbage(&inv, *which, h, now, min_age, &mut garbage);
     }
 
-    let verb = if o.dry_run { "would remove" } else { "removed" };
-    let mut count = 0;
-    let mut freed = 0;
-    if o.dry_run {
-        for id in &doomed {
-            for l in inv.copies(id) {
-                let b = du(&l.path);
-                println!("{verb} layer {id} ({}, {}): not referenced", l.which, human_size(b));
-                count += 1;
-                freed += b;
-            }
-        }
-    } else if !doomed.is_empty() {
-        let (n, b) = remove_layers(&inv, &doomed, &[], "unreferenced layers", true)?;
-        count += n;
-        freed += b;
-    }
+    let mut removed = Removed::default();
     let mut first_err = None;
+    if o.dry_run {
+        removed.layers = doomed.iter().flat_map(|id| inv.copies(id)).map(RemovedLayer::of).collect();
+    } else if !doomed.is_empty()
+        && let Err(e) = remove_layers(&inv, &doomed, &[], "unreferenced layers", true, &mut removed)
+    {
+        // Reported with what was removed before it.
+        first_err = Some(e);
+    }
+    let mut temporaries = Vec::new();
+    // A layer removal that failed stops gc there, as before temporaries.
+    let garbage = if first_err.is_some() { vec![] } else { garbage };
     for g in garbage {
         if !o.dry_run
             && let Err(e) = remove_entry(inv.handle(g.which).expect("scanned"), g.sub, &g.name)
@@ -185,17 +263,17 @@ pub fn gc(store: &Store, o: &GcOptions) -> Result<()> {
             first_err.get_or_insert(e);
             continue;
         }
-        println!("{verb} {} ({}, {}): {}", g.path.display(), g.which, human_size(g.bytes), g.why);
-        count += 1;
-        freed += g.bytes;
+        temporaries.push(RemovedTemporary { path: g.path, store: g.which, usage: g.usage, reason: g.why });
     }
-    if count == 0 {
-        println!("gc: nothing to remove");
-    } else if o.dry_run {
-        println!("gc: would remove {count} items, free {freed} bytes ({})", human_size(freed));
-    } else {
-        println!("gc: removed {count} items, freed {freed} bytes ({})", human_size(freed));
-    }
+    let total = removed.layers.iter().map(|l| l.usage).chain(temporaries.iter().map(|t| t.usage)).sum();
+    let report = GcReport {
+        dry_run: o.dry_run,
+        removed: removed.layers.len() + temporaries.len(),
+        layers: removed.layers,
+        temporaries,
+        total,
+    };
+    report.print(o.json);
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),

@@ -16,6 +16,7 @@ use rustix::fs::{Mode, OFlags};
 use serde::Serialize;
 
 use super::FileId;
+use super::usage::{Usage, usage_beneath};
 use crate::error::{Error, Missing, Result, StoreError};
 use crate::store::ids::{Digest, LayerRef, Name};
 use crate::store::{self, DirHandle, LayerMeta, MAX_LAYERS, Store, Which, falls_back, openat_beneath};
@@ -39,6 +40,9 @@ pub struct StoredLayer {
     pub path: PathBuf,
     pub meta: std::result::Result<LayerMeta, String>,
     pub image: std::result::Result<ImageInfo, String>,
+    /// What the layer directory occupies (see `usage`): the size every
+    /// command reports for this copy.
+    pub usage: std::result::Result<Usage, String>,
     /// mtime of the layer directory, seconds since the epoch.
     pub mtime: u64,
 }
@@ -186,7 +190,8 @@ impl Inventory {
             }
             let meta = Store::read_meta_in(&h.path, &id).map_err(|e| e.to_string());
             let image = stat_image(h, &id);
-            self.layers.push(StoredLayer { id, which, path, meta, image, mtime: md.mtime().max(0) as u64 });
+            let usage = usage_beneath(h, &format!("layers/{name}")).map_err(|e| e.to_string());
+            self.layers.push(StoredLayer { id, which, path, meta, image, usage, mtime: md.mtime().max(0) as u64 });
         }
     }
 
@@ -223,6 +228,12 @@ impl Inventory {
     /// The metadata of the first copy that has valid metadata (root first).
     pub fn meta_of(&self, id: &Digest) -> Option<&LayerMeta> {
         self.copies(id).find_map(|l| l.meta.as_ref().ok())
+    }
+
+    /// The usage of the copy a mount uses (the first readable one, root
+    /// first): what a layer counts for in an image's size.
+    pub fn usage_of(&self, id: &Digest) -> Option<Usage> {
+        self.copies(id).find_map(|l| l.usage.as_ref().ok().copied())
     }
 
     /// `starts` and all their ancestors (as far as metadata tells).

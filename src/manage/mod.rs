@@ -30,6 +30,8 @@
 //!   claims of imports still at work;
 //! - `ls`, `elsewhere` (what other nodes hold, for `ls` and `status`),
 //!   `rm`, `gc`, `verify`: the commands;
+//! - `usage`: what a layer, upper or temporary occupies (allocated and
+//!   apparent bytes), the one source of every size reported;
 //! - `human`: sizes, ages and tables for people.
 
 mod configs;
@@ -42,17 +44,20 @@ mod removal;
 mod rm;
 pub mod status;
 mod temporaries;
+mod usage;
 mod users;
 mod verify;
 
 pub use elsewhere::{Elsewhere, UpperElsewhere, held_elsewhere};
-pub use gc::{GcOptions, gc, parse_duration};
+pub use gc::{GcOptions, GcReport, RemovedTemporary, gc, parse_duration};
 pub use human::{human_size, table};
 pub use inventory::{ImageInfo, Inventory, Problem, StoredLayer, StoredName};
-pub use ls::{ImageEntry, LayerEntry, Listing, listing, ls, render};
-pub use rm::{RmOptions, rm};
+pub use ls::{ImageEntry, ImageLayer, ImageView, LayerEntry, Listing, MountUse, image_view, listing, ls, render, render_image};
+pub use removal::{RemovedLayer, RemovedName};
+pub use rm::{RmOptions, RmReport, rm};
+pub use usage::Usage;
 pub use users::Users;
-pub use verify::{VerifyOptions, verify};
+pub use verify::{Check, VerifyOptions, VerifyReport, verify};
 
 /// Device and inode of a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,18 +17,17 @@
 //! in a shared store is refused or removed as a link, never followed.
 
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
 use rustix::fs::{AtFlags, Mode, OFlags};
+use serde::Serialize;
 
-use super::human::human_size;
-use super::inventory::{Inventory, StoredName};
+use super::inventory::{Inventory, StoredLayer, StoredName};
+use super::usage::Usage;
 use super::users::Users;
 use crate::error::{Error, Result};
 use crate::store::ids::Digest;
 use crate::mount::state;
-use crate::store::{self, DirHandle, openat_beneath};
+use crate::store::{self, DirHandle, Which, openat_beneath};
 
 /// The node's attach lock (the one mount.sharedloop holds while it finds
 /// or attaches layer devices): held, no mount on this node attaches a
@@ -45,20 +44,44 @@ fn node_lock() -> NodeLock {
     }
 }
 
-/// Allocated bytes below `path` (not following symlinks).
-pub(super) fn du(path: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let Ok(md) = std::fs::symlink_metadata(&p) else { continue };
-        total += md.blocks() * 512;
-        if md.is_dir()
-            && let Ok(rd) = std::fs::read_dir(&p)
-        {
-            stack.extend(rd.flatten().map(|e| e.path()));
-        }
+/// A name record removed (or, with `--dry-run`, that would be).
+#[derive(Debug, Serialize)]
+pub struct RemovedName {
+    pub name: String,
+    pub store: Which,
+}
+
+/// A layer copy removed (or that would be), with what it occupied: the
+/// inventory's figure, the one `ls` shows.
+#[derive(Debug, Serialize)]
+pub struct RemovedLayer {
+    pub chain_id: Digest,
+    pub store: Which,
+    #[serde(flatten)]
+    pub usage: Usage,
+}
+
+impl RemovedLayer {
+    pub(super) fn of(l: &StoredLayer) -> RemovedLayer {
+        let usage = l.usage.clone().unwrap_or_else(|e| {
+            log::warn!("layer {} ({}): size not known: {e}", l.id, l.which);
+            Usage::default()
+        });
+        RemovedLayer { chain_id: l.id, store: l.which, usage }
     }
-    total
+}
+
+/// What `remove_layers` took out, in order.
+#[derive(Debug, Default)]
+pub(super) struct Removed {
+    pub(super) names: Vec<RemovedName>,
+    pub(super) layers: Vec<RemovedLayer>,
+}
+
+impl Removed {
+    pub(super) fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.layers.is_empty()
+    }
 }
 
 fn open_subdir(h: &DirHandle, sub: &str) -> Result<OwnedFd> {
@@ -139,14 +162,15 @@ pub(super) fn remove_name(h: &DirHandle, n: &StoredName) -> Result<()> {
 /// Remove name records, then layers (children before parents), under the
 /// node lock, checking again under it what is in use: `rm` then refuses
 /// (`skip_busy` false), `gc` keeps those layers and their ancestors.
-/// Returns the layers removed and the bytes freed.
+/// What was removed goes into `out`, also when an error stops it midway.
 pub(super) fn remove_layers(
     inv: &Inventory,
     doomed: &[Digest],
     names: &[&StoredName],
     what: &str,
     skip_busy: bool,
-) -> Result<(usize, u64)> {
+    out: &mut Removed,
+) -> Result<()> {
     let lock = node_lock();
     let users = Users::scan();
     let busy: Vec<(Digest, String)> = doomed.iter().filter_map(|id| users.in_use(inv, id).map(|why| (*id, why))).collect();
@@ -165,16 +189,15 @@ pub(super) fn remove_layers(
     for n in names {
         let h = inv.handle(n.which).ok_or_else(|| Error::Internal("store directory vanished".into()))?;
         remove_name(h, n)?;
-        println!("removed name {} ({})", n.name, n.which);
+        out.names.push(RemovedName { name: n.name.to_string(), store: n.which });
     }
     let mut retired = Vec::new();
     let mut err = None;
     'outer: for id in &doomed {
         for l in inv.copies(id) {
             let h = inv.handle(l.which).ok_or_else(|| Error::Internal("store directory vanished".into()))?;
-            let bytes = du(&l.path);
             match retire_layer(h, id) {
-                Ok(Some(p)) => retired.push((l, p, bytes)),
+                Ok(Some(p)) => retired.push((l, p)),
                 Ok(None) => {}
                 Err(e) => {
                     err = Some(e);
@@ -184,17 +207,14 @@ pub(super) fn remove_layers(
         }
     }
     drop(lock);
-    let (mut count, mut freed) = (0, 0);
-    for (l, p, bytes) in retired {
+    for (l, p) in retired {
         let h = inv.handle(l.which).expect("scanned");
         remove_entry(h, "tmp", &p)?;
-        count += 1;
-        freed += bytes;
-        println!("removed layer {} ({}, {})", l.id, l.which, human_size(bytes));
+        out.layers.push(RemovedLayer::of(l));
     }
     match err {
         Some(e) => Err(e),
-        None => Ok((count, freed)),
+        None => Ok(()),
     }
 }
 

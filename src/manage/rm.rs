@@ -12,6 +12,10 @@
 //! argument is a usage error (exit 1); an unknown name or ID, a needed
 //! layer or one in use exit with 32 (store errors, as everywhere).
 //!
+//! Sizes are those `ls` shows for the same layer copies (`usage`):
+//! allocated bytes, what leaves the disk, with the apparent size beside.
+//! `--json` prints one document instead of lines ([`RmReport`]).
+//!
 //! What is needed: see the module `manage`; how layers leave the store:
 //! `removal`.
 
@@ -19,7 +23,10 @@ use std::collections::BTreeSet;
 
 use super::human::human_size;
 use super::inventory::{Inventory, StoredName};
-use super::removal::{children_first, du, remove_layers, remove_name};
+use serde::Serialize;
+
+use super::removal::{Removed, RemovedLayer, RemovedName, children_first, remove_layers, remove_name};
+use super::usage::Usage;
 use super::temporaries::claimed;
 use super::users::Users;
 use crate::error::{Error, Missing, Result};
@@ -30,6 +37,63 @@ pub struct RmOptions {
     /// Remove the name records only; layers stay (for `gc`).
     pub name_only: bool,
     pub dry_run: bool,
+    /// One JSON document instead of lines.
+    pub json: bool,
+}
+
+/// `sharedloop rm --json`. Field names are stable.
+///
+/// ```text
+/// {
+///   "dry_run": false,                        true: nothing was removed, this is what would be
+///   "names": [ { "name": "app:1", "store": "root" } ],
+///   "layers": [                              children before parents
+///     { "chain_id": "sha256:…", "store": "root",
+///       "allocated_bytes": 28672,            as `ls` shows it: what leaves the disk
+///       "apparent_bytes": 4194714 } ],
+///   "allocated_bytes": 28672,                the layers summed: bytes freed
+///   "apparent_bytes": 4194714
+/// }
+/// ```
+#[derive(Debug, Serialize)]
+pub struct RmReport {
+    pub dry_run: bool,
+    pub names: Vec<RemovedName>,
+    pub layers: Vec<RemovedLayer>,
+    #[serde(flatten)]
+    pub total: Usage,
+}
+
+impl RmReport {
+    fn new(dry_run: bool, r: Removed) -> RmReport {
+        let total = r.layers.iter().map(|l| l.usage).sum();
+        RmReport { dry_run, names: r.names, layers: r.layers, total }
+    }
+
+    fn print(&self, json: bool) {
+        if json {
+            println!("{}", serde_json::to_string_pretty(self).expect("serialize"));
+            return;
+        }
+        let verb = if self.dry_run { "would remove" } else { "removed" };
+        for n in &self.names {
+            println!("{verb} name {} ({})", n.name, n.store);
+        }
+        for l in &self.layers {
+            println!(
+                "{verb} layer {} ({}, {}, apparent {})",
+                l.chain_id,
+                l.store,
+                human_size(l.usage.allocated_bytes),
+                human_size(l.usage.apparent_bytes)
+            );
+        }
+        if !self.layers.is_empty() {
+            let b = self.total.allocated_bytes;
+            let verb = if self.dry_run { "would free" } else { "freed" };
+            println!("{verb} {b} bytes ({}, apparent {})", human_size(b), human_size(self.total.apparent_bytes));
+        }
+    }
 }
 
 pub fn rm(store: &Store, targets: &[String], o: &RmOptions) -> Result<()> {
@@ -60,15 +124,21 @@ pub fn rm(store: &Store, targets: &[String], o: &RmOptions) -> Result<()> {
     let name_records: Vec<&StoredName> = inv.names.iter().filter(|n| gone_names.contains(&n.name)).collect();
     let what = targets.join(" ");
     if o.name_only {
+        let mut out = Removed::default();
+        let mut result = Ok(());
         for n in &name_records {
-            if o.dry_run {
-                println!("would remove name {} ({})", n.name, n.which);
-            } else {
-                remove_name(inv.handle(n.which).expect("scanned"), n)?;
-                println!("removed name {} ({})", n.name, n.which);
+            if !o.dry_run
+                && let Err(e) = remove_name(inv.handle(n.which).expect("scanned"), n)
+            {
+                result = Err(e);
+                break;
             }
+            out.names.push(RemovedName { name: n.name.to_string(), store: n.which });
         }
-        return Ok(());
+        if result.is_ok() || !out.is_empty() {
+            RmReport::new(o.dry_run, out).print(o.json);
+        }
+        return result;
     }
     inv.refuse_if_incomplete(&format!("cannot remove {what}"))?;
 
@@ -145,24 +215,17 @@ pub fn rm(store: &Store, targets: &[String], o: &RmOptions) -> Result<()> {
     if !busy.is_empty() {
         return Err(Error::InUse(format!("cannot remove {what}: {}", busy.join("; "))));
     }
+    let mut out = Removed::default();
     if o.dry_run {
-        for n in &name_records {
-            println!("would remove name {} ({})", n.name, n.which);
-        }
-        let mut total = 0;
-        for id in &doomed {
-            for l in inv.copies(id) {
-                let b = du(&l.path);
-                total += b;
-                println!("would remove layer {} ({}, {})", id, l.which, human_size(b));
-            }
-        }
-        println!("would free {total} bytes ({})", human_size(total));
+        out.names = name_records.iter().map(|n| RemovedName { name: n.name.to_string(), store: n.which }).collect();
+        out.layers = doomed.iter().flat_map(|id| inv.copies(id)).map(RemovedLayer::of).collect();
+        RmReport::new(true, out).print(o.json);
         return Ok(());
     }
-    let (_, freed) = remove_layers(&inv, &doomed, &name_records, &what, false)?;
-    if !doomed.is_empty() {
-        println!("freed {freed} bytes ({})", human_size(freed));
+    // What was removed is reported also when an error stops the removal.
+    let result = remove_layers(&inv, &doomed, &name_records, &what, false, &mut out);
+    if result.is_ok() || !out.is_empty() {
+        RmReport::new(false, out).print(o.json);
     }
-    Ok(())
+    result
 }

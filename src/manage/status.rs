@@ -14,7 +14,11 @@ use crate::kernel::Version;
 use crate::kernel::mountinfo;
 use crate::mount::opts::{MountApi, MountOptions};
 use crate::mount::state::{self, MountRecord};
-use crate::store::Store;
+use crate::store::{Store, Which};
+
+use super::human::human_size;
+use super::inventory::{Inventory, list_dir};
+use super::usage::usage_beneath;
 
 #[derive(Debug, Serialize, PartialEq)]
 pub struct Status {
@@ -49,14 +53,18 @@ pub struct KernelInfo {
     pub mount_api: String,
 }
 
+/// One store directory. Sizes are those of `usage`, the figures `ls`
+/// shows: allocated bytes (`st_blocks * 512`) and apparent bytes, of the
+/// layer directories and of the upper images.
 #[derive(Debug, Default, Serialize, PartialEq)]
 pub struct StoreDirTotals {
     pub layers: u64,
-    /// Apparent size of the layer images.
-    pub layer_bytes: u64,
+    pub layer_allocated_bytes: u64,
+    pub layer_apparent_bytes: u64,
     pub names: u64,
     pub uppers: u64,
-    pub upper_bytes: u64,
+    pub upper_allocated_bytes: u64,
+    pub upper_apparent_bytes: u64,
     /// false if the directory is missing or unreadable.
     pub present: bool,
 }
@@ -97,31 +105,61 @@ fn backing_fs(p: &Path) -> String {
     crate::store::sharedfs::FsKind::of(p).map(|k| k.name()).unwrap_or_else(|| "<unknown>".into())
 }
 
-fn dir_totals(dir: &Path) -> StoreDirTotals {
+/// What one store directory holds, from the inventory (layers, names)
+/// and its `uppers/` (read through the directory fd, like the rest).
+fn dir_totals(inv: &Inventory, which: Which) -> StoreDirTotals {
     let mut t = StoreDirTotals::default();
-    let Ok(_) = std::fs::metadata(dir) else { return t };
+    let Some(h) = inv.handle(which) else { return t };
     t.present = true;
-    if let Ok(rd) = std::fs::read_dir(dir.join("layers")) {
-        for e in rd.flatten() {
-            if let Ok(m) = std::fs::metadata(e.path().join("layer.img")) {
-                t.layers += 1;
-                t.layer_bytes += m.len();
+    for l in inv.layers.iter().filter(|l| l.which == which) {
+        t.layers += 1;
+        match &l.usage {
+            Ok(u) => {
+                t.layer_allocated_bytes += u.allocated_bytes;
+                t.layer_apparent_bytes += u.apparent_bytes;
             }
+            Err(e) => log::warn!("layer {} ({which}): size not known: {e}", l.id),
         }
     }
-    if let Ok(rd) = std::fs::read_dir(dir.join("names")) {
-        t.names = rd.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).count() as u64;
-    }
-    if let Ok(rd) = std::fs::read_dir(dir.join("uppers")) {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if !n.starts_with('.') && n.ends_with(".img") {
-                t.uppers += 1;
-                t.upper_bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+    t.names = inv.names.iter().filter(|n| n.which == which).count() as u64;
+    for (n, _) in list_dir(h, "uppers").unwrap_or_else(|e| {
+        log::warn!("{e}: uppers not counted");
+        vec![]
+    }) {
+        if n.starts_with('.') || !n.ends_with(".img") {
+            continue;
+        }
+        t.uppers += 1;
+        match usage_beneath(h, &format!("uppers/{n}")) {
+            Ok(u) => {
+                t.upper_allocated_bytes += u.allocated_bytes;
+                t.upper_apparent_bytes += u.apparent_bytes;
             }
+            Err(e) => log::warn!("{e}: size not known"),
         }
     }
     t
+}
+
+fn store_totals(store: &Store) -> StoreTotals {
+    let inv = match Inventory::scan(store) {
+        Ok(inv) => inv,
+        // Neither directory there: both "(not present)".
+        Err(e) => {
+            log::info!("{e}");
+            return StoreTotals::default();
+        }
+    };
+    let root = dir_totals(&inv, Which::Root);
+    // Root and fallback one directory: the inventory read it once, as root.
+    let same = inv.handle(Which::Root).is_some()
+        && store.handle(Which::Fallback).is_ok_and(|f| inv.handle(Which::Root).is_some_and(|r| r.path == f.path));
+    let fallback = if same {
+        dir_totals(&inv, Which::Root)
+    } else {
+        dir_totals(&inv, Which::Fallback)
+    };
+    StoreTotals { root, fallback }
 }
 
 /// The active mounts on this node that this namespace can see or that were
@@ -191,7 +229,7 @@ pub fn gather(store: &Store, opts: &MountOptions) -> Result<Status> {
                 Err(e) => format!("refused: {e}"),
             },
         },
-        store: StoreTotals { root: dir_totals(&store.root), fallback: dir_totals(&store.fallback) },
+        store: store_totals(store),
         mounts: recs.iter().map(mount_info).collect(),
         layers_in_use: layers_in_use(&recs),
         held_elsewhere: crate::manage::held_elsewhere(store).unwrap_or_else(|e| {
@@ -205,28 +243,19 @@ fn yes(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
 }
 
-fn bytes(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
-}
-
 fn store_line(label: &str, t: &StoreDirTotals) -> String {
     if !t.present {
         return format!(" {label}: (not present)\n");
     }
     format!(
-        " {label}: {} layers ({}), {} names, {} uppers ({})\n",
+        " {label}: {} layers ({}, apparent {}), {} names, {} uppers ({}, apparent {})\n",
         t.layers,
-        bytes(t.layer_bytes),
+        human_size(t.layer_allocated_bytes),
+        human_size(t.layer_apparent_bytes),
         t.names,
         t.uppers,
-        bytes(t.upper_bytes)
+        human_size(t.upper_allocated_bytes),
+        human_size(t.upper_apparent_bytes)
     )
 }
 
@@ -319,7 +348,16 @@ mod tests {
                 mount_api: "fd".into(),
             },
             store: StoreTotals {
-                root: StoreDirTotals { layers: 3, layer_bytes: 3 << 20, names: 1, uppers: 1, upper_bytes: 10 << 30, present: true },
+                root: StoreDirTotals {
+                    layers: 3,
+                    layer_allocated_bytes: 48 << 10,
+                    layer_apparent_bytes: 3 << 20,
+                    names: 1,
+                    uppers: 1,
+                    upper_allocated_bytes: 4 << 20,
+                    upper_apparent_bytes: 10 << 30,
+                    present: true,
+                },
                 fallback: StoreDirTotals::default(),
             },
             mounts: vec![MountInfo {
@@ -345,7 +383,7 @@ mod tests {
         let t = format_status(&sample());
         let want = "Storage Driver: sharedloop\n Backing Filesystem: xfs\n Loopback Root Directory: /var/lib/sharedloop/root\n Loopback Fallback Directory: /var/lib/sharedloop/private\n";
         assert!(t.starts_with(want), "{t}");
-        assert!(t.contains(" Root: 3 layers (3.0 MiB), 1 names, 1 uppers (10.0 GiB)\n"), "{t}");
+        assert!(t.contains(" Root: 3 layers (48.0KiB, apparent 3.0MiB), 1 names, 1 uppers (4.0MiB, apparent 10.0GiB)\n"), "{t}");
         assert!(t.contains(" Fallback: (not present)\n"), "{t}");
         assert!(t.contains("Active Mounts: 1\n /srv/a\n  Source: debian:12\n  Top Layer: sha256:aa (3 layers)\n  Loop Devices: /dev/loop0 /dev/loop1\n  Upper: none (read-only)\n"), "{t}");
         assert!(t.contains(" sha256:aa  /dev/loop0  shared by 2 mounts\n"), "{t}");
@@ -362,14 +400,11 @@ mod tests {
         assert_eq!(v["backing_filesystem"], "xfs");
         assert_eq!(v["kernel"]["layers_as_fds"], true);
         assert_eq!(v["store"]["root"]["layers"], 3);
+        assert_eq!(v["store"]["root"]["layer_allocated_bytes"], 48 << 10);
+        assert_eq!(v["store"]["root"]["upper_apparent_bytes"], 10u64 << 30);
         assert_eq!(v["mounts"][0]["loop_devices"][1], "/dev/loop1");
         assert_eq!(v["layers_in_use"][0]["mounts"], 2);
         assert_eq!(v["held_elsewhere"]["layers"][0], format!("sha256:{}", "b".repeat(64)));
         assert_eq!(v["held_elsewhere"]["uppers"][0], serde_json::json!({"image": "/s/uppers/u.img", "node": "node-a"}));
-    }
-
-    #[test]
-    fn byte_counts() {
-        assert_eq!(bytes(512), "512 B");
     }
 }

@@ -26,7 +26,7 @@ use rustix::fs::{Mode, OFlags};
 
 use super::human::human_age;
 use super::inventory::{Inventory, list_dir};
-use super::removal::du;
+use super::usage::{Usage, usage_beneath};
 use super::users::Users;
 use crate::store::ids::Digest;
 use crate::store::{self, DirHandle, Which, openat_beneath};
@@ -140,7 +140,8 @@ pub(super) struct Garbage {
     pub(super) name: String,
     pub(super) path: PathBuf,
     pub(super) why: String,
-    pub(super) bytes: u64,
+    /// What it occupies (`usage`).
+    pub(super) usage: Usage,
 }
 
 /// Chain IDs that imports still at work have claimed (`tmp/claim.*` of a
@@ -207,8 +208,11 @@ pub(super) fn stale_temporaries(which: Which, h: &DirHandle, users: &Users, now:
             log::info!("{}: kept, attached to {dev}", path.display());
             return;
         }
-        let bytes = du(&path);
-        out.push(Garbage { which, sub, name, path, why, bytes });
+        let usage = usage_beneath(h, &format!("{sub}/{name}")).unwrap_or_else(|e| {
+            log::warn!("{e}: size not known");
+            Usage::default()
+        });
+        out.push(Garbage { which, sub, name, path, why, usage });
     };
     let list = |sub: &str| {
         list_dir(h, sub).unwrap_or_else(|e| {

@@ -10,10 +10,13 @@
 //! reads and its chain is complete; its image config record, if any, names
 //! a config that is there, matches its digest and is for the chain the
 //! name points to. Exits with 32 when anything failed.
+//! `--json` prints one document instead of lines ([`VerifyReport`]), also
+//! when a check failed.
 
 use std::path::Path;
 
 use rustix::fs::{Mode, OFlags};
+use serde::Serialize;
 
 use super::inventory::{Inventory, StoredLayer};
 use crate::error::{Error, Result, StoreError};
@@ -23,6 +26,42 @@ use crate::store::{FsType, Store, Which, openat_beneath};
 pub struct VerifyOptions {
     /// Also run the filesystem's checker, read-only.
     pub deep: bool,
+    /// One JSON document instead of lines.
+    pub json: bool,
+}
+
+/// `sharedloop verify --json`. Field names are stable.
+///
+/// ```text
+/// {
+///   "checks": [                              in the order checked
+///     { "kind": "layer",                     layer | image | store | entry (something
+///                                            in the store that is no layer or name)
+///       "subject": "sha256:…",               chain ID, image name, or path
+///       "store": "root" | "fallback" | null, the store directory it is in, if known
+///       "ok": true,
+///       "errors": [],                        why it failed
+///       "notes": [] }                        what was not checked, e.g. a deep check skipped
+///   ],
+///   "checked": 4,
+///   "failed": 0
+/// }
+/// ```
+#[derive(Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub checks: Vec<Check>,
+    pub checked: usize,
+    pub failed: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub kind: &'static str,
+    pub subject: String,
+    pub store: Option<Which>,
+    pub ok: bool,
+    pub errors: Vec<String>,
+    pub notes: Vec<String>,
 }
 
 /// The filesystem checker, read-only. Ok(None): passed; Ok(Some(note)):
@@ -108,17 +147,30 @@ pub fn verify(store: &Store, refs: &[String], o: &VerifyOptions) -> Result<()> {
     // In the order asked for (chains top first), each once.
     let mut layers: Vec<usize> = Vec::new();
     let mut names: Vec<usize> = Vec::new();
-    let mut failed = 0usize;
-    let mut checked = 0usize;
-    let mut report = |ok: bool, what: &str, why: &[String], notes: &[String]| {
-        checked += 1;
-        if ok {
-            let n = if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) };
-            println!("OK    {what}{n}");
-        } else {
-            failed += 1;
-            println!("FAIL  {what}: {}", why.join("; "));
+    let mut rep = VerifyReport::default();
+    // Lines are printed as checks end (a deep check takes a while); the
+    // JSON document once all have.
+    let mut report = |kind: &'static str, subject: String, store: Option<Which>, why: &[String], notes: &[String]| {
+        let ok = why.is_empty();
+        rep.checked += 1;
+        if !ok {
+            rep.failed += 1;
         }
+        if !o.json {
+            let what = match store {
+                // A path says what it is.
+                Some(w) if kind == "entry" => format!("{subject} ({w})"),
+                Some(w) => format!("{kind} {subject} ({w})"),
+                None => format!("{kind} {subject}"),
+            };
+            if ok {
+                let n = if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) };
+                println!("OK    {what}{n}");
+            } else {
+                println!("FAIL  {what}: {}", why.join("; "));
+            }
+        }
+        rep.checks.push(Check { kind, subject, store, ok, errors: why.to_vec(), notes: notes.to_vec() });
     };
     let add_chain = |top: &Digest, layers: &mut Vec<usize>| {
         let (mut ids, err) = inv.chain(top);
@@ -139,13 +191,13 @@ pub fn verify(store: &Store, refs: &[String], o: &VerifyOptions) -> Result<()> {
     // The root store is the one checked; its absence (a shared store not
     // mounted on this node) is a failure even with a fallback present.
     for (_, p, e) in store.missing().into_iter().filter(|(w, ..)| *w == Which::Root) {
-        report(false, &format!("store {}", p.display()), &[format!("cannot open it: {e}")], &[]);
+        report("store", p.display().to_string(), None, &[format!("cannot open it: {e}")], &[]);
     }
     if refs.is_empty() {
         layers.extend(0..inv.layers.len());
         names.extend(0..inv.names.len());
         for p in &inv.problems {
-            report(false, &format!("{} ({})", p.path.display(), p.store), std::slice::from_ref(&p.error), &[]);
+            report("entry", p.path.display().to_string(), Some(p.store), std::slice::from_ref(&p.error), &[]);
         }
     } else {
         for r in refs {
@@ -153,7 +205,7 @@ pub fn verify(store: &Store, refs: &[String], o: &VerifyOptions) -> Result<()> {
                 LayerRef::Name(n) => {
                     let found: Vec<usize> = (0..inv.names.len()).filter(|&i| inv.names[i].name == n).collect();
                     if found.is_empty() {
-                        report(false, &format!("image {n}"), &["no such name in the store".into()], &[]);
+                        report("image", n.to_string(), None, &["no such name in the store".into()], &[]);
                     }
                     for i in found {
                         if let Ok(top) = &inv.names[i].target {
@@ -166,7 +218,7 @@ pub fn verify(store: &Store, refs: &[String], o: &VerifyOptions) -> Result<()> {
                 }
                 id => match inv.resolve_id(&id) {
                     Ok(d) => add_chain(&d, &mut layers),
-                    Err(e) => report(false, &format!("layer {id}"), &[e.to_string()], &[]),
+                    Err(e) => report("layer", id.to_string(), None, &[e.to_string()], &[]),
                 },
             }
         }
@@ -174,7 +226,7 @@ pub fn verify(store: &Store, refs: &[String], o: &VerifyOptions) -> Result<()> {
     for i in layers {
         let l = &inv.layers[i];
         let (fail, notes) = check_layer(&inv, l, o.deep);
-        report(fail.is_empty(), &format!("layer {} ({})", l.id, l.which), &fail, &notes);
+        report("layer", l.id.to_string(), Some(l.which), &fail, &notes);
     }
     for i in names {
         let n = &inv.names[i];
@@ -189,9 +241,14 @@ pub fn verify(store: &Store, refs: &[String], o: &VerifyOptions) -> Result<()> {
                 Err(e) => why.push(e),
             }
         }
-        report(why.is_empty(), &format!("image {} ({})", n.name, n.which), &why, &notes);
+        report("image", n.name.to_string(), Some(n.which), &why, &notes);
     }
-    println!("verify: {checked} checked, {failed} failed");
+    let (checked, failed) = (rep.checked, rep.failed);
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&rep).expect("serialize"));
+    } else {
+        println!("verify: {checked} checked, {failed} failed");
+    }
     if failed > 0 {
         return Err(Error::Store(StoreError::VerifyFailed { failed, checked }));
     }

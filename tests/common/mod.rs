@@ -628,3 +628,22 @@ pub fn assert_api_refused(env: &Env, r: &Run, api: &str, target: &Path, ctx: &st
     assert!(r.stderr.contains(&want), "{ctx}: stderr lacks {want:?}: {}", r.stderr);
     assert!(env.overlay_at(target).is_none(), "{ctx}: mounted anyway");
 }
+
+/// What stat(2) says `path` occupies, the test's own count, independent
+/// of the code's: (allocated bytes = st_blocks*512 of it and everything
+/// below, apparent bytes = st_size of the regular files). Symlinks are not
+/// followed.
+#[allow(dead_code)]
+pub fn stat_usage(path: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    let mut u = (md.blocks() * 512, if md.is_file() { md.size() } else { 0 });
+    if md.is_dir() {
+        for e in std::fs::read_dir(path).unwrap() {
+            let (a, b) = stat_usage(&e.unwrap().path());
+            u.0 += a;
+            u.1 += b;
+        }
+    }
+    u
+}
