@@ -1,7 +1,7 @@
 //! Whole trees compared path by path: type, mode, owner, size, content
 //! hash, symlink target, device numbers, user.* and security.capability
-//! xattrs, file mtimes (seconds), hardlink groups. The same comparison as
-//! tests/import.rs makes (there inline), for tests/registry.rs.
+//! xattrs, file mtimes (seconds), hardlink groups: the comparison
+//! tests/import.rs and tests/registry.rs make.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -29,7 +29,7 @@ pub struct Node {
     mtime: Option<(i64, i64)>,
 }
 
-fn xattrs_of(p: &Path) -> Vec<(String, Vec<u8>)> {
+pub fn xattrs_of(p: &Path) -> Vec<(String, Vec<u8>)> {
     let mut names = vec![0u8; 65536];
     let n = rustix::fs::llistxattr(p, &mut names[..]).unwrap_or(0);
     let mut out = vec![];
