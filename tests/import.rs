@@ -27,23 +27,8 @@ use std::time::{Duration, Instant};
 
 // ================================================================ running
 
-fn import_args(env: &Env, source: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        BIN.into(),
-        "import".into(),
-        source.into(),
-        "--loopback-root".into(),
-        env.root.to_string_lossy().into(),
-        "--loopback-fallback".into(),
-        env.fallback.to_string_lossy().into(),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
-
 fn import(env: &Env, source: &str, extra: &[&str]) -> Run {
-    let a = import_args(env, source, extra);
-    env.run(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    env.run(&import_args(env, source, extra).iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Import, expect success, return the printed chain ID.

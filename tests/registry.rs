@@ -325,22 +325,8 @@ fn isolate(env: &mut Env, conf: &str) {
     env.envs.push(("XDG_RUNTIME_DIR".into(), home.join("run").display().to_string()));
 }
 
-fn import_argv(env: &Env, source: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        BIN.into(),
-        "import".into(),
-        source.into(),
-        "--loopback-root".into(),
-        env.root.display().to_string(),
-        "--loopback-fallback".into(),
-        env.fallback.display().to_string(),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
-
 fn import(env: &Env, source: &str, extra: &[&str]) -> Run {
-    let a = import_argv(env, source, extra);
+    let a = import_args(env, source, extra);
     env.run(&a.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
@@ -415,7 +401,7 @@ fn assert_pull_fails_keeping(r: &Run, reference: &str, frags: &[&str]) {
 /// stopped there (manifest and config read, nothing fetched); its stderr
 /// so far, and the rest of it still to read.
 fn spawn_stopped(env: &Env, src: &str, extra: &[&str]) -> (Child, BufReader<std::process::ChildStderr>, String) {
-    let a = import_argv(env, src, extra);
+    let a = import_args(env, src, extra);
     let mut c = env.command(&a.iter().map(String::as_str).collect::<Vec<_>>());
     c.env("SHAREDLOOP_FAILPOINT", "stop:pull-copy").stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut k = c.spawn().unwrap();
@@ -527,7 +513,7 @@ fn authentication_by_creds_authfile_and_stdin_and_tls() {
     mount_and_compare(&env, "creds", &img.expected("base"));
 
     // --creds USER: the password from stdin.
-    let a = import_argv(&env, &src, &["--creds", USER, "--cert-dir", &certs, "--name", "stdin"]);
+    let a = import_args(&env, &src, &["--creds", USER, "--cert-dir", &certs, "--name", "stdin"]);
     let mut c = env.command(&a.iter().map(String::as_str).collect::<Vec<_>>());
     c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut k = c.spawn().unwrap();
@@ -764,7 +750,7 @@ fn registry_killed_with_a_blob_half_sent_leaves_nothing() {
     let (_, layers, _) = img.docs("base");
     let relay = Relay::start(reg.port, format!("/v2/t/img/blobs/{}", layers[0]), 64 << 10);
     let src = format!("docker://127.0.0.1:{}/t/img:base", relay.port);
-    let a = import_argv(&env, &src, &["--tls-verify=false"]);
+    let a = import_args(&env, &src, &["--tls-verify=false"]);
     let mut c = env.command(&a.iter().map(String::as_str).collect::<Vec<_>>());
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     let k = c.spawn().unwrap();

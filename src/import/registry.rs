@@ -57,7 +57,7 @@ use crate::store::ids::{Digest, chain_id};
 use crate::store::staging::{WorkDir, Workspace};
 use crate::store::{self, Store};
 
-use super::source::{self, DirLayout, Image};
+use super::source::{self, Descriptor, DirLayout, Image};
 
 /// Manifests and configs are small (the registry's own limit is 4 MiB for
 /// manifests).
@@ -336,23 +336,6 @@ impl std::fmt::Display for Platform {
 
 // ---------------------------------------------------------------- documents
 
-#[derive(Deserialize, Debug, Clone)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    platform: Option<DescPlatform>,
-}
-
-#[derive(Deserialize, Debug, Clone)]
-struct DescPlatform {
-    architecture: String,
-    os: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
 
 #[derive(Deserialize)]
 struct Index {
@@ -942,7 +925,8 @@ mod tests {
             media_type: None,
             digest: format!("sha256:{}", dg.to_string().repeat(64)),
             size: 1,
-            platform: Some(DescPlatform { architecture: arch.into(), os: "linux".into(), variant: v.map(String::from) }),
+            annotations: None,
+            platform: Some(source::DescPlatform { architecture: arch.into(), os: "linux".into(), variant: v.map(String::from) }),
         };
         let idx = Index { manifests: vec![desc("amd64", None, 'a'), desc("arm", Some("v6"), 'b'), desc("arm", Some("v7"), 'c')] };
         let p = |s: &str| Platform::parse(s).unwrap();

@@ -304,21 +304,24 @@ pub struct Image {
 }
 
 #[derive(Deserialize, Debug, Clone)]
-struct Descriptor {
+pub(crate) struct Descriptor {
     #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
-    digest: String,
-    size: u64,
+    pub(crate) media_type: Option<String>,
+    pub(crate) digest: String,
+    pub(crate) size: u64,
     #[serde(default)]
-    annotations: Option<HashMap<String, String>>,
+    pub(crate) annotations: Option<HashMap<String, String>>,
     #[serde(default)]
-    platform: Option<Platform>,
+    pub(crate) platform: Option<DescPlatform>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
-struct Platform {
-    architecture: String,
-    os: String,
+/// An index entry's platform (registry pulls choose by variant too).
+pub(crate) struct DescPlatform {
+    pub(crate) architecture: String,
+    pub(crate) os: String,
+    #[serde(default)]
+    pub(crate) variant: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -647,3 +647,18 @@ pub fn stat_usage(path: &Path) -> (u64, u64) {
     }
     u
 }
+
+/// `sharedloop import SOURCE` with the test's store, and `extra` after.
+pub fn import_args(env: &Env, source: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        BIN.into(),
+        "import".into(),
+        source.into(),
+        "--loopback-root".into(),
+        env.root.to_string_lossy().into(),
+        "--loopback-fallback".into(),
+        env.fallback.to_string_lossy().into(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
