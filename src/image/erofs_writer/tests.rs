@@ -517,6 +517,8 @@ fn bad_entries_are_refused_and_leave_no_image() {
         (b"", f(0), m.clone(), b"", "the root must be a directory"),
         (b"f", f(0), Meta { mode: 0o100644, ..Meta::default() }, b"", "bits beyond 07777"),
         (b"c", Kind::CharDev { major: 4096, minor: 0 }, m.clone(), b"", "12-bit major"),
+        (b"c", Kind::BlockDev { major: 0, minor: 1 << 20 }, m.clone(), b"", "20-bit minor"),
+        (b"t", Kind::Fifo, Meta { mtime_nsec: 1_000_000_000, ..Meta::default() }, b"", "nanoseconds 1000000000"),
     ];
     for (path, kind, meta, data, want) in cases {
         let img = d.join("bad.img");
@@ -532,6 +534,65 @@ fn bad_entries_are_refused_and_leave_no_image() {
     let e = Writer::create(&d.join("no/such/dir.img"), UUID).err().unwrap();
     assert_eq!(e.errno(), Some(rustix::io::Errno::NOENT));
     assert!(e.to_string().contains("no/such/dir.img"), "{e}");
+}
+
+/// Random trees: every type, names of 1..255 bytes, xattrs of 0..3000
+/// bytes, files around the inline limits, long symlinks, hard links: the
+/// best-fit placement and tail packing meet every mix of sizes.
+#[test]
+fn random_trees() {
+    let d = TestDir::new("erofsw-random");
+    for seed in 1..=6u64 {
+        let mut s = seed;
+        let mut rnd = move |n: u64| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 33) % n
+        };
+        let mut v = vec![spec(b"", SKind::Dir, meta(0o755, 0))];
+        let mut dirs: Vec<Vec<u8>> = vec![Vec::new()];
+        let mut files: Vec<Vec<u8>> = Vec::new();
+        for i in 0..400u32 {
+            let parent = dirs[rnd(dirs.len() as u64) as usize].clone();
+            let mut p = parent.clone();
+            if !p.is_empty() {
+                p.push(b'/');
+            }
+            // Unique in its directory: the index first.
+            let mut name = format!("{i}-").into_bytes();
+            let len = 1 + rnd(255) as usize;
+            name.extend(odd_name(len).into_iter().take(len.saturating_sub(name.len())));
+            name.truncate(255);
+            p.extend(name);
+            let mut m = meta([0o644, 0o755, 0o4711, 0o1777, 0][rnd(5) as usize], i);
+            let nx = rnd(4);
+            for k in 0..nx {
+                let vlen = [0, 1, 50, 700, 3000][rnd(5) as usize];
+                let ns = ["trusted.", "security.", "trusted.overlay."][rnd(3) as usize];
+                m.xattrs.push((format!("{ns}k{k}").into_bytes(), vec![rnd(256) as u8; vlen]));
+            }
+            let kind = match rnd(10) {
+                0 | 1 => {
+                    dirs.push(p.clone());
+                    SKind::Dir
+                }
+                2 => SKind::Symlink(b"x/".iter().copied().cycle().take(1 + rnd(4095) as usize).collect()),
+                3 if !files.is_empty() => SKind::Link(files[rnd(files.len() as u64) as usize].clone()),
+                4 => SKind::Char(rnd(4096) as u32, rnd(1 << 20) as u32),
+                5 => [SKind::Fifo, SKind::Socket][rnd(2) as usize].clone(),
+                _ => {
+                    let size = match rnd(4) {
+                        0 => rnd(100),
+                        1 => 4096 * rnd(3) + 3900 + rnd(200),
+                        _ => rnd(40_000),
+                    } as usize;
+                    files.push(p.clone());
+                    SKind::File(Content::Bytes((0..size).map(|k| (k as u64 * seed) as u8).collect()))
+                }
+            };
+            v.push(spec(&p, kind, m));
+        }
+        build_check(&d, &format!("r{seed}"), &v);
+    }
 }
 
 /// A tree on disk as specs (hard links by inode), for mkfs.erofs too.
