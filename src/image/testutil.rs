@@ -183,7 +183,7 @@ pub(super) fn assert_no_loop(img: &Path) {
     }
 }
 
-fn check_image_tree(view: &Path, src: &Path) {
+pub(super) fn check_image_tree(view: &Path, src: &Path) {
     let lstat = |p: &str| std::fs::symlink_metadata(view.join(p)).unwrap();
     assert_eq!(std::fs::read(view.join("a/file.txt")).unwrap(), b"hello");
     let f = lstat("a/file.txt");

@@ -259,6 +259,7 @@ fn put64(b: &mut [u8], at: usize, v: u64) {
 }
 
 #[cfg(test)]
+#[allow(clippy::type_complexity)] // the tables of cases
 mod tests {
     use super::*;
 

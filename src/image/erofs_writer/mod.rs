@@ -63,6 +63,7 @@
 //!   given again keeps its children. Parent directories never given are
 //!   made with mode 0755, owner 0:0 and mtime 0.
 
+mod dir;
 pub mod format;
 #[cfg(test)]
 mod tests;
@@ -74,6 +75,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+pub use dir::write_dir;
 use format::{BLOCK, EXTENDED_INODE, SLOT};
 
 /// What an entry is, with what that type needs.
