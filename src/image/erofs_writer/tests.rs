@@ -423,7 +423,25 @@ fn build_check(d: &TestDir, name: &str, specs: &[Spec]) -> PathBuf {
 #[test]
 fn every_kind_of_entry_survives_fsck_and_the_kernel() {
     let d = TestDir::new("erofsw-all");
-    build_check(&d, "all", &every_case());
+    let specs = every_case();
+    let img = build_check(&d, "all", &specs);
+    // Mounted from the file itself (6.12+), as sharedloop mounts erofs
+    // layers where it can (mount(8) would set up a loop device): a
+    // detached mount, in no namespace's tree, gone with its fd.
+    if crate::kernel::Feature::ErofsFromFile.have() {
+        use crate::kernel::mountapi::FsContext;
+        let fc = FsContext::open("erofs", "test image", &img).unwrap();
+        fc.set_string("source", &img).unwrap();
+        fc.set_flag("ro").unwrap();
+        fc.create().unwrap();
+        let mnt = fc.mount(rustix::mount::MountAttrFlags::MOUNT_ATTR_RDONLY).unwrap();
+        let view = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&mnt)));
+        compare(&view, &specs);
+        drop(mnt);
+        assert_no_loop(&img);
+    } else {
+        eprintln!("no erofs from a file on this kernel: loop device only");
+    }
 }
 
 #[test]
@@ -487,11 +505,13 @@ fn large_sparse_file() {
     let specs = vec![
         spec(b"", SKind::Dir, meta(0o755, 1)),
         spec(b"sparse", SKind::File(Content::Pattern { size, marks }), meta(0o644, 2)),
+        // A multiple of the block size: FLAT_PLAIN, no tail.
+        spec(b"plain", SKind::File(Content::Pattern { size: 4 * G + 4096, marks: vec![(4 * G + 4095, b"P".to_vec())] }), meta(0o600, 4)),
         spec(b"after", SKind::File(Content::Bytes(b"after the big one".to_vec())), meta(0o644, 3)),
     ];
     let img = build_check(&d, "sparse", &specs);
     let st = std::fs::metadata(&img).unwrap();
-    assert!(st.len() > size);
+    assert!(st.len() > size + 4 * G);
     assert!(st.blocks() * 512 < 1 << 20, "zero blocks are holes: {} bytes allocated", st.blocks() * 512);
     eprintln!("sparse: a {size}-byte file, image {} bytes apparent, {} allocated", st.len(), st.blocks() * 512);
 }
