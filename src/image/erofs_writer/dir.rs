@@ -21,7 +21,11 @@ pub fn write_dir(dir: &Path, out: &Path, uuid: [u8; 16]) -> Result<u64> {
         let rel = e.rel.as_os_str().as_bytes();
         if let Some(key) = e.link_key() {
             if let Some(first) = links.get(&key) {
-                let entry = Entry { path: rel, kind: Kind::HardLink(first), meta: Meta::default() };
+                let entry = Entry {
+                    path: rel,
+                    kind: Kind::HardLink(first),
+                    meta: Meta::default(),
+                };
                 return w.add(&entry, &mut std::io::empty());
             }
             links.insert(key, rel.to_vec());
@@ -41,22 +45,41 @@ pub fn write_dir(dir: &Path, out: &Path, uuid: [u8; 16]) -> Result<u64> {
         let kind = if ft.is_dir() {
             Kind::Dir
         } else if ft.is_file() {
-            let mut f = std::fs::File::open(e.path).map_err(|err| Error::io("open", e.path, &err))?;
+            let mut f =
+                std::fs::File::open(e.path).map_err(|err| Error::io("open", e.path, &err))?;
             // The size the walk saw: a file that changes under the walk
             // ends short (refused) or has its first `size` bytes taken.
-            let entry = Entry { path: rel, kind: Kind::File { size: m.len() }, meta };
+            let entry = Entry {
+                path: rel,
+                kind: Kind::File { size: m.len() },
+                meta,
+            };
             return w.add(&entry, &mut f);
         } else if ft.is_symlink() {
-            target = std::fs::read_link(e.path).map_err(|err| Error::io("read symlink", e.path, &err))?;
+            target = std::fs::read_link(e.path)
+                .map_err(|err| Error::io("read symlink", e.path, &err))?;
             Kind::Symlink(target.as_os_str().as_bytes())
         } else if ft.is_char_device() {
-            Kind::CharDev { major: dev.0, minor: dev.1 }
+            Kind::CharDev {
+                major: dev.0,
+                minor: dev.1,
+            }
         } else if ft.is_block_device() {
-            Kind::BlockDev { major: dev.0, minor: dev.1 }
+            Kind::BlockDev {
+                major: dev.0,
+                minor: dev.1,
+            }
         } else {
             Kind::Fifo
         };
-        w.add(&Entry { path: rel, kind, meta }, &mut std::io::empty())
+        w.add(
+            &Entry {
+                path: rel,
+                kind,
+                meta,
+            },
+            &mut std::io::empty(),
+        )
     })?;
     w.finish()
 }

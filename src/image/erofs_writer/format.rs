@@ -59,7 +59,11 @@ pub fn crc32c_raw(mut crc: u32, data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
         }
     }
     crc
@@ -122,14 +126,22 @@ pub struct Inode {
 /// `i_xattr_icount` for an xattr body of `len` bytes: the header counts
 /// as one 4-byte unit (`xattr_isize = 12 + 4 * (icount - 1)`).
 pub fn xattr_icount(len: usize) -> u16 {
-    if len == 0 { 0 } else { ((len - XATTR_IBODY_HEADER) / 4 + 1) as u16 }
+    if len == 0 {
+        0
+    } else {
+        ((len - XATTR_IBODY_HEADER) / 4 + 1) as u16
+    }
 }
 
 /// The 64-byte extended inode (version bit 1): 64-bit size, 32-bit ids
 /// and nlink, the mtime with nanoseconds.
 pub fn extended_inode(i: &Inode) -> [u8; EXTENDED_INODE] {
     let mut b = [0u8; EXTENDED_INODE];
-    let layout = if i.layout_inline { Layout::FlatInline } else { Layout::FlatPlain };
+    let layout = if i.layout_inline {
+        Layout::FlatInline
+    } else {
+        Layout::FlatPlain
+    };
     put16(&mut b, 0, 1 | ((layout as u16) << 1));
     put16(&mut b, 2, xattr_icount(i.xattr_len));
     put16(&mut b, 4, i.mode as u16);
@@ -349,9 +361,31 @@ mod tests {
         };
         let cases = [
             (Inode { ..base.clone() }, 0x1, 0),
-            (Inode { layout_inline: true, ..base.clone() }, 0x5, 0),
-            (Inode { xattr_len: 12, ..base.clone() }, 0x1, 1),
-            (Inode { xattr_len: 12 + 4 * 10, layout_inline: true, ..base.clone() }, 0x5, 11),
+            (
+                Inode {
+                    layout_inline: true,
+                    ..base.clone()
+                },
+                0x5,
+                0,
+            ),
+            (
+                Inode {
+                    xattr_len: 12,
+                    ..base.clone()
+                },
+                0x1,
+                1,
+            ),
+            (
+                Inode {
+                    xattr_len: 12 + 4 * 10,
+                    layout_inline: true,
+                    ..base.clone()
+                },
+                0x5,
+                11,
+            ),
         ];
         for (i, fmt, icount) in cases {
             let b = extended_inode(&i);
@@ -403,7 +437,12 @@ mod tests {
             (b"other.x", None),
         ];
         for (name, want) in cases {
-            assert_eq!(split_xattr_name(name), want, "{}", String::from_utf8_lossy(name));
+            assert_eq!(
+                split_xattr_name(name),
+                want,
+                "{}",
+                String::from_utf8_lossy(name)
+            );
         }
     }
 
@@ -443,9 +482,17 @@ mod tests {
 
     #[test]
     fn dir_block_layout() {
-        let b = dir_block(&[(b".", 5, ft::DIR), (b"..", 0, ft::DIR), (b"f", 0x1_0000_0001, ft::REG)]);
+        let b = dir_block(&[
+            (b".", 5, ft::DIR),
+            (b"..", 0, ft::DIR),
+            (b"f", 0x1_0000_0001, ft::REG),
+        ]);
         assert_eq!(b.len(), 36 + 4);
-        let table = [(0usize, 5u64, 36u16, ft::DIR), (12, 0, 37, ft::DIR), (24, 0x1_0000_0001, 39, ft::REG)];
+        let table = [
+            (0usize, 5u64, 36u16, ft::DIR),
+            (12, 0, 37, ft::DIR),
+            (24, 0x1_0000_0001, 39, ft::REG),
+        ];
         for (at, nid, off, t) in table {
             assert_eq!(le64(&b, at), nid);
             assert_eq!(le16(&b, at + 8), off);

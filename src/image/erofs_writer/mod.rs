@@ -83,10 +83,18 @@ use format::{BLOCK, EXTENDED_INODE, SLOT};
 pub enum Kind<'a> {
     Dir,
     /// A regular file of `size` bytes, read from the reader `add` gets.
-    File { size: u64 },
+    File {
+        size: u64,
+    },
     Symlink(&'a [u8]),
-    CharDev { major: u32, minor: u32 },
-    BlockDev { major: u32, minor: u32 },
+    CharDev {
+        major: u32,
+        minor: u32,
+    },
+    BlockDev {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
     Socket,
     /// Another name for the (non-directory) entry at this path, given
@@ -231,10 +239,16 @@ impl Writer {
     pub fn add(&mut self, e: &Entry, data: &mut dyn Read) -> Result<()> {
         let comps = split_path(e.path).map_err(|why| self.refused(e.path, why))?;
         if e.meta.mode & !0o7777 != 0 {
-            return Err(self.refused(e.path, format!("mode {:o} has bits beyond 07777", e.meta.mode)));
+            return Err(self.refused(
+                e.path,
+                format!("mode {:o} has bits beyond 07777", e.meta.mode),
+            ));
         }
         if e.meta.mtime_nsec > 999_999_999 {
-            return Err(self.refused(e.path, format!("mtime nanoseconds {} (0 to 999999999)", e.meta.mtime_nsec)));
+            return Err(self.refused(
+                e.path,
+                format!("mtime nanoseconds {} (0 to 999999999)", e.meta.mtime_nsec),
+            ));
         }
         let xattrs = encode_xattrs(&e.meta.xattrs).map_err(|why| self.refused(e.path, why))?;
         let Some((name, parents)) = comps.split_last() else {
@@ -278,13 +292,24 @@ impl Writer {
                         format!("device {major}:{minor} beyond erofs' 12-bit major, 20-bit minor"),
                     ));
                 }
-                let t = if matches!(e.kind, Kind::CharDev { .. }) { 0o020000 } else { 0o060000 };
-                self.push(t, &e.meta, xattrs, Body::Dev(format::encode_dev(*major, *minor)))
+                let t = if matches!(e.kind, Kind::CharDev { .. }) {
+                    0o020000
+                } else {
+                    0o060000
+                };
+                self.push(
+                    t,
+                    &e.meta,
+                    xattrs,
+                    Body::Dev(format::encode_dev(*major, *minor)),
+                )
             }
             Kind::Fifo => self.push(0o010000, &e.meta, xattrs, Body::Special),
             Kind::Socket => self.push(0o140000, &e.meta, xattrs, Body::Special),
         };
-        let Body::Dir(children) = &mut self.nodes[parent].body else { unreachable!() };
+        let Body::Dir(children) = &mut self.nodes[parent].body else {
+            unreachable!()
+        };
         children.insert(name.to_vec(), id);
         Ok(())
     }
@@ -292,7 +317,8 @@ impl Writer {
     fn set_meta(&mut self, id: usize, m: &Meta, xattrs: Vec<u8>) {
         let n = &mut self.nodes[id];
         n.mode = (n.mode & 0o170000) | m.mode;
-        (n.uid, n.gid, n.mtime, n.mtime_nsec, n.xattrs) = (m.uid, m.gid, m.mtime, m.mtime_nsec, xattrs);
+        (n.uid, n.gid, n.mtime, n.mtime_nsec, n.xattrs) =
+            (m.uid, m.gid, m.mtime, m.mtime_nsec, xattrs);
     }
 
     fn push(&mut self, ftype: u32, m: &Meta, xattrs: Vec<u8>, body: Body) -> usize {
@@ -324,13 +350,21 @@ impl Writer {
                 Some(_) => {
                     return Err(self.refused(
                         path,
-                        format!("{:?} on its path is not a directory", String::from_utf8_lossy(p)),
+                        format!(
+                            "{:?} on its path is not a directory",
+                            String::from_utf8_lossy(p)
+                        ),
                     ));
                 }
                 None => {
-                    let m = Meta { mode: 0o755, ..Meta::default() };
+                    let m = Meta {
+                        mode: 0o755,
+                        ..Meta::default()
+                    };
                     let id = self.push(0o040000, &m, Vec::new(), Body::Dir(BTreeMap::new()));
-                    let Body::Dir(c) = &mut self.nodes[cur].body else { unreachable!() };
+                    let Body::Dir(c) = &mut self.nodes[cur].body else {
+                        unreachable!()
+                    };
                     c.insert(p.to_vec(), id);
                     id
                 }
@@ -340,17 +374,27 @@ impl Writer {
     }
 
     fn resolve_link(&self, path: &[u8], target: &[u8]) -> Result<usize> {
-        let comps = split_path(target).map_err(|why| self.refused(path, format!("hard link target: {why}")))?;
+        let comps = split_path(target)
+            .map_err(|why| self.refused(path, format!("hard link target: {why}")))?;
         let mut cur = ROOT;
         for c in &comps {
-            cur = self
-                .child(cur, c)
-                .ok_or_else(|| self.refused(path, format!("hard link to {:?}, not given before", String::from_utf8_lossy(target))))?;
+            cur = self.child(cur, c).ok_or_else(|| {
+                self.refused(
+                    path,
+                    format!(
+                        "hard link to {:?}, not given before",
+                        String::from_utf8_lossy(target)
+                    ),
+                )
+            })?;
         }
         if matches!(self.nodes[cur].body, Body::Dir(_)) {
             return Err(self.refused(
                 path,
-                format!("hard link to directory {:?}", String::from_utf8_lossy(target)),
+                format!(
+                    "hard link to directory {:?}",
+                    String::from_utf8_lossy(target)
+                ),
             ));
         }
         Ok(cur)
@@ -358,7 +402,13 @@ impl Writer {
 
     /// Copies a file's content: full blocks to the data area now, the tail
     /// to the spill file when it will be inline, else padded after them.
-    fn stream_file(&mut self, path: &[u8], size: u64, xattr_len: usize, data: &mut dyn Read) -> Result<Body> {
+    fn stream_file(
+        &mut self,
+        path: &[u8],
+        size: u64,
+        xattr_len: usize,
+        data: &mut dyn Read,
+    ) -> Result<Body> {
         let full = size / BLOCK;
         let tail = (size % BLOCK) as usize;
         let inline = tail > 0 && EXTENDED_INODE + xattr_len + tail <= BLOCK as usize;
@@ -382,7 +432,11 @@ impl Writer {
         } else {
             None
         };
-        Ok(Body::File { size, blkaddr: blkaddr as u32, tail: tail_at })
+        Ok(Body::File {
+            size,
+            blkaddr: blkaddr as u32,
+            tail: tail_at,
+        })
     }
 
     fn read_exact(&self, path: &[u8], data: &mut dyn Read, buf: &mut [u8]) -> Result<()> {
@@ -390,7 +444,10 @@ impl Writer {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 self.refused(path, "content ends before its size")
             } else {
-                Error::bad_image_io(format!("read content of {:?}", String::from_utf8_lossy(path)), &e)
+                Error::bad_image_io(
+                    format!("read content of {:?}", String::from_utf8_lossy(path)),
+                    &e,
+                )
             }
         })
     }
@@ -432,7 +489,9 @@ impl Writer {
         while i < order.len() {
             let d = order[i];
             i += 1;
-            let Body::Dir(children) = &self.nodes[d].body else { continue };
+            let Body::Dir(children) = &self.nodes[d].body else {
+                continue;
+            };
             for &c in children.values() {
                 if matches!(self.nodes[c].body, Body::Dir(_)) {
                     nlink[d] += 1;
@@ -457,17 +516,29 @@ impl Writer {
             let node = &self.nodes[id];
             newest = newest.max((node.mtime, node.mtime_nsec));
             let xlen = node.xattrs.len();
-            let mut p = Placed { id, nid: 0, size: 0, blkaddr: 0, nlink: nlink[id], inline_len: 0 };
+            let mut p = Placed {
+                id,
+                nid: 0,
+                size: 0,
+                blkaddr: 0,
+                nlink: nlink[id],
+                inline_len: 0,
+            };
             let mem_size = match &node.body {
                 Body::Dir(children) => {
-                    let blocks = format::pack_dir(dir_names(children, id, parent[id]).map(|(name, _)| name));
+                    let blocks =
+                        format::pack_dir(dir_names(children, id, parent[id]).map(|(name, _)| name));
                     let size = format::dir_size(&blocks);
                     dir_of[id] = dirs.len();
                     dirs.push(blocks);
                     Some(size)
                 }
                 Body::Symlink(t) => Some(t.len() as u64),
-                Body::File { size, blkaddr, tail } => {
+                Body::File {
+                    size,
+                    blkaddr,
+                    tail,
+                } => {
                     (p.size, p.blkaddr) = (*size, *blkaddr);
                     p.inline_len = tail.map_or(0, |t| t.1 as usize);
                     None
@@ -530,9 +601,14 @@ impl Writer {
         // Directory blocks and long symlinks.
         for p in &placed {
             let bytes = match &self.nodes[p.id].body {
-                Body::Dir(children) => {
-                    dir_bytes(children, p.id, parent[p.id], &dirs[dir_of[p.id]], &nid_of, &self.nodes)
-                }
+                Body::Dir(children) => dir_bytes(
+                    children,
+                    p.id,
+                    parent[p.id],
+                    &dirs[dir_of[p.id]],
+                    &nid_of,
+                    &self.nodes,
+                ),
                 Body::Symlink(t) => t.clone(),
                 _ => continue,
             };
@@ -540,7 +616,8 @@ impl Writer {
             if in_blocks > 0 {
                 let mut b = bytes[..in_blocks].to_vec();
                 b.resize(in_blocks.div_ceil(BLOCK as usize) * BLOCK as usize, 0);
-                write_nonzero(&self.out, &b, u64::from(p.blkaddr) * BLOCK).map_err(|e| werr(e, &self.out_path))?;
+                write_nonzero(&self.out, &b, u64::from(p.blkaddr) * BLOCK)
+                    .map_err(|e| werr(e, &self.out_path))?;
             }
         }
         // The metadata area, in order.
@@ -579,12 +656,15 @@ impl Writer {
             meta.extend_from_slice(&node.xattrs);
             if p.inline_len > 0 {
                 match &node.body {
-                    Body::File { tail: Some((off, len)), .. } => {
+                    Body::File {
+                        tail: Some((off, len)),
+                        ..
+                    } => {
                         let at = meta.len();
                         meta.resize(at + *len as usize, 0);
-                        tails
-                            .read_exact_at(&mut meta[at..], *off)
-                            .map_err(|e| Error::io("read erofs tail spill file", &self.out_path, &e))?;
+                        tails.read_exact_at(&mut meta[at..], *off).map_err(|e| {
+                            Error::io("read erofs tail spill file", &self.out_path, &e)
+                        })?;
                     }
                     Body::Symlink(t) => meta.extend_from_slice(&t[t.len() - p.inline_len..]),
                     Body::Dir(children) => {
@@ -593,7 +673,9 @@ impl Writer {
                         let skip: usize = blocks[..last].iter().map(|b| b.0).sum();
                         let entries: Vec<_> = dir_names(children, p.id, parent[p.id])
                             .skip(skip)
-                            .map(|(name, id)| (name, nid_of[id], format::file_type(self.nodes[id].mode)))
+                            .map(|(name, id)| {
+                                (name, nid_of[id], format::file_type(self.nodes[id].mode))
+                            })
                             .collect();
                         meta.extend_from_slice(&format::dir_block(&entries));
                     }
@@ -602,14 +684,22 @@ impl Writer {
             }
             written = meta_at - meta_base + meta.len() as u64;
             if meta.len() >= COPY_BUF {
-                self.out.write_all_at(&meta, meta_at).map_err(|e| werr(e, &self.out_path))?;
+                self.out
+                    .write_all_at(&meta, meta_at)
+                    .map_err(|e| werr(e, &self.out_path))?;
                 meta_at += meta.len() as u64;
                 meta.clear();
             }
         }
         meta.resize((u64::from(blocks) * BLOCK - meta_at) as usize, 0);
-        self.out.write_all_at(&meta, meta_at).map_err(|e| werr(e, &self.out_path))?;
-        let (bt, btn) = if newest.0 < 0 { (0, 0) } else { (newest.0 as u64, newest.1) };
+        self.out
+            .write_all_at(&meta, meta_at)
+            .map_err(|e| werr(e, &self.out_path))?;
+        let (bt, btn) = if newest.0 < 0 {
+            (0, 0)
+        } else {
+            (newest.0 as u64, newest.1)
+        };
         let sb = format::Superblock {
             root_nid: nid_of[ROOT] as u16,
             inos: placed.len() as u64,
@@ -625,7 +715,9 @@ impl Writer {
         let size = u64::from(blocks) * BLOCK;
         // Skipped zero blocks at the end of the data are holes: the length
         // is set, not written.
-        self.out.set_len(size).map_err(|e| Error::io("size erofs image", &self.out_path, &e))?;
+        self.out
+            .set_len(size)
+            .map_err(|e| Error::io("size erofs image", &self.out_path, &e))?;
         self.finished = true;
         Ok(size)
     }
@@ -727,7 +819,10 @@ pub fn split_path(path: &[u8]) -> std::result::Result<Vec<&[u8]>, String> {
             b"" | b"." => {}
             b".." => return Err("the path holds a \"..\" component".into()),
             c if c.len() > NAME_MAX => {
-                return Err(format!("a name of {} bytes (erofs holds {NAME_MAX})", c.len()));
+                return Err(format!(
+                    "a name of {} bytes (erofs holds {NAME_MAX})",
+                    c.len()
+                ));
             }
             c => out.push(c),
         }
@@ -743,20 +838,36 @@ fn encode_xattrs(x: &[(Vec<u8>, Vec<u8>)]) -> std::result::Result<Vec<u8>, Strin
         let (idx, suffix) = format::split_xattr_name(name)
             .ok_or_else(|| format!("xattr {shown:?}: a namespace erofs cannot hold"))?;
         if suffix.len() > NAME_MAX {
-            return Err(format!("xattr {shown:?}: name of {} bytes after its prefix (erofs holds 255)", suffix.len()));
+            return Err(format!(
+                "xattr {shown:?}: name of {} bytes after its prefix (erofs holds 255)",
+                suffix.len()
+            ));
         }
         if value.len() > usize::from(u16::MAX) {
-            return Err(format!("xattr {shown:?}: value of {} bytes (erofs holds 65535)", value.len()));
+            return Err(format!(
+                "xattr {shown:?}: value of {} bytes (erofs holds 65535)",
+                value.len()
+            ));
         }
         split.push((idx, suffix, &value[..]));
     }
     split.sort();
-    if let Some(w) = split.windows(2).find(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1)) {
-        return Err(format!("xattr {:?} given twice (index {})", String::from_utf8_lossy(w[0].1), w[0].0));
+    if let Some(w) = split
+        .windows(2)
+        .find(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1))
+    {
+        return Err(format!(
+            "xattr {:?} given twice (index {})",
+            String::from_utf8_lossy(w[0].1),
+            w[0].0
+        ));
     }
     let body = format::xattr_ibody(&split);
     if body.len() > format::XATTR_IBODY_HEADER + 4 * (usize::from(u16::MAX) - 1) {
-        return Err(format!("xattrs of {} bytes (erofs holds about 256 KiB)", body.len()));
+        return Err(format!(
+            "xattrs of {} bytes (erofs holds about 256 KiB)",
+            body.len()
+        ));
     }
     Ok(body)
 }

@@ -27,7 +27,10 @@ const UUID: [u8; 16] = *b"sharedloop-erofs";
 enum Content {
     Bytes(Vec<u8>),
     /// Zeros with a few marks: large sparse files without storing them.
-    Pattern { size: u64, marks: Vec<(u64, Vec<u8>)> },
+    Pattern {
+        size: u64,
+        marks: Vec<(u64, Vec<u8>)>,
+    },
     Path(PathBuf),
 }
 
@@ -78,12 +81,20 @@ impl Read for PatternReader {
 fn content_reader(c: &Content) -> (u64, Box<dyn Read>) {
     match c {
         Content::Bytes(b) => (b.len() as u64, Box::new(std::io::Cursor::new(b.clone()))),
-        Content::Pattern { size, marks } => {
-            (*size, Box::new(PatternReader { pos: 0, size: *size, marks: marks.clone() }))
-        }
+        Content::Pattern { size, marks } => (
+            *size,
+            Box::new(PatternReader {
+                pos: 0,
+                size: *size,
+                marks: marks.clone(),
+            }),
+        ),
         Content::Path(p) => {
             let f = std::fs::File::open(p).unwrap();
-            (f.metadata().unwrap().len(), Box::new(std::io::BufReader::new(f)))
+            (
+                f.metadata().unwrap().len(),
+                Box::new(std::io::BufReader::new(f)),
+            )
         }
     }
 }
@@ -91,7 +102,11 @@ fn content_reader(c: &Content) -> (u64, Box<dyn Read>) {
 fn meta(mode: u32, i: u32) -> Meta {
     Meta {
         mode,
-        uid: if i.is_multiple_of(3) { 70000 + i } else { i % 1000 },
+        uid: if i.is_multiple_of(3) {
+            70000 + i
+        } else {
+            i % 1000
+        },
         gid: if i.is_multiple_of(5) { 80000 } else { 0 },
         mtime: T + i64::from(i),
         // Every digit of the nanoseconds counts.
@@ -101,7 +116,11 @@ fn meta(mode: u32, i: u32) -> Meta {
 }
 
 fn spec(path: &[u8], kind: SKind, meta: Meta) -> Spec {
-    Spec { path: path.to_vec(), kind, meta }
+    Spec {
+        path: path.to_vec(),
+        kind,
+        meta,
+    }
 }
 
 fn build(specs: &[Spec], out: &Path) -> Result<u64> {
@@ -114,13 +133,32 @@ fn build(specs: &[Spec], out: &Path) -> Result<u64> {
                 (Kind::File { size }, r)
             }
             SKind::Symlink(t) => (Kind::Symlink(t), Box::new(std::io::empty())),
-            SKind::Char(a, b) => (Kind::CharDev { major: *a, minor: *b }, Box::new(std::io::empty())),
-            SKind::Block(a, b) => (Kind::BlockDev { major: *a, minor: *b }, Box::new(std::io::empty())),
+            SKind::Char(a, b) => (
+                Kind::CharDev {
+                    major: *a,
+                    minor: *b,
+                },
+                Box::new(std::io::empty()),
+            ),
+            SKind::Block(a, b) => (
+                Kind::BlockDev {
+                    major: *a,
+                    minor: *b,
+                },
+                Box::new(std::io::empty()),
+            ),
             SKind::Fifo => (Kind::Fifo, Box::new(std::io::empty())),
             SKind::Socket => (Kind::Socket, Box::new(std::io::empty())),
             SKind::Link(t) => (Kind::HardLink(t), Box::new(std::io::empty())),
         };
-        w.add(&Entry { path: &s.path, kind, meta: s.meta.clone() }, &mut data)?;
+        w.add(
+            &Entry {
+                path: &s.path,
+                kind,
+                meta: s.meta.clone(),
+            },
+            &mut data,
+        )?;
     }
     w.finish()
 }
@@ -161,7 +199,11 @@ fn every_case() -> Vec<Spec> {
         let mut p = b"names/".to_vec();
         p.extend(odd_name(len));
         let data = (0..len as u8).collect();
-        v.push(spec(&p, SKind::File(Content::Bytes(data)), meta(0o644, len as u32)));
+        v.push(spec(
+            &p,
+            SKind::File(Content::Bytes(data)),
+            meta(0o644, len as u32),
+        ));
     }
     // A directory over many blocks: 10,000 entries of varied name length.
     v.push(spec(b"big", SKind::Dir, meta(0o755, 3)));
@@ -173,17 +215,41 @@ fn every_case() -> Vec<Spec> {
             7 => SKind::File(Content::Bytes(vec![i as u8; i as usize])),
             _ => SKind::File(Content::Bytes(Vec::new())),
         };
-        v.push(spec(&p, kind, meta(if i % 50 == 0 { 0o755 } else { 0o640 }, i)));
+        v.push(spec(
+            &p,
+            kind,
+            meta(if i % 50 == 0 { 0o755 } else { 0o640 }, i),
+        ));
     }
     // Hard links, within and across directories, to files and specials.
     v.push(spec(b"links", SKind::Dir, meta(0o755, 4)));
     let pat: Vec<u8> = (0..10_000u32).map(|i| (i * 31 % 251) as u8).collect();
-    v.push(spec(b"links/a", SKind::File(Content::Bytes(pat)), meta(0o4755, 5)));
-    v.push(spec(b"links/b", SKind::Link(b"links/a".to_vec()), Meta::default()));
-    v.push(spec(b"links/c", SKind::Link(b"/links/a".to_vec()), Meta::default()));
-    v.push(spec(b"big/linked", SKind::Link(b"links/a".to_vec()), Meta::default()));
+    v.push(spec(
+        b"links/a",
+        SKind::File(Content::Bytes(pat)),
+        meta(0o4755, 5),
+    ));
+    v.push(spec(
+        b"links/b",
+        SKind::Link(b"links/a".to_vec()),
+        Meta::default(),
+    ));
+    v.push(spec(
+        b"links/c",
+        SKind::Link(b"/links/a".to_vec()),
+        Meta::default(),
+    ));
+    v.push(spec(
+        b"big/linked",
+        SKind::Link(b"links/a".to_vec()),
+        Meta::default(),
+    ));
     v.push(spec(b"links/fifo", SKind::Fifo, meta(0o600, 6)));
-    v.push(spec(b"links/fifo2", SKind::Link(b"links/fifo".to_vec()), Meta::default()));
+    v.push(spec(
+        b"links/fifo2",
+        SKind::Link(b"links/fifo".to_vec()),
+        Meta::default(),
+    ));
     // Xattrs of every namespace erofs has.
     v.push(spec(b"x", SKind::Dir, meta(0o755, 7)));
     let cap = {
@@ -191,7 +257,13 @@ fn every_case() -> Vec<Spec> {
         c.extend_from_slice(&[0x00, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         c
     };
-    let access = acl(&[(0x01, 7, u32::MAX), (0x02, 5, 1000), (0x04, 5, u32::MAX), (0x10, 5, u32::MAX), (0x20, 4, u32::MAX)]);
+    let access = acl(&[
+        (0x01, 7, u32::MAX),
+        (0x02, 5, 1000),
+        (0x04, 5, u32::MAX),
+        (0x10, 5, u32::MAX),
+        (0x20, 4, u32::MAX),
+    ]);
     let mut m = meta(0o755, 8);
     m.xattrs = vec![
         (b"user.a".to_vec(), b"1".to_vec()),
@@ -200,21 +272,45 @@ fn every_case() -> Vec<Spec> {
         (b"security.capability".to_vec(), cap),
         (b"system.posix_acl_access".to_vec(), access.clone()),
     ];
-    v.push(spec(b"x/file", SKind::File(Content::Bytes(b"capable".to_vec())), m));
+    v.push(spec(
+        b"x/file",
+        SKind::File(Content::Bytes(b"capable".to_vec())),
+        m,
+    ));
     let mut m = meta(0o755, 9);
     m.xattrs = vec![
         (b"trusted.overlay.opaque".to_vec(), b"y".to_vec()),
         (b"system.posix_acl_default".to_vec(), access),
-        (b"user.".to_vec().into_iter().chain(odd_name(200).into_iter().filter(|&b| b != 0)).collect(), b"long name".to_vec()),
+        (
+            b"user."
+                .to_vec()
+                .into_iter()
+                .chain(odd_name(200).into_iter().filter(|&b| b != 0))
+                .collect(),
+            b"long name".to_vec(),
+        ),
     ];
     v.push(spec(b"x/opaque", SKind::Dir, m));
     let mut m = meta(0o644, 10);
     // The largest value the format holds, and a tail that cannot be inline.
-    m.xattrs = vec![(b"user.big".to_vec(), (0..65535u32).map(|i| (i % 253) as u8).collect())];
-    v.push(spec(b"x/bigxattr", SKind::File(Content::Bytes(vec![7; 5000])), m));
+    m.xattrs = vec![(
+        b"user.big".to_vec(),
+        (0..65535u32).map(|i| (i % 253) as u8).collect(),
+    )];
+    v.push(spec(
+        b"x/bigxattr",
+        SKind::File(Content::Bytes(vec![7; 5000])),
+        m,
+    ));
     let mut m = meta(0o644, 11);
-    m.xattrs = (0..100).map(|i| (format!("user.k{i:03}").into_bytes(), vec![i as u8; i])).collect();
-    v.push(spec(b"x/many", SKind::File(Content::Bytes(vec![1; 3000])), m));
+    m.xattrs = (0..100)
+        .map(|i| (format!("user.k{i:03}").into_bytes(), vec![i as u8; i]))
+        .collect();
+    v.push(spec(
+        b"x/many",
+        SKind::File(Content::Bytes(vec![1; 3000])),
+        m,
+    ));
     let mut m = meta(0o777, 12);
     m.xattrs = vec![(b"trusted.sym".to_vec(), b"on a symlink".to_vec())];
     v.push(spec(b"x/sym", SKind::Symlink(b"file".to_vec()), m));
@@ -226,28 +322,63 @@ fn every_case() -> Vec<Spec> {
     v.push(spec(b"dev/null", SKind::Char(1, 3), meta(0o666, 15)));
     v.push(spec(b"dev/whiteout", SKind::Char(0, 0), meta(0o000, 16)));
     v.push(spec(b"dev/blk", SKind::Block(8, 300), meta(0o660, 17)));
-    v.push(spec(b"dev/maxdev", SKind::Char(0xfff, 0xfffff), meta(0o600, 18)));
+    v.push(spec(
+        b"dev/maxdev",
+        SKind::Char(0xfff, 0xfffff),
+        meta(0o600, 18),
+    ));
     v.push(spec(b"dev/fifo", SKind::Fifo, meta(0o644, 19)));
     v.push(spec(b"dev/sock", SKind::Socket, meta(0o755, 20)));
     // Symlinks of 1 to 4095 bytes, around the inline limits.
     v.push(spec(b"syms", SKind::Dir, meta(0o755, 21)));
-    for len in [1usize, 2, 3, 60, 100, 1000, 2047, 3000, 4000, 4020, 4031, 4032, 4033, 4095] {
+    for len in [
+        1usize, 2, 3, 60, 100, 1000, 2047, 3000, 4000, 4020, 4031, 4032, 4033, 4095,
+    ] {
         let t: Vec<u8> = b"ab/.".iter().copied().cycle().take(len).collect();
-        v.push(spec(format!("syms/l{len}").as_bytes(), SKind::Symlink(t), meta(0o777, len as u32)));
+        v.push(spec(
+            format!("syms/l{len}").as_bytes(),
+            SKind::Symlink(t),
+            meta(0o777, len as u32),
+        ));
     }
     // Sizes around block boundaries, an empty file, a negative mtime.
     v.push(spec(b"sizes", SKind::Dir, meta(0o755, 22)));
-    for size in [0usize, 1, 4031, 4032, 4033, 4095, 4096, 4097, 8192, 1 << 20, (1 << 20) + 1, 3 * 4096 + 100] {
+    for size in [
+        0usize,
+        1,
+        4031,
+        4032,
+        4033,
+        4095,
+        4096,
+        4097,
+        8192,
+        1 << 20,
+        (1 << 20) + 1,
+        3 * 4096 + 100,
+    ] {
         let data = (0..size).map(|i| (i % 241) as u8 + 1).collect();
-        v.push(spec(format!("sizes/s{size}").as_bytes(), SKind::File(Content::Bytes(data)), meta(0o644, size as u32)));
+        v.push(spec(
+            format!("sizes/s{size}").as_bytes(),
+            SKind::File(Content::Bytes(data)),
+            meta(0o644, size as u32),
+        ));
     }
     let mut m = meta(0o644, 23);
     (m.mtime, m.mtime_nsec) = (-86_399, 999_999_999);
-    v.push(spec(b"sizes/old", SKind::File(Content::Bytes(Vec::new())), m));
+    v.push(spec(
+        b"sizes/old",
+        SKind::File(Content::Bytes(Vec::new())),
+        m,
+    ));
     // Zero blocks inside data (holes in the image file), a parent never given.
     let mut z = vec![0u8; 5 * 4096];
     z[4096 * 2] = 9;
-    v.push(spec(b"implicit/deeper/zeros", SKind::File(Content::Bytes(z)), meta(0o644, 24)));
+    v.push(spec(
+        b"implicit/deeper/zeros",
+        SKind::File(Content::Bytes(z)),
+        meta(0o644, 24),
+    ));
     v
 }
 
@@ -256,9 +387,17 @@ fn every_case() -> Vec<Spec> {
 /// from 2 GiB on (its own mkfs.erofs images of a 4 GiB file fail alike),
 /// so images holding such a file skip that part.
 fn run_fsck(img: &Path, extract: bool) {
-    let modes: &[&[&str]] = if extract { &[&[], &["--extract"]] } else { &[&[]] };
+    let modes: &[&[&str]] = if extract {
+        &[&[], &["--extract"]]
+    } else {
+        &[&[]]
+    };
     for args in modes {
-        let out = Command::new("fsck.erofs").args(*args).arg(img).output().unwrap();
+        let out = Command::new("fsck.erofs")
+            .args(*args)
+            .arg(img)
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "fsck.erofs {args:?} {}: {}{}",
@@ -287,10 +426,20 @@ fn same_content(view: &Path, c: &Content) {
         let n = ((size - done) as usize).min(a.len());
         want.read_exact(&mut a[..n]).unwrap();
         got.read_exact(&mut b[..n]).unwrap();
-        assert!(a[..n] == b[..n], "{} differs in bytes {done}..{}", view.display(), done + n as u64);
+        assert!(
+            a[..n] == b[..n],
+            "{} differs in bytes {done}..{}",
+            view.display(),
+            done + n as u64
+        );
         done += n as u64;
     }
-    assert_eq!(got.read(&mut b).unwrap(), 0, "{} longer than {size}", view.display());
+    assert_eq!(
+        got.read(&mut b).unwrap(),
+        0,
+        "{} longer than {size}",
+        view.display()
+    );
 }
 
 /// Every path of the mounted image against the specs (the last given of
@@ -301,7 +450,14 @@ fn compare(view: &Path, specs: &[Spec]) {
         by_path.insert(norm(&s.path), s);
     }
     // Implicit parents.
-    let implicit = Spec { path: Vec::new(), kind: SKind::Dir, meta: Meta { mode: 0o755, ..Meta::default() } };
+    let implicit = Spec {
+        path: Vec::new(),
+        kind: SKind::Dir,
+        meta: Meta {
+            mode: 0o755,
+            ..Meta::default()
+        },
+    };
     let mut all: BTreeSet<Vec<u8>> = BTreeSet::new();
     for p in by_path.keys() {
         let c = split_path(p).unwrap();
@@ -336,13 +492,23 @@ fn compare(view: &Path, specs: &[Spec]) {
         let vp = view.join(os(p));
         let st = std::fs::symlink_metadata(&vp).unwrap_or_else(|e| panic!("{}: {e}", vp.display()));
         let s = by_path.get(p).map(|s| {
-            if let SKind::Link(t) = &s.kind { by_path[&norm(t)] } else { *s }
+            if let SKind::Link(t) = &s.kind {
+                by_path[&norm(t)]
+            } else {
+                *s
+            }
         });
         let s = s.unwrap_or(&implicit);
         let m = &s.meta;
         let what = format!("{:?}", String::from_utf8_lossy(p));
         assert_eq!(
-            (st.mode() & 0o7777, st.uid(), st.gid(), st.mtime(), st.mtime_nsec()),
+            (
+                st.mode() & 0o7777,
+                st.uid(),
+                st.gid(),
+                st.mtime(),
+                st.mtime_nsec()
+            ),
             (m.mode, m.uid, m.gid, m.mtime, i64::from(m.mtime_nsec)),
             "{what}: mode uid gid mtime"
         );
@@ -353,7 +519,11 @@ fn compare(view: &Path, specs: &[Spec]) {
         match &s.kind {
             SKind::Dir => {
                 assert!(ft.is_dir(), "{what}");
-                assert_eq!(st.nlink(), 2 + subdirs.get(p).copied().unwrap_or(0), "{what}: nlink");
+                assert_eq!(
+                    st.nlink(),
+                    2 + subdirs.get(p).copied().unwrap_or(0),
+                    "{what}: nlink"
+                );
             }
             SKind::File(c) => {
                 assert!(ft.is_file(), "{what}");
@@ -363,12 +533,27 @@ fn compare(view: &Path, specs: &[Spec]) {
             }
             SKind::Symlink(t) => {
                 assert!(ft.is_symlink(), "{what}");
-                assert_eq!(std::fs::read_link(&vp).unwrap().as_os_str().as_bytes(), &t[..], "{what}");
+                assert_eq!(
+                    std::fs::read_link(&vp).unwrap().as_os_str().as_bytes(),
+                    &t[..],
+                    "{what}"
+                );
                 assert_eq!(st.size(), t.len() as u64);
             }
             SKind::Char(a, b) | SKind::Block(a, b) => {
-                assert!(if matches!(s.kind, SKind::Char(..)) { ft.is_char_device() } else { ft.is_block_device() }, "{what}");
-                assert_eq!((rustix::fs::major(st.rdev()), rustix::fs::minor(st.rdev())), (*a, *b), "{what}: rdev");
+                assert!(
+                    if matches!(s.kind, SKind::Char(..)) {
+                        ft.is_char_device()
+                    } else {
+                        ft.is_block_device()
+                    },
+                    "{what}"
+                );
+                assert_eq!(
+                    (rustix::fs::major(st.rdev()), rustix::fs::minor(st.rdev())),
+                    (*a, *b),
+                    "{what}: rdev"
+                );
             }
             SKind::Fifo => assert!(ft.is_fifo(), "{what}"),
             SKind::Socket => assert!(ft.is_socket(), "{what}"),
@@ -378,7 +563,11 @@ fn compare(view: &Path, specs: &[Spec]) {
             let g = target(p);
             assert_eq!(st.nlink(), group_size[&g], "{what}: nlink");
             let ino = *ino_of.entry(g.clone()).or_insert(st.ino());
-            assert_eq!(st.ino(), ino, "{what}: not the same inode as the rest of its group");
+            assert_eq!(
+                st.ino(),
+                ino,
+                "{what}: not the same inode as the rest of its group"
+            );
             let owner = group_of.entry(st.ino()).or_insert(g.clone());
             assert_eq!(*owner, g, "{what}: shares an inode with another group");
         }
@@ -407,7 +596,9 @@ fn list(dir: &Path, rel: Vec<u8>, out: &mut BTreeSet<Vec<u8>>) {
 }
 
 fn build_check(d: &TestDir, name: &str, specs: &[Spec]) -> PathBuf {
-    let huge = specs.iter().any(|s| matches!(&s.kind, SKind::File(c) if content_reader(c).0 >= 2 << 30));
+    let huge = specs
+        .iter()
+        .any(|s| matches!(&s.kind, SKind::File(c) if content_reader(c).0 >= 2 << 30));
     let img = d.join(format!("{name}.img"));
     let size = build(specs, &img).unwrap();
     assert_eq!(size, std::fs::metadata(&img).unwrap().len());
@@ -434,8 +625,13 @@ fn every_kind_of_entry_survives_fsck_and_the_kernel() {
         fc.set_string("source", &img).unwrap();
         fc.set_flag("ro").unwrap();
         fc.create().unwrap();
-        let mnt = fc.mount(rustix::mount::MountAttrFlags::MOUNT_ATTR_RDONLY).unwrap();
-        let view = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&mnt)));
+        let mnt = fc
+            .mount(rustix::mount::MountAttrFlags::MOUNT_ATTR_RDONLY)
+            .unwrap();
+        let view = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&mnt)
+        ));
         compare(&view, &specs);
         drop(mnt);
         assert_no_loop(&img);
@@ -451,29 +647,60 @@ fn builds_are_reproducible() {
     let (a, b) = (d.join("a.img"), d.join("b.img"));
     build(&specs, &a).unwrap();
     build(&specs, &b).unwrap();
-    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "two builds differ");
+    assert!(
+        std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+        "two builds differ"
+    );
     // The order entries come in is part of the input (data goes in that
     // order), but the same order is the same image; another UUID is
     // another superblock only.
     let c = d.join("c.img");
     let mut w = Writer::create(&c, *b"another-uuid-16b").unwrap();
-    w.add(&Entry { path: b"f", kind: Kind::File { size: 2 }, meta: Meta::default() }, &mut &b"hi"[..]).unwrap();
+    w.add(
+        &Entry {
+            path: b"f",
+            kind: Kind::File { size: 2 },
+            meta: Meta::default(),
+        },
+        &mut &b"hi"[..],
+    )
+    .unwrap();
     w.finish().unwrap();
     let e = d.join("e.img");
     let mut w = Writer::create(&e, UUID).unwrap();
-    w.add(&Entry { path: b"f", kind: Kind::File { size: 2 }, meta: Meta::default() }, &mut &b"hi"[..]).unwrap();
+    w.add(
+        &Entry {
+            path: b"f",
+            kind: Kind::File { size: 2 },
+            meta: Meta::default(),
+        },
+        &mut &b"hi"[..],
+    )
+    .unwrap();
     w.finish().unwrap();
     let (c, e) = (std::fs::read(&c).unwrap(), std::fs::read(&e).unwrap());
     let diff: Vec<usize> = (0..c.len()).filter(|&i| c[i] != e[i]).collect();
-    assert!(diff.iter().all(|&i| (1024 + 4..1024 + 8).contains(&i) || (1024 + 48..1024 + 64).contains(&i)), "{diff:?}");
+    assert!(
+        diff.iter()
+            .all(|&i| (1024 + 4..1024 + 8).contains(&i) || (1024 + 48..1024 + 64).contains(&i)),
+        "{diff:?}"
+    );
 }
 
 #[test]
 fn replaced_paths_and_implicit_parents() {
     let d = TestDir::new("erofsw-replace");
     let specs = vec![
-        spec(b"a/b/file", SKind::File(Content::Bytes(b"first".to_vec())), meta(0o644, 1)),
-        spec(b"a/b/file", SKind::File(Content::Bytes(b"second, longer".to_vec())), meta(0o600, 2)),
+        spec(
+            b"a/b/file",
+            SKind::File(Content::Bytes(b"first".to_vec())),
+            meta(0o644, 1),
+        ),
+        spec(
+            b"a/b/file",
+            SKind::File(Content::Bytes(b"second, longer".to_vec())),
+            meta(0o600, 2),
+        ),
         spec(b"a/b", SKind::Dir, meta(0o711, 3)),
         spec(b"a/x", SKind::Dir, meta(0o755, 4)),
         spec(b"a/x/inner", SKind::Fifo, meta(0o644, 5)),
@@ -500,20 +727,51 @@ fn large_sparse_file() {
     // 5 GiB if the image's filesystem takes files that big (the image is
     // sparse: only the marked blocks take space), else 4 GiB + 1.
     let st = rustix::fs::statvfs(&d.0).unwrap();
-    let size = if st.f_bavail * st.f_frsize > 8 * G { 5 * G + 123 } else { 4 * G + 1 };
-    let marks = vec![(0, b"HEAD".to_vec()), (4 * G - 2, b"WXYZ".to_vec()), (size - 3, b"END".to_vec())];
+    let size = if st.f_bavail * st.f_frsize > 8 * G {
+        5 * G + 123
+    } else {
+        4 * G + 1
+    };
+    let marks = vec![
+        (0, b"HEAD".to_vec()),
+        (4 * G - 2, b"WXYZ".to_vec()),
+        (size - 3, b"END".to_vec()),
+    ];
     let specs = vec![
         spec(b"", SKind::Dir, meta(0o755, 1)),
-        spec(b"sparse", SKind::File(Content::Pattern { size, marks }), meta(0o644, 2)),
+        spec(
+            b"sparse",
+            SKind::File(Content::Pattern { size, marks }),
+            meta(0o644, 2),
+        ),
         // A multiple of the block size: FLAT_PLAIN, no tail.
-        spec(b"plain", SKind::File(Content::Pattern { size: 4 * G + 4096, marks: vec![(4 * G + 4095, b"P".to_vec())] }), meta(0o600, 4)),
-        spec(b"after", SKind::File(Content::Bytes(b"after the big one".to_vec())), meta(0o644, 3)),
+        spec(
+            b"plain",
+            SKind::File(Content::Pattern {
+                size: 4 * G + 4096,
+                marks: vec![(4 * G + 4095, b"P".to_vec())],
+            }),
+            meta(0o600, 4),
+        ),
+        spec(
+            b"after",
+            SKind::File(Content::Bytes(b"after the big one".to_vec())),
+            meta(0o644, 3),
+        ),
     ];
     let img = build_check(&d, "sparse", &specs);
     let st = std::fs::metadata(&img).unwrap();
     assert!(st.len() > size + 4 * G);
-    assert!(st.blocks() * 512 < 1 << 20, "zero blocks are holes: {} bytes allocated", st.blocks() * 512);
-    eprintln!("sparse: a {size}-byte file, image {} bytes apparent, {} allocated", st.len(), st.blocks() * 512);
+    assert!(
+        st.blocks() * 512 < 1 << 20,
+        "zero blocks are holes: {} bytes allocated",
+        st.blocks() * 512
+    );
+    eprintln!(
+        "sparse: a {size}-byte file, image {} bytes apparent, {} allocated",
+        st.len(),
+        st.blocks() * 512
+    );
 }
 
 #[test]
@@ -521,39 +779,156 @@ fn bad_entries_are_refused_and_leave_no_image() {
     let d = TestDir::new("erofsw-bad");
     let f = |size| Kind::File { size };
     let m = Meta::default();
-    let mx = |name: &[u8], len: usize| Meta { xattrs: vec![(name.to_vec(), vec![0; len])], ..Meta::default() };
+    let mx = |name: &[u8], len: usize| Meta {
+        xattrs: vec![(name.to_vec(), vec![0; len])],
+        ..Meta::default()
+    };
     let long = vec![b'n'; 256];
     let cases: Vec<(&[u8], Kind, Meta, &[u8], &str)> = vec![
         (b"a/../b", f(0), m.clone(), b"", "\"..\" component"),
         (b"a\0b", f(0), m.clone(), b"", "NUL"),
         (&long, f(0), m.clone(), b"", "a name of 256 bytes"),
-        (b"f", f(0), mx(b"foo.bar", 1), b"", "namespace erofs cannot hold"),
-        (b"f", f(0), mx(b"system.nfs4_acl", 1), b"", "namespace erofs cannot hold"),
-        (b"f", f(0), mx(b"user.v", 65536), b"", "value of 65536 bytes"),
-        (b"f", f(10), m.clone(), b"short", "content ends before its size"),
-        (b"s", Kind::Symlink(b""), m.clone(), b"", "symlink target of 0 bytes"),
-        (b"s", Kind::Symlink(&[b'a'; 4096]), m.clone(), b"", "symlink target of 4096 bytes"),
-        (b"h", Kind::HardLink(b"nothing"), m.clone(), b"", "not given before"),
-        (b"h", Kind::HardLink(b"dir"), m.clone(), b"", "hard link to directory"),
-        (b"file/x", f(0), m.clone(), b"", "on its path is not a directory"),
+        (
+            b"f",
+            f(0),
+            mx(b"foo.bar", 1),
+            b"",
+            "namespace erofs cannot hold",
+        ),
+        (
+            b"f",
+            f(0),
+            mx(b"system.nfs4_acl", 1),
+            b"",
+            "namespace erofs cannot hold",
+        ),
+        (
+            b"f",
+            f(0),
+            mx(b"user.v", 65536),
+            b"",
+            "value of 65536 bytes",
+        ),
+        (
+            b"f",
+            f(10),
+            m.clone(),
+            b"short",
+            "content ends before its size",
+        ),
+        (
+            b"s",
+            Kind::Symlink(b""),
+            m.clone(),
+            b"",
+            "symlink target of 0 bytes",
+        ),
+        (
+            b"s",
+            Kind::Symlink(&[b'a'; 4096]),
+            m.clone(),
+            b"",
+            "symlink target of 4096 bytes",
+        ),
+        (
+            b"h",
+            Kind::HardLink(b"nothing"),
+            m.clone(),
+            b"",
+            "not given before",
+        ),
+        (
+            b"h",
+            Kind::HardLink(b"dir"),
+            m.clone(),
+            b"",
+            "hard link to directory",
+        ),
+        (
+            b"file/x",
+            f(0),
+            m.clone(),
+            b"",
+            "on its path is not a directory",
+        ),
         (b"", f(0), m.clone(), b"", "the root must be a directory"),
-        (b"f", f(0), Meta { mode: 0o100644, ..Meta::default() }, b"", "bits beyond 07777"),
-        (b"c", Kind::CharDev { major: 4096, minor: 0 }, m.clone(), b"", "12-bit major"),
-        (b"c", Kind::BlockDev { major: 0, minor: 1 << 20 }, m.clone(), b"", "20-bit minor"),
-        (b"t", Kind::Fifo, Meta { mtime_nsec: 1_000_000_000, ..Meta::default() }, b"", "nanoseconds 1000000000"),
+        (
+            b"f",
+            f(0),
+            Meta {
+                mode: 0o100644,
+                ..Meta::default()
+            },
+            b"",
+            "bits beyond 07777",
+        ),
+        (
+            b"c",
+            Kind::CharDev {
+                major: 4096,
+                minor: 0,
+            },
+            m.clone(),
+            b"",
+            "12-bit major",
+        ),
+        (
+            b"c",
+            Kind::BlockDev {
+                major: 0,
+                minor: 1 << 20,
+            },
+            m.clone(),
+            b"",
+            "20-bit minor",
+        ),
+        (
+            b"t",
+            Kind::Fifo,
+            Meta {
+                mtime_nsec: 1_000_000_000,
+                ..Meta::default()
+            },
+            b"",
+            "nanoseconds 1000000000",
+        ),
     ];
     for (path, kind, meta, data, want) in cases {
         let img = d.join("bad.img");
         let mut w = Writer::create(&img, UUID).unwrap();
-        w.add(&Entry { path: b"dir", kind: Kind::Dir, meta: Meta::default() }, &mut std::io::empty()).unwrap();
-        w.add(&Entry { path: b"file", kind: f(0), meta: Meta::default() }, &mut std::io::empty()).unwrap();
-        let e = w.add(&Entry { path, kind, meta }, &mut &data[..]).unwrap_err().to_string();
-        assert!(e.contains(want) && e.contains(&img.display().to_string()), "{e} (want {want})");
+        w.add(
+            &Entry {
+                path: b"dir",
+                kind: Kind::Dir,
+                meta: Meta::default(),
+            },
+            &mut std::io::empty(),
+        )
+        .unwrap();
+        w.add(
+            &Entry {
+                path: b"file",
+                kind: f(0),
+                meta: Meta::default(),
+            },
+            &mut std::io::empty(),
+        )
+        .unwrap();
+        let e = w
+            .add(&Entry { path, kind, meta }, &mut &data[..])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(want) && e.contains(&img.display().to_string()),
+            "{e} (want {want})"
+        );
         drop(w);
         assert!(!img.exists(), "an unfinished image is removed");
     }
     // Where the image cannot be made: the path and errno.
-    let e = Writer::create(&d.join("no/such/dir.img"), UUID).err().unwrap();
+    let e = Writer::create(&d.join("no/such/dir.img"), UUID)
+        .err()
+        .unwrap();
     assert_eq!(e.errno(), Some(rustix::io::Errno::NOENT));
     assert!(e.to_string().contains("no/such/dir.img"), "{e}");
 }
@@ -567,7 +942,9 @@ fn random_trees() {
     for seed in 1..=6u64 {
         let mut s = seed;
         let mut rnd = move |n: u64| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 33) % n
         };
         let mut v = vec![spec(b"", SKind::Dir, meta(0o755, 0))];
@@ -582,7 +959,11 @@ fn random_trees() {
             // Unique in its directory: the index first.
             let mut name = format!("{i}-").into_bytes();
             let len = 1 + rnd(255) as usize;
-            name.extend(odd_name(len).into_iter().take(len.saturating_sub(name.len())));
+            name.extend(
+                odd_name(len)
+                    .into_iter()
+                    .take(len.saturating_sub(name.len())),
+            );
             name.truncate(255);
             p.extend(name);
             let mut m = meta([0o644, 0o755, 0o4711, 0o1777, 0][rnd(5) as usize], i);
@@ -590,15 +971,25 @@ fn random_trees() {
             for k in 0..nx {
                 let vlen = [0, 1, 50, 700, 3000][rnd(5) as usize];
                 let ns = ["trusted.", "security.", "trusted.overlay."][rnd(3) as usize];
-                m.xattrs.push((format!("{ns}k{k}").into_bytes(), vec![rnd(256) as u8; vlen]));
+                m.xattrs
+                    .push((format!("{ns}k{k}").into_bytes(), vec![rnd(256) as u8; vlen]));
             }
             let kind = match rnd(10) {
                 0 | 1 => {
                     dirs.push(p.clone());
                     SKind::Dir
                 }
-                2 => SKind::Symlink(b"x/".iter().copied().cycle().take(1 + rnd(4095) as usize).collect()),
-                3 if !files.is_empty() => SKind::Link(files[rnd(files.len() as u64) as usize].clone()),
+                2 => SKind::Symlink(
+                    b"x/"
+                        .iter()
+                        .copied()
+                        .cycle()
+                        .take(1 + rnd(4095) as usize)
+                        .collect(),
+                ),
+                3 if !files.is_empty() => {
+                    SKind::Link(files[rnd(files.len() as u64) as usize].clone())
+                }
                 4 => SKind::Char(rnd(4096) as u32, rnd(1 << 20) as u32),
                 5 => [SKind::Fifo, SKind::Socket][rnd(2) as usize].clone(),
                 _ => {
@@ -608,7 +999,9 @@ fn random_trees() {
                         _ => rnd(40_000),
                     } as usize;
                     files.push(p.clone());
-                    SKind::File(Content::Bytes((0..size).map(|k| (k as u64 * seed) as u8).collect()))
+                    SKind::File(Content::Bytes(
+                        (0..size).map(|k| (k as u64 * seed) as u8).collect(),
+                    ))
                 }
             };
             v.push(spec(&p, kind, m));
@@ -644,7 +1037,13 @@ fn specs_of_tree(root: &Path) -> Vec<Spec> {
         } else if ft.is_file() {
             SKind::File(Content::Path(p.clone()))
         } else if ft.is_symlink() {
-            SKind::Symlink(std::fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec())
+            SKind::Symlink(
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec(),
+            )
         } else if ft.is_char_device() {
             SKind::Char(dev.0, dev.1)
         } else if ft.is_block_device() {
@@ -656,7 +1055,10 @@ fn specs_of_tree(root: &Path) -> Vec<Spec> {
         };
         out.push(spec(rel, kind, meta));
         if ft.is_dir() {
-            let mut names: Vec<_> = std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().file_name()).collect();
+            let mut names: Vec<_> = std::fs::read_dir(&p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
             names.sort();
             for n in names {
                 let mut r = rel.to_vec();
@@ -681,7 +1083,9 @@ fn timing_against_mkfs_erofs() {
     let src = d.join("src");
     let mut seed = 12345u64;
     let mut rnd = move || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         seed >> 33
     };
     for i in 0..40 {
@@ -693,7 +1097,9 @@ fn timing_against_mkfs_erofs() {
             std::fs::write(dir.join(format!("file-{j:03}.dat")), data).unwrap();
         }
     }
-    let big: Vec<u8> = (0..64u64 << 20).map(|k| ((k * 2654435761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..64u64 << 20)
+        .map(|k| ((k * 2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(src.join("big.bin"), big).unwrap();
     std::fs::hard_link(src.join("big.bin"), src.join("big.link")).unwrap();
     std::os::unix::fs::symlink("d00/file-000.dat", src.join("sym")).unwrap();
@@ -711,13 +1117,26 @@ fn timing_against_mkfs_erofs() {
     let t_ours = t.elapsed();
     let theirs = d.join("mkfs.img");
     let t = Instant::now();
-    let out = Command::new("mkfs.erofs").arg("--quiet").arg(&theirs).arg(&src).output().unwrap();
+    let out = Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg(&theirs)
+        .arg(&src)
+        .output()
+        .unwrap();
     let t_mkfs = t.elapsed();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let theirs_size = std::fs::metadata(&theirs).unwrap().len();
     eprintln!(
         "erofs writer ({} build) vs mkfs.erofs (uncompressed), {} entries, 4,000 files + 64 MiB: writer {:.1} ms, {} bytes; mkfs.erofs {:.1} ms, {} bytes; mkfs/writer time {:.2}x",
-        if cfg!(debug_assertions) { "debug" } else { "release" },
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
         specs.len(),
         t_ours.as_secs_f64() * 1e3,
         size,
@@ -730,7 +1149,6 @@ fn timing_against_mkfs_erofs() {
     compare(&m.view, &specs);
     m.unmount();
 }
-
 
 /// `write_dir` on the tree every builder is checked with, plus what
 /// mkfs.erofs 1.5 and mke2fs lose: a 255-byte name, nanoseconds, ids over
@@ -745,10 +1163,22 @@ fn a_directory_tree_through_write_dir() {
     let long = src.join("n".repeat(255));
     write(&long, b"255 bytes of name");
     std::os::unix::fs::lchown(&long, Some(70000), Some(70001)).unwrap();
-    let ts = rustix::fs::Timespec { tv_sec: ST, tv_nsec: 123_456_789 };
-    let times = rustix::fs::Timestamps { last_access: ts, last_modification: ts };
+    let ts = rustix::fs::Timespec {
+        tv_sec: ST,
+        tv_nsec: 123_456_789,
+    };
+    let times = rustix::fs::Timestamps {
+        last_access: ts,
+        last_modification: ts,
+    };
     for p in [&long, &src.join("a/file.txt")] {
-        rustix::fs::utimensat(rustix::fs::CWD, p, &times, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).unwrap();
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            p,
+            &times,
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
     }
     let img = d.join("dir.img");
     let size = write_dir(&src, &img, UUID).unwrap();
