@@ -15,6 +15,7 @@ pub const COMPAT_SB_CHKSUM: u32 = 0x1;
 /// Inode slots are 32 bytes; a nid is the slot index from `meta_blkaddr`.
 pub const SLOT: u64 = 32;
 pub const EXTENDED_INODE: usize = 64;
+pub const COMPACT_INODE: usize = 32;
 pub const XATTR_IBODY_HEADER: usize = 12;
 pub const DIRENT: usize = 12;
 
@@ -153,6 +154,40 @@ pub fn extended_inode(i: &Inode) -> [u8; EXTENDED_INODE] {
     put64(&mut b, 32, i.mtime as u64);
     put32(&mut b, 40, i.mtime_nsec);
     put32(&mut b, 44, i.nlink);
+    b
+}
+
+/// Whether the 32-byte compact inode holds `i` exactly on every kernel:
+/// 16-bit ids and nlink, a 32-bit size, and the mtime the superblock's
+/// build time gives (compact inodes had no mtime of their own before 6.x;
+/// where they have one it is an offset from the build time, written 0).
+pub fn fits_compact(i: &Inode, build_time: (u64, u32)) -> bool {
+    i.uid <= 0xffff
+        && i.gid <= 0xffff
+        && i.nlink <= 0xffff
+        && i.size <= u64::from(u32::MAX)
+        && i.mtime >= 0
+        && (i.mtime as u64, i.mtime_nsec) == build_time
+}
+
+/// The 32-byte compact inode (version bit 0), for an inode `fits_compact`.
+pub fn compact_inode(i: &Inode) -> [u8; COMPACT_INODE] {
+    let mut b = [0u8; COMPACT_INODE];
+    let layout = if i.layout_inline {
+        Layout::FlatInline
+    } else {
+        Layout::FlatPlain
+    };
+    put16(&mut b, 0, (layout as u16) << 1);
+    put16(&mut b, 2, xattr_icount(i.xattr_len));
+    put16(&mut b, 4, i.mode as u16);
+    put16(&mut b, 6, i.nlink as u16);
+    put32(&mut b, 8, i.size as u32);
+    put32(&mut b, 12, 0); // i_mtime: the build time itself
+    put32(&mut b, 16, i.i_u);
+    put32(&mut b, 20, i.ino);
+    put16(&mut b, 24, i.uid as u16);
+    put16(&mut b, 26, i.gid as u16);
     b
 }
 
@@ -401,6 +436,62 @@ mod tests {
             assert_eq!(le32(&b, 40), 123_456_789);
             assert_eq!(le32(&b, 44), 3);
             assert!(b[48..].iter().all(|&x| x == 0));
+        }
+    }
+
+    #[test]
+    fn compact_inode_fields_and_when_it_fits() {
+        let i = Inode {
+            layout_inline: true,
+            xattr_len: 12 + 8,
+            mode: 0o100755,
+            size: 0xffff_ffff,
+            i_u: 77,
+            ino: 9,
+            uid: 65535,
+            gid: 1,
+            mtime: 1_700_000_000,
+            mtime_nsec: 5,
+            nlink: 2,
+        };
+        let b = compact_inode(&i);
+        let table: [(usize, u64, usize); 10] = [
+            (0, 0x4, 2),
+            (2, 3, 2),
+            (4, 0o100755, 2),
+            (6, 2, 2),
+            (8, 0xffff_ffff, 4),
+            (12, 0, 4),
+            (16, 77, 4),
+            (20, 9, 4),
+            (24, 65535, 2),
+            (26, 1, 2),
+        ];
+        for (at, want, w) in table {
+            let got = if w == 2 {
+                le16(&b, at) as u64
+            } else {
+                le32(&b, at) as u64
+            };
+            assert_eq!(got, want, "offset {at}");
+        }
+        assert!(b[28..].iter().all(|&x| x == 0));
+        let bt = (1_700_000_000, 5);
+        // (change, fits)
+        let cases: [(fn(&mut Inode), bool); 8] = [
+            (|_| {}, true),
+            (|i| i.uid = 65536, false),
+            (|i| i.gid = 70000, false),
+            (|i| i.nlink = 65536, false),
+            (|i| i.size = 1 << 32, false),
+            (|i| i.mtime_nsec = 6, false),
+            (|i| i.mtime += 1, false),
+            (|i| i.mtime = -1, false),
+        ];
+        for (n, (change, fits)) in cases.into_iter().enumerate() {
+            let mut j = i.clone();
+            change(&mut j);
+            assert_eq!(fits_compact(&j, bt), fits, "case {n}");
         }
     }
 

@@ -20,10 +20,13 @@
 //!   and positions are known only once every entry is in, so the metadata
 //!   area goes after the data: a nid counts 32-byte slots from
 //!   `meta_blkaddr`, so nothing written earlier depends on where it lands.
-//! - **Extended (64-byte) inodes only**: they hold 32-bit uid/gid and
-//!   nlink, a 64-bit size (files over 4 GiB) and the mtime with its
-//!   nanoseconds, on every kernel with erofs. Compact inodes would save 32
-//!   bytes each but keep only a 16-bit owner and, before 6.x, no mtime.
+//! - **Extended (64-byte) inodes** hold 32-bit uid/gid and nlink, a
+//!   64-bit size (files over 4 GiB) and the mtime with its nanoseconds, on
+//!   every kernel with erofs. **Compact (32-byte) inodes** hold 16-bit
+//!   ids and nlink, a 32-bit size, and before 6.x no mtime of their own
+//!   (the superblock's build time stands for it): an inode gets one only
+//!   when its values fit and its mtime is exactly the build time, which
+//!   in a reproducible image (every mtime the same) is most of them.
 //! - **Tail packing.** A file's last partial block is stored right after
 //!   its inode and xattrs (`FLAT_INLINE`) when inode, xattrs and tail fit
 //!   in one block, so small files cost no data block. The tail must not
@@ -567,11 +570,38 @@ impl Writer {
         // least room that still holds it (ties: the lowest), else a new
         // one; an inode whose xattrs pass a block starts its own blocks.
         // Breadth-first order and the root first keep the root at nid 0.
+        let build_time = if newest.0 < 0 {
+            (0, 0)
+        } else {
+            (newest.0 as u64, newest.1)
+        };
+        let mut inodes = Vec::with_capacity(placed.len());
         let mut nid_of = vec![0u64; n];
         let mut free: BTreeSet<(u64, u64)> = BTreeSet::new(); // (room, block)
         let mut meta_blocks = 0u64;
-        for p in &mut placed {
-            let need = (EXTENDED_INODE + self.nodes[p.id].xattrs.len() + p.inline_len) as u64;
+        for (ino, p) in placed.iter_mut().enumerate() {
+            let node = &self.nodes[p.id];
+            let inode = format::Inode {
+                layout_inline: p.inline_len > 0,
+                xattr_len: node.xattrs.len(),
+                mode: node.mode,
+                size: p.size,
+                i_u: p.blkaddr,
+                ino: ino as u32 + 1,
+                uid: node.uid,
+                gid: node.gid,
+                mtime: node.mtime,
+                mtime_nsec: node.mtime_nsec,
+                nlink: p.nlink,
+            };
+            let compact = format::fits_compact(&inode, build_time);
+            let isize = if compact {
+                format::COMPACT_INODE
+            } else {
+                EXTENDED_INODE
+            };
+            inodes.push((inode, compact));
+            let need = (isize + node.xattrs.len() + p.inline_len) as u64;
             let need = need.div_ceil(SLOT) * SLOT;
             let (pos, left) = if need <= BLOCK {
                 match free.range((need, 0)..).next().copied() {
@@ -589,7 +619,7 @@ impl Writer {
                 meta_blocks += need.div_ceil(BLOCK);
                 (start, (meta_blocks * BLOCK - start - need, meta_blocks - 1))
             };
-            if left.0 >= EXTENDED_INODE as u64 {
+            if left.0 >= format::COMPACT_INODE as u64 {
                 free.insert(left);
             }
             p.nid = pos / SLOT;
@@ -639,20 +669,10 @@ impl Writer {
             let node = &self.nodes[p.id];
             let start = p.nid * SLOT;
             meta.resize(meta.len() + (start - written) as usize, 0);
-            let inode = format::Inode {
-                layout_inline: p.inline_len > 0,
-                xattr_len: node.xattrs.len(),
-                mode: node.mode,
-                size: p.size,
-                i_u: p.blkaddr,
-                ino: ino as u32 + 1,
-                uid: node.uid,
-                gid: node.gid,
-                mtime: node.mtime,
-                mtime_nsec: node.mtime_nsec,
-                nlink: p.nlink,
-            };
-            meta.extend_from_slice(&format::extended_inode(&inode));
+            match &inodes[ino] {
+                (inode, true) => meta.extend_from_slice(&format::compact_inode(inode)),
+                (inode, false) => meta.extend_from_slice(&format::extended_inode(inode)),
+            }
             meta.extend_from_slice(&node.xattrs);
             if p.inline_len > 0 {
                 match &node.body {
@@ -695,11 +715,7 @@ impl Writer {
         self.out
             .write_all_at(&meta, meta_at)
             .map_err(|e| werr(e, &self.out_path))?;
-        let (bt, btn) = if newest.0 < 0 {
-            (0, 0)
-        } else {
-            (newest.0 as u64, newest.1)
-        };
+        let (bt, btn) = build_time;
         let sb = format::Superblock {
             root_nid: nid_of[ROOT] as u16,
             inos: placed.len() as u64,

@@ -371,6 +371,44 @@ fn every_case() -> Vec<Spec> {
         SKind::File(Content::Bytes(Vec::new())),
         m,
     ));
+    // At the newest mtime (the build time): compact inodes where ids, nlink
+    // and size allow, extended ones beside them.
+    let newest = |mode, uid| Meta {
+        mode,
+        uid,
+        gid: 7,
+        mtime: T + 5_000_000,
+        mtime_nsec: 42,
+        xattrs: Vec::new(),
+    };
+    v.push(spec(b"same", SKind::Dir, newest(0o755, 0)));
+    for i in 0..20u32 {
+        let data = vec![i as u8; (i * 300) as usize];
+        v.push(spec(
+            format!("same/f{i}").as_bytes(),
+            SKind::File(Content::Bytes(data)),
+            newest(0o644, i),
+        ));
+    }
+    v.push(spec(
+        b"same/link",
+        SKind::Link(b"same/f3".to_vec()),
+        Meta::default(),
+    ));
+    v.push(spec(
+        b"same/bigid",
+        SKind::File(Content::Bytes(b"x".to_vec())),
+        newest(0o644, 70000),
+    ));
+    v.push(spec(
+        b"same/sym",
+        SKind::Symlink(b"f1".to_vec()),
+        newest(0o777, 1),
+    ));
+    v.push(spec(b"same/dev", SKind::Block(8, 1), newest(0o600, 0)));
+    let mut m = newest(0o644, 5);
+    m.xattrs = vec![(b"trusted.overlay.opaque".to_vec(), b"y".to_vec())];
+    v.push(spec(b"same/sub", SKind::Dir, m));
     // Zero blocks inside data (holes in the image file), a parent never given.
     let mut z = vec![0u8; 5 * 4096];
     z[4096 * 2] = 9;
@@ -685,6 +723,39 @@ fn builds_are_reproducible() {
             .all(|&i| (1024 + 4..1024 + 8).contains(&i) || (1024 + 48..1024 + 64).contains(&i)),
         "{diff:?}"
     );
+}
+
+/// Inodes at the build time take 32 bytes, not 64: 200 empty files fit
+/// one metadata block less.
+#[test]
+fn compact_inodes_where_they_fit() {
+    let d = TestDir::new("erofsw-compact");
+    let tree = |same: bool| -> Vec<Spec> {
+        let root = Meta {
+            mode: 0o755,
+            mtime: T,
+            ..Meta::default()
+        };
+        let mut v = vec![spec(b"", SKind::Dir, root)];
+        for i in 0..200u32 {
+            let mut m = meta(0o644, i);
+            (m.uid, m.gid) = (i, i);
+            (m.mtime, m.mtime_nsec) = if same { (T, 0) } else { (T - 1, i) };
+            v.push(spec(
+                format!("f{i:03}").as_bytes(),
+                SKind::File(Content::Bytes(Vec::new())),
+                m,
+            ));
+        }
+        v
+    };
+    let a = build_check(&d, "compact", &tree(true));
+    let b = build_check(&d, "extended", &tree(false));
+    let (a, b) = (
+        std::fs::metadata(a).unwrap().len(),
+        std::fs::metadata(b).unwrap().len(),
+    );
+    assert!(a + 4096 <= b, "compact {a}, extended {b}");
 }
 
 #[test]
