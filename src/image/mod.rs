@@ -13,6 +13,7 @@
 
 mod build;
 mod erofs;
+pub mod erofs_writer;
 mod ext4;
 mod size;
 mod tar;

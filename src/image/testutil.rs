@@ -114,9 +114,9 @@ pub(super) fn sample_tree(root: &Path) {
 /// An image mounted read-only in a private mount namespace, seen from
 /// here through /proc/PID/root. Closing the shell's stdin unmounts; the
 /// loop device has AUTOCLEAR.
-struct Mounted {
+pub(super) struct Mounted {
     child: Child,
-    view: PathBuf,
+    pub(super) view: PathBuf,
     img: PathBuf,
 }
 
@@ -125,7 +125,7 @@ echo ready
 read x
 umount -n -- "$2""#;
 
-fn mount_ro(img: &Path, fstype: FsType, mnt: &Path) -> Mounted {
+pub(super) fn mount_ro(img: &Path, fstype: FsType, mnt: &Path) -> Mounted {
     std::fs::create_dir(mnt).unwrap();
     let mut child = Command::new("unshare")
         .args(["-m", "--propagation", "private", "sh", "-c", PROBE, "sh"])
@@ -152,7 +152,7 @@ fn mount_ro(img: &Path, fstype: FsType, mnt: &Path) -> Mounted {
 }
 
 impl Mounted {
-    fn unmount(mut self) {
+    pub(super) fn unmount(mut self) {
         drop(self.child.stdin.take());
         assert!(self.child.wait().unwrap().success(), "umount failed");
         assert_no_loop(&self.img);
@@ -167,7 +167,7 @@ impl Drop for Mounted {
 }
 
 /// AUTOCLEAR detaches after the last close, not always at once.
-fn assert_no_loop(img: &Path) {
+pub(super) fn assert_no_loop(img: &Path) {
     let start = Instant::now();
     loop {
         let out = Command::new("losetup").arg("-j").arg(img).output().unwrap();
@@ -183,7 +183,7 @@ fn assert_no_loop(img: &Path) {
     }
 }
 
-fn check_image_tree(view: &Path, src: &Path) {
+pub(super) fn check_image_tree(view: &Path, src: &Path) {
     let lstat = |p: &str| std::fs::symlink_metadata(view.join(p)).unwrap();
     assert_eq!(std::fs::read(view.join("a/file.txt")).unwrap(), b"hello");
     let f = lstat("a/file.txt");
