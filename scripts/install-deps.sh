@@ -8,7 +8,8 @@ have() { command -v "$1" >/dev/null 2>&1; }
 have mkfs.ext4  || need="$need e2fsprogs"
 have debugfs    || need="$need e2fsprogs"
 have mkfs.xfs   || need="$need xfsprogs"
-have mkfs.erofs || need="$need erofs-utils"
+# fsck.erofs checks the images sharedloop writes itself (src/image/erofs_writer tests).
+have fsck.erofs || need="$need erofs-utils"
 have setfattr   || need="$need attr"
 have losetup    || need="$need mount"
 have nsenter    || need="$need util-linux"

@@ -195,9 +195,38 @@ fn killed_add_takes_mkfs_ext4_down() {
     killed_add("ext4", "mkfs.ext4", 512, 64 << 10);
 }
 
+/// erofs images are written in this process (no mkfs child): a SIGKILL
+/// while the image is being written leaves its staging directory (the
+/// writer's tail spill file is unlinked from the start), which gc removes.
 #[test]
-fn killed_add_takes_mkfs_erofs_down() {
-    killed_add("erofs", "mkfs.erofs", 512, 64 << 10);
+fn killed_erofs_add_leaves_only_what_gc_removes() {
+    let env = Env::new("killbuild-erofs");
+    let src = env.dir.join("src");
+    big_tree(&src, 2048, 64 << 10);
+    let mut argv: Vec<String> = vec![BIN.into(), "add".into(), src.to_string_lossy().into()];
+    argv.extend(store_args(&env));
+    argv.extend(["--fstype".into(), "erofs".into()]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut child: Child = env.command(&argv).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+    let tmp = env.fallback.join("tmp");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let writing = || {
+        std::fs::read_dir(&tmp).into_iter().flatten().flatten().any(|d| {
+            std::fs::metadata(d.path().join("layer.img")).is_ok_and(|m| m.len() > 0)
+        })
+    };
+    while !writing() {
+        assert!(child.try_wait().unwrap().is_none(), "add finished before its image was seen being written");
+        assert!(Instant::now() < deadline, "no image being written");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let h = sharedloop_below(child.id()).expect("sharedloop below the namespace holder");
+    signal(h, libc::SIGKILL);
+    child.wait().unwrap();
+    gc_then_clean(&env, "add --fstype erofs");
+    let r = env.run(&argv);
+    r.ok();
+    env.assert_clean();
 }
 
 /// build_xfs copies through a mount in `unshare -m ... sh -c 'mount; cp;

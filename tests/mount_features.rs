@@ -456,3 +456,36 @@ fn a_layer_retired_while_the_mount_waits_is_not_mounted() {
     std::fs::remove_dir_all(env.root.join("tmp-retired")).unwrap();
     env.assert_clean();
 }
+
+/// An erofs layer keeps what the tree has: a 255-byte name (NAME_MAX; the
+/// mkfs.erofs of Debian 12 refused it) and nanosecond mtimes, read back
+/// through a real mount.
+#[test]
+fn erofs_layers_keep_long_names_and_nanosecond_mtimes() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new("erofs-exact");
+    let long = "n".repeat(255);
+    let src = env.dir.join("tree");
+    make_tree(&src, &[(&format!("d/{long}"), E::File("long\n")), ("d/ns", E::File("ns\n"))]);
+    // 1700000000.123456789, set without following anything.
+    let ts = [
+        libc::timespec { tv_sec: 1_700_000_000, tv_nsec: 123_456_789 },
+        libc::timespec { tv_sec: 1_700_000_000, tv_nsec: 123_456_789 },
+    ];
+    for p in [src.join("d/ns"), src.join("d")] {
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY (test): a valid path and two timespecs.
+        assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }, 0);
+    }
+    let r = env.run(&[BIN, "add", s(&src), "--fstype", "erofs", "--name", "ex:1", "--loopback-root", s(&env.root), "--loopback-fallback", s(&env.fallback)]);
+    r.ok();
+    let m = env.mnt("m");
+    mount(&env, "ex:1", &m, "").ok();
+    assert_eq!(read_in(&env, &m.join("d").join(&long)).as_deref(), Some("long\n"));
+    for p in ["d/ns", "d"] {
+        let md = std::fs::symlink_metadata(env.view(&m.join(p))).unwrap();
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_700_000_000, 123_456_789), "{p}");
+    }
+    umount(&env, &m);
+    env.assert_clean();
+}

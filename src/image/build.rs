@@ -67,12 +67,18 @@ pub(super) fn set_size(out: &Path, size: u64) -> Result<()> {
 }
 
 /// RFC 9562 version 8 (custom) UUID from 16 bytes of a hash.
-pub(super) fn uuid_from(b: &[u8]) -> String {
+/// A UUID from 16 bytes of a digest (version and variant bits set, as
+/// for a name-based UUID): the same content, the same filesystem UUID.
+pub(super) fn uuid_bytes(b: &[u8]) -> [u8; 16] {
     let mut u = [0u8; 16];
     u.copy_from_slice(&b[..16]);
     u[6] = (u[6] & 0x0f) | 0x80;
     u[8] = (u[8] & 0x3f) | 0x80;
-    let h = hex::encode(u);
+    u
+}
+
+pub(super) fn uuid_from(b: &[u8]) -> String {
+    let h = hex::encode(uuid_bytes(b));
     format!(
         "{}-{}-{}-{}-{}",
         &h[..8],

@@ -1,23 +1,21 @@
-//! The erofs image: mkfs.erofs builds it from the tree in one go (lz4hc
-//! compressed), with the plan's UUID and the newest mtime as the build
-//! time, so that the same tree gives the same image.
+//! The erofs image: written in-process by `erofs_writer` from the tree,
+//! with the plan's UUID, so that the same tree gives the same image.
+//!
+//! Not mkfs.erofs: Debian 12's (erofs-utils 1.5) cannot store a 255-byte
+//! name and fails on real images with "Could not format the device", and
+//! it keeps whole seconds of mtime only. The writer keeps every name
+//! NAME_MAX allows and nanosecond mtimes; it writes uncompressed images
+//! (lz4 is not there yet), whose blocks the page cache holds as they are.
 
 use std::path::Path;
 
-use super::build::uuid_from;
+use super::build::uuid_bytes;
+use super::erofs_writer::write_dir;
 use super::size::Plan;
-use crate::command::Cmd;
 use crate::error::Result;
 
 pub(super) fn build(dir: &Path, out: &Path, plan: &Plan) -> Result<()> {
-    let uuid = uuid_from(&plan.fingerprint[..16]);
-    let mut cmd = Cmd::new("mkfs.erofs");
-    cmd.args(["--quiet", "-zlz4hc", "--preserve-mtime", "-U", &uuid])
-        .arg(out)
-        .arg(dir)
-        // The build time; mtimes newer than it would be clamped, and none is.
-        .env("SOURCE_DATE_EPOCH", plan.newest.to_string());
-    cmd.run("build erofs image")?;
+    write_dir(dir, out, uuid_bytes(&plan.fingerprint[..16]))?;
     Ok(())
 }
 
