@@ -96,6 +96,11 @@ fn big_tree(dir: &Path, files: usize, size: usize) {
     }
 }
 
+/// How long the build may take to reach the step the test waits for: a
+/// bound for a hang, not a timing. Under qemu TCG (the 6.1 kernel round)
+/// hashing and walking the tree before mkfs starts took over 120 s.
+const START_WITHIN: Duration = Duration::from_secs(900);
+
 /// Start `argv` in the test's namespace, wait until a process whose comm
 /// is `want` runs below sharedloop, stop it, SIGKILL sharedloop, and check
 /// that every descendant recorded then is gone within a few seconds.
@@ -107,7 +112,7 @@ fn kill_while_running(env: &Env, argv: &[&str], want: &str, ctx: &str) {
 /// and exit 8.
 fn signal_while_running(env: &Env, argv: &[&str], want: &str, ctx: &str, sig: i32) {
     let mut child: Child = env.command(argv).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + START_WITHIN;
     let (helper, recorded) = loop {
         if let Some(st) = child.try_wait().unwrap() {
             panic!("{ctx}: finished ({st}) before {want} was seen running below it");
@@ -209,7 +214,7 @@ fn killed_erofs_add_leaves_only_what_gc_removes() {
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut child: Child = env.command(&argv).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
     let tmp = env.fallback.join("tmp");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + START_WITHIN;
     let writing = || {
         std::fs::read_dir(&tmp).into_iter().flatten().flatten().any(|d| {
             std::fs::metadata(d.path().join("layer.img")).is_ok_and(|m| m.len() > 0)
