@@ -489,3 +489,69 @@ fn erofs_layers_keep_long_names_and_nanosecond_mtimes() {
     umount(&env, &m);
     env.assert_clean();
 }
+
+/// Pages of `path` in the page cache (mincore over a read-only mapping).
+fn resident_pages(path: &Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let pages = len.div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    // SAFETY (test): a private read-only mapping of an open file, unmapped
+    // before return; mincore writes one byte per page into `vec`.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        assert_ne!(p, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0);
+        libc::munmap(p, len);
+    }
+    vec.iter().filter(|&&b| b & 1 == 1).count()
+}
+
+/// Ten mounts of an erofs image share one superblock per layer (one loop
+/// device each, so one page cache), and with direct I/O (the default) the
+/// image files themselves stay out of the page cache: a file read through
+/// all ten mounts is cached once. (A file-backed erofs mount would make a
+/// superblock, and a page cache, per mount.)
+#[test]
+fn ten_erofs_mounts_share_one_superblock_per_layer() {
+    let env = Env::new("erofs-share");
+    let data: String = "0123456789abcdef".repeat(1 << 16); // 1 MiB
+    let base = env.add_with(None, None, &[("big", E::File(&data))], &["--fstype", "erofs"]);
+    let top = env.add_with(Some(&base), Some("share:1"), &[("top.txt", E::File("top\n"))], &["--fstype", "erofs"]);
+    let images: Vec<std::path::PathBuf> = [&base, &top].iter().map(|id| {
+            let p = layer_dir(&env.root, id).join("layer.img");
+            if p.exists() { p } else { layer_dir(&env.fallback, id).join("layer.img") }
+        })
+        .collect();
+    for img in &images {
+        // What add's writes left in the cache goes first.
+        let f = std::fs::File::open(img).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY (test): advice on an open fd.
+        assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+    }
+    let ms: Vec<std::path::PathBuf> = (0..10).map(|i| env.mnt(&format!("m{i}"))).collect();
+    for m in &ms {
+        mount(&env, "share:1", m, "").ok();
+        assert_eq!(read_in(&env, &m.join("big")).map(|s| s.len()), Some(data.len()));
+    }
+    let v: serde_json::Value = serde_json::from_str(&env.run(&[BIN, "mounts", "--json"]).ok().stdout).unwrap();
+    let mounts = v.as_array().unwrap();
+    assert_eq!(mounts.len(), 10);
+    let devs: Vec<&serde_json::Value> = mounts.iter().map(|m| &m["loop_devices"]).collect();
+    assert_eq!(devs[0].as_array().map(Vec::len), Some(2), "one loop device per layer: {devs:?}");
+    assert!(devs.iter().all(|d| *d == devs[0]), "every mount on the same devices: {devs:?}");
+    // One erofs superblock per device: /sys/fs/erofs lists each once.
+    for d in devs[0].as_array().unwrap() {
+        let name = d.as_str().unwrap().trim_start_matches("/dev/");
+        assert!(Path::new("/sys/fs/erofs").join(name).is_dir(), "{name}: no erofs superblock");
+    }
+    for img in &images {
+        assert_eq!(resident_pages(img), 0, "{}: cached beside the erofs page cache", img.display());
+    }
+    for m in &ms {
+        umount(&env, m);
+    }
+    env.assert_clean();
+}

@@ -297,7 +297,7 @@ impl Plan {
         let mut pending = Vec::new();
         let mut failed = false;
         for (i, l) in self.layers.iter().enumerate() {
-            let found = if self.uses_loop(l) { idx.find(&l.image, &l.image_path)? } else { None };
+            let found = idx.find(&l.image, &l.image_path)?;
             match found {
                 Some(dev) => {
                     let r = f(i, l, Some(dev));
@@ -373,10 +373,6 @@ impl Plan {
         Ok(())
     }
 
-    fn uses_loop(&self, l: &Layer) -> bool {
-        !(l.meta.fstype == FsType::Erofs && self.api != MountApi::Legacy && Feature::ErofsFromFile.have())
-    }
-
     /// The layer's loop device: the one found already attached, or a new one.
     fn layer_loop(&self, found: Option<LoopDevice>, layer: &Layer, i: usize) -> Result<LoopDevice> {
         step("layer-attach", Some(i))?;
@@ -415,19 +411,15 @@ impl Plan {
     fn layer_detached(&self, found: Option<LoopDevice>, layer: &Layer, i: usize) -> Result<Ready> {
         let what = format!("layer {}", layer.meta.chain_id);
         let fstype = layer.meta.fstype.as_str();
-        let (ctx, dev) = if !self.uses_loop(layer) {
-            // erofs reads the image file itself (6.12+): no loop device.
-            step("layer-attach", Some(i))?;
-            let src = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&layer.image));
-            let ctx = FsContext::open(fstype, &what, &layer.image_path)?;
-            ctx.set_string("source", &src)?;
-            (ctx, None)
-        } else {
-            let dev = self.layer_loop(found, layer, i)?;
-            let ctx = FsContext::open(fstype, &what, dev.path())?;
-            ctx.set_string("source", dev.path())?;
-            (ctx, Some(dev))
-        };
+        // Every format on a loop device, erofs too although 6.12+ could
+        // mount it from the file: a file-backed erofs mount gets a
+        // superblock (and so a page cache) of its own on every mount, while
+        // one device gives one superblock per layer per node, whatever
+        // number of mounts use it.
+        let dev = self.layer_loop(found, layer, i)?;
+        let ctx = FsContext::open(fstype, &what, dev.path())?;
+        ctx.set_string("source", dev.path())?;
+        let dev = Some(dev);
         step("layer-mount", Some(i))?;
         ctx.set_flag("ro")?;
         ctx.create().map_err(|e| explain_refusal(layer, e))?;
