@@ -1434,3 +1434,29 @@ fn publish_refuses_a_damaged_layer_directory_in_the_way() {
     std::fs::remove_dir_all(&scratch).unwrap();
     env.assert_clean();
 }
+
+/// One image per layer: importing again with another --fstype keeps the
+/// stored images and says so for each layer, naming both formats.
+#[test]
+fn reimport_in_another_format_says_why_not() {
+    let env = Env::new("imp-refmt");
+    let dir = env.dir.join("oci");
+    two_layer_layout(&dir);
+    let src = format!("oci:{}:t", dir.display());
+    import_ok(&env, &src, &["--fstype", "ext4"]);
+    let r = import(&env, &src, &["--fstype", "erofs"]);
+    r.ok();
+    let note = "as ext4 (one image per layer: not stored again as erofs; `sharedloop rm` it first to change its format)";
+    assert_eq!(r.stderr.matches(note).count(), 2, "{}", r.stderr);
+    // Both layers still ext4, and no second copy anywhere.
+    let mut stored = 0;
+    for store in [&env.root, &env.fallback] {
+        for hexid in layer_dirs(store) {
+            let meta = json_file(&store.join("layers").join(&hexid).join("meta.json"));
+            assert_eq!(meta["fstype"], "ext4", "{hexid}");
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 2);
+    env.assert_clean();
+}

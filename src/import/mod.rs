@@ -105,8 +105,15 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
         progress.start(i, &chain, l.size);
         match store.has_layer(&chain)? {
             Some(which) => {
-                log::info!("layer {}/{n} {chain}: already in the {which} store", i + 1);
-                progress.done(i, &chain, l.size, &format!("already in the {which} store"));
+                // One image per chain ID: a layer stored in another format
+                // stays as it is, and the note says so.
+                let other = Store::read_meta_in(store.dir(which), &chain)
+                    .ok()
+                    .filter(|m| m.fstype != opts.fstype)
+                    .map(|m| format!(" as {} (one image per layer: not stored again as {}; `sharedloop rm` it first to change its format)", m.fstype, opts.fstype))
+                    .unwrap_or_default();
+                log::info!("layer {}/{n} {chain}: already in the {which} store{other}", i + 1);
+                progress.done(i, &chain, l.size, &format!("already in the {which} store{other}"));
             }
             None => {
                 let ctx = format!("layer {}/{n} ({})", i + 1, l.digest.map(|d| d.to_string()).unwrap_or_else(|| l.rel.clone()));
