@@ -102,8 +102,13 @@ pub fn put_config(dir: &Path, data: &[u8]) -> Result<Digest> {
 pub fn read_config_in(dir: &Path, d: &Digest) -> Result<Vec<u8>> {
     let rel = format!("{CONFIGS}/{}", config_file(d));
     let path = dir.join(&rel);
-    let fd = open_beneath(dir, &rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())?;
-    let text = read_small(fd, &path, CONFIG_MAX + 1)?;
+    // Written by another node a moment ago, a shared filesystem's client
+    // may answer from a stale handle (GlusterFS: ESTALE on the stat): look
+    // again, as for names and metadata.
+    let text = crate::store::retry_stale(|| {
+        let fd = open_beneath(dir, &rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())?;
+        read_small(fd, &path, CONFIG_MAX + 1)
+    })?;
     if text.len() as u64 > CONFIG_MAX {
         return Err(Error::damaged(path, format!("more than {CONFIG_MAX} bytes, not an image config")));
     }
