@@ -135,7 +135,7 @@ _sharedloop()
             return
             ;;
         --fstype)
-            _sharedloop_reply_pre "$value_pre" ext4 xfs erofs
+            _sharedloop_reply_pre "$value_pre" ext4 xfs erofs auto
             return
             ;;
         --parent | --name)

@@ -74,7 +74,9 @@ fn timed(env: &Env, args: &[&str]) -> Run {
 
 #[test]
 fn every_kind_of_damage_is_refused_quickly_and_cleanly() {
-    let env = Env::new("hostile");
+    // ext4 layers: one kind of damage is an erofs image in an ext4 layer's place.
+    let mut env = Env::new("hostile");
+    env.pin_layer_fstype("ext4");
     let bottom = env.add(None, None, &[("a.txt", E::File("a\n"))]);
     let top = env.add(Some(&bottom), Some("evil:top"), &[("b.txt", E::File("b\n"))]);
     let m = env.mnt("m");

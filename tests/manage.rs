@@ -131,7 +131,8 @@ fn keys(v: &Value) -> BTreeSet<&str> {
 
 #[test]
 fn ls_shows_images_and_layers_human_and_json() {
-    let env = Env::new("ls");
+    let mut env = Env::new("ls");
+    env.pin_layer_fstype("ext4");
     let a = env.add(None, None, &file("base\n"));
     let b = env.add(Some(&a), Some("app:1"), &file("app\n"));
     let c = env.add_with(Some(&a), Some("tool:2"), &file("tool\n"), &["--fstype", "erofs"]);
@@ -261,7 +262,8 @@ fn ls_shows_images_and_layers_human_and_json() {
 
 #[test]
 fn ls_image_shows_its_layers_bottom_to_top() {
-    let env = Env::new("ls-image");
+    let mut env = Env::new("ls-image");
+    env.pin_layer_fstype("ext4");
     let a = env.add(None, None, &file("base\n"));
     let b = env.add_with(Some(&a), Some("app:1"), &file("middle\n"), &["--fstype", "erofs"]);
     let c = env.add(Some(&b), Some("app:2"), &file("top\n"));
@@ -727,7 +729,8 @@ fn gc_never_removes_what_is_in_use() {
 
 #[test]
 fn verify_finds_damaged_layers() {
-    let env = Env::new("verify");
+    let mut env = Env::new("verify");
+    env.pin_layer_fstype("ext4");
     let g = env.add(None, Some("good:1"), &file("good\n"));
     let e = env.add_with(Some(&g), Some("good:2"), &file("erofs\n"), &["--fstype", "erofs"]);
     let z = env.add(None, Some("zeroed:1"), &file("zeroed\n"));
@@ -816,7 +819,8 @@ fn verify_finds_damaged_layers() {
 
 #[test]
 fn verify_deep_runs_the_filesystem_checker() {
-    let env = Env::new("verify-deep");
+    let mut env = Env::new("verify-deep");
+    env.pin_layer_fstype("ext4");
     let g = env.add(None, Some("good:1"), &file("good\n"));
     let x = env.add_with(None, Some("xfs:1"), &file("xfs\n"), &["--fstype", "xfs"]);
     sl(&env, &["verify", "--deep"]).ok();
@@ -931,7 +935,8 @@ fn gc_and_rm_keep_what_a_running_import_claims() {
 
 #[test]
 fn add_says_what_it_did_not_do() {
-    let env = Env::new("add-notes");
+    let mut env = Env::new("add-notes");
+    env.pin_layer_fstype("ext4");
     // One tree, added twice (its mtimes are part of the diff ID).
     let src = env.dir.join("again");
     make_tree(&src, &file("same\n"));

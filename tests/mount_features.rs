@@ -555,3 +555,43 @@ fn ten_erofs_mounts_share_one_superblock_per_layer() {
     }
     env.assert_clean();
 }
+
+/// The layer format when not told: erofs where this kernel has erofs
+/// (status says which and why), `layer_fstype=` of the configuration file
+/// over that, `--fstype` over both; `auto` and bad values.
+#[test]
+fn layer_format_default_follows_kernel_then_configuration() {
+    let mut env = Env::new("layer-default");
+    // status first: its probe loads the erofs module if there is one.
+    let st: serde_json::Value = serde_json::from_str(&env.run(&[BIN, "status", "--json"]).ok().stdout).unwrap();
+    let has_erofs = std::fs::read_to_string("/proc/filesystems").unwrap().lines().any(|l| l.ends_with("\terofs"));
+    let want = if has_erofs { "erofs" } else { "ext4" };
+    let why = if has_erofs { "erofs (this kernel has erofs)".to_string() } else { st["kernel"]["layer_fstype"].as_str().unwrap().to_string() };
+    assert_eq!(st["kernel"]["layer_fstype"], why.as_str());
+    assert_eq!(st["kernel"]["erofs"], has_erofs);
+    let fstype_of = |env: &Env, id: &str| -> String {
+        let p = layer_dir(&env.root, id).join("meta.json");
+        let p = if p.exists() { p } else { layer_dir(&env.fallback, id).join("meta.json") };
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        v["fstype"].as_str().unwrap().to_string()
+    };
+    let a = env.add(None, None, &[("a", E::File("a\n"))]);
+    assert_eq!(fstype_of(&env, &a), want);
+    let b = env.add_with(None, None, &[("b", E::File("b\n"))], &["--fstype", "auto"]);
+    assert_eq!(fstype_of(&env, &b), want);
+    env.pin_layer_fstype("xfs");
+    let t = env.run(&[BIN, "status"]).ok().stdout.clone();
+    assert!(t.contains("Layer Format: xfs (layer_fstype in the configuration file)\n"), "{t}");
+    let c = env.add(None, None, &[("c", E::File("c\n"))]);
+    assert_eq!(fstype_of(&env, &c), "xfs");
+    let d = env.add_with(None, None, &[("d", E::File("d\n"))], &["--fstype", "ext4"]);
+    assert_eq!(fstype_of(&env, &d), "ext4");
+    let cfg = env.dir.join("layer-fstype.conf");
+    std::fs::write(&cfg, "layer_fstype=btrfs\n").unwrap();
+    env.run(&[BIN, "status"]).fails(1, "layer_fstype=btrfs: want ext4, xfs, erofs or auto");
+    // Not a mount option.
+    let m = env.mnt("m");
+    std::fs::write(&cfg, "layer_fstype=auto\n").unwrap();
+    mount(&env, &a, &m, "layer_fstype=ext4").fails(1, "layer_fstype: not a mount option (configuration file only; sharedloop add and import take --fstype)");
+    env.assert_clean();
+}

@@ -40,9 +40,9 @@ enum Cmd {
         /// Name to record for the new top layer (e.g. debian:12)
         #[arg(long)]
         name: Option<String>,
-        /// Filesystem of the layer image
-        #[arg(long, default_value = "ext4", value_parser = ["ext4", "xfs", "erofs"])]
-        fstype: String,
+        /// Filesystem of the layer image (default: layer_fstype from the configuration file, else auto: erofs where the kernel has it, else ext4)
+        #[arg(long, value_parser = ["ext4", "xfs", "erofs", "auto"])]
+        fstype: Option<String>,
         /// Node-local directory to build the image in (default: staging_dir from the configuration file, else tmp/ of the fallback store)
         #[arg(long, value_name = "DIR")]
         staging_dir: Option<PathBuf>,
@@ -55,9 +55,9 @@ enum Cmd {
         /// Name to record for the image (default: TAG or REF, if given or in the archive)
         #[arg(long)]
         name: Option<String>,
-        /// Filesystem of the layer images
-        #[arg(long, default_value = "ext4", value_parser = ["ext4", "xfs", "erofs"])]
-        fstype: String,
+        /// Filesystem of the layer images (default: layer_fstype from the configuration file, else auto: erofs where the kernel has it, else ext4)
+        #[arg(long, value_parser = ["ext4", "xfs", "erofs", "auto"])]
+        fstype: Option<String>,
         /// No progress output
         #[arg(short, long)]
         quiet: bool,
@@ -204,6 +204,18 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
             None => Ok(opts.staging_dir.clone()),
         }
     };
+    // --fstype, else layer_fstype= from the configuration file, else auto.
+    let layer_fstype = |given: Option<String>| -> Result<FsType> {
+        let configured = match given {
+            Some(s) => Some(crate::store::parse_layer_fstype(&s)?),
+            None => opts.layer_fstype,
+        };
+        let (t, why) = crate::store::default_layer_fstype(configured.flatten());
+        if configured.flatten().is_none() {
+            log::info!("layer format {t}: {why}");
+        }
+        Ok(t)
+    };
     match cli.cmd {
         Cmd::Import { source, name, fstype, quiet, staging_dir, creds, authfile, tls_verify, cert_dir, platform, registries_conf } => {
             let name = name.map(|n| crate::store::ids::Name::parse(&n)).transpose()?;
@@ -211,7 +223,7 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
             let opts = crate::import::ImportOptions {
                 source: &source,
                 name: name.as_ref(),
-                fstype: FsType::parse(&fstype)?,
+                fstype: layer_fstype(fstype)?,
                 quiet,
                 staging_dir: staging_dir.as_deref(),
                 registry: crate::import::registry::RegistryOptions { creds, authfile, tls_verify, cert_dir, platform, registries_conf },
@@ -266,7 +278,7 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
         Cmd::Add { dir, parent, name, fstype, staging_dir } => {
             let parent = parent.map(|p| store.resolve(&crate::store::ids::LayerRef::parse(&p)?)).transpose()?;
             let name = name.map(|n| crate::store::ids::Name::parse(&n)).transpose()?;
-            let fstype = FsType::parse(&fstype)?;
+            let fstype = layer_fstype(fstype)?;
             let staging_dir = staging(staging_dir)?;
             let id = crate::image::add_layer(
                 &store,

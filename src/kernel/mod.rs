@@ -271,6 +271,33 @@ fn probe_erofs_file() -> Probe {
     }
 }
 
+/// Does this kernel have erofs (built in, or a module it loads on
+/// request)? Decides the default layer format. Asked of fsopen, which
+/// loads the module as a mount would; without the new mount API, of
+/// mount(2) with an empty source, which fails on the source (never
+/// mounting anything) when the type is known and with ENODEV when not.
+pub fn has_erofs() -> &'static Probe {
+    static P: OnceLock<Probe> = OnceLock::new();
+    P.get_or_init(|| {
+        let p = match rustix::mount::fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC) {
+            Ok(_) => Probe::yes("fsopen erofs"),
+            Err(Errno::NODEV) => Probe::no("fsopen erofs", Errno::NODEV),
+            Err(e) if e == Errno::NOSYS || e == Errno::PERM => {
+                // The target is a file no directory can be mounted over,
+                // so that even a source that resolved could not attach.
+                match rustix::mount::mount("", "/dev/null", "erofs", rustix::mount::MountFlags::RDONLY | rustix::mount::MountFlags::SILENT, None) {
+                    Err(Errno::NODEV) => Probe::no("mount(2) erofs", Errno::NODEV),
+                    Err(e2) => Probe::yes(format!("mount(2) erofs knows the type (empty source: {})", crate::error::Errno(e2))),
+                    Ok(()) => Probe::yes("mount(2) erofs"),
+                }
+            }
+            Err(e) => Probe::no("fsopen erofs", e),
+        };
+        log::debug!("kernel filesystem erofs: {} ({})", if p.have { "yes" } else { "no" }, p.seen);
+        p
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,6 +49,10 @@ pub struct KernelInfo {
     pub lowerdir_add: bool,
     pub layers_as_fds: bool,
     pub erofs_from_file: bool,
+    /// erofs is there (built in, or a module the kernel loads).
+    pub erofs: bool,
+    /// The format `add` and `import` write when not told, and why.
+    pub layer_fstype: String,
     /// The way a mount with mount_api=auto (or the configured one) is made.
     pub mount_api: String,
 }
@@ -222,6 +226,11 @@ pub fn gather(store: &Store, opts: &MountOptions) -> Result<Status> {
             lowerdir_add: Feature::LowerdirAdd.have(),
             layers_as_fds: Feature::LayersAsFds.have(),
             erofs_from_file: Feature::ErofsFromFile.have(),
+            erofs: crate::kernel::has_erofs().have,
+            layer_fstype: {
+                let (t, why) = crate::store::default_layer_fstype(opts.layer_fstype.flatten());
+                format!("{t} ({why})")
+            },
             // What a mount would do: the configured way, or (if this kernel
             // cannot) what the refusal says.
             mount_api: match mount::resolve_api(opts.mount_api.unwrap_or(MountApi::Auto)) {
@@ -278,6 +287,7 @@ pub fn format_status(s: &Status) -> String {
         yes(k.erofs_from_file)
     ));
     o.push_str(&format!("  Mount Path: {}\n", k.mount_api));
+    o.push_str(&format!("  erofs: {}, Layer Format: {}\n", yes(k.erofs), k.layer_fstype));
     o.push_str("Store:\n");
     o.push_str(&store_line("Root", &s.store.root));
     o.push_str(&store_line("Fallback", &s.store.fallback));
@@ -345,6 +355,8 @@ mod tests {
                 lowerdir_add: true,
                 layers_as_fds: true,
                 erofs_from_file: true,
+                erofs: true,
+                layer_fstype: "erofs (this kernel has erofs)".into(),
                 mount_api: "fd".into(),
             },
             store: StoreTotals {

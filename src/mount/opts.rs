@@ -101,6 +101,9 @@ pub struct MountOptions {
     /// Node-local staging of `sharedloop add` and `import` (configuration
     /// file only: not a mount option).
     pub staging_dir: Option<PathBuf>,
+    /// `layer_fstype=` (configuration file only): the format `add` and
+    /// `import` write by default; `Some(None)` is auto.
+    pub layer_fstype: Option<Option<FsType>>,
 }
 
 /// ext4 multi-mount protection (MMP) for a new upper image: the kernel
@@ -318,6 +321,7 @@ impl MountOptions {
                     | "index"
                     | "xino"
                     | "staging_dir"
+                    | "layer_fstype"
             );
             if origin == Origin::Config && !config_ok {
                 return Err(Error::Usage(format!(
@@ -326,14 +330,19 @@ impl MountOptions {
             }
             // For `sharedloop add` and `import` only, which take it from the
             // configuration file (or --staging-dir); mount has no use for it.
-            if key == "staging_dir" {
-                if origin == Origin::Config {
+            if key == "staging_dir" || key == "layer_fstype" {
+                if origin == Origin::Config && key == "layer_fstype" {
+                    o.layer_fstype = Some(crate::store::parse_layer_fstype(need(&key, v)?).map_err(|_| {
+                        Error::Usage(format!("layer_fstype={}: want ext4, xfs, erofs or auto", v.unwrap_or("")))
+                    })?);
+                } else if origin == Origin::Config {
                     o.staging_dir = Some(abs_path(&key, need_bytes(&key, raw)?)?);
                 } else if sloppy {
                     warnings.push(format!("ignoring {key}: not a mount option (configuration file only)"));
                 } else {
                     return Err(Error::Usage(format!(
-                        "{key}: not a mount option (configuration file only; sharedloop add and import take --staging-dir)"
+                        "{key}: not a mount option (configuration file only; sharedloop add and import take --{})",
+                        key.replace('_', "-").replace("layer-fstype", "fstype")
                     )));
                 }
                 continue;
@@ -519,6 +528,7 @@ impl MountOptions {
             flags: self.flags,
             userspace: self.userspace,
             staging_dir: self.staging_dir.or(defaults.staging_dir),
+            layer_fstype: self.layer_fstype.or(defaults.layer_fstype),
         }
     }
 
@@ -691,6 +701,29 @@ mod tests {
         assert_eq!(m.upper_size, Some(2 << 30));
         assert_eq!(m.direct_io, Some(false));
         assert_eq!(m.overlay, vec![("metacopy".to_string(), Some("off".to_string()))]);
+    }
+
+    #[test]
+    fn layer_fstype_is_a_configuration_key_only() {
+        let cfg = |s: &str| MountOptions::parse(s.as_bytes(), Origin::Config, false).map(|(o, _)| o.layer_fstype).map_err(|e| e.to_string());
+        let cases: &[(&str, std::result::Result<Option<Option<FsType>>, &str>)] = &[
+            ("layer_fstype=ext4", Ok(Some(Some(FsType::Ext4)))),
+            ("layer_fstype=xfs", Ok(Some(Some(FsType::Xfs)))),
+            ("layer_fstype=erofs", Ok(Some(Some(FsType::Erofs)))),
+            ("layer_fstype=auto", Ok(Some(None))),
+            ("loopback_root=/srv/s", Ok(None)),
+            ("layer_fstype=btrfs", Err("layer_fstype=btrfs: want ext4, xfs, erofs or auto")),
+            ("layer_fstype", Err("needs a value")),
+        ];
+        for (s, want) in cases {
+            match (want, cfg(s)) {
+                (Ok(w), Ok(g)) => assert_eq!(&g, w, "{s:?}"),
+                (Err(frag), Err(msg)) => assert!(msg.contains(frag), "{s:?}: {msg}"),
+                (_, got) => panic!("{s:?}: got {got:?}"),
+            }
+        }
+        let e = parse("layer_fstype=ext4").unwrap_err();
+        assert!(e.to_string().contains("not a mount option"), "{e}");
     }
 
     #[test]

@@ -52,6 +52,29 @@ pub enum FsType {
     Erofs,
 }
 
+/// The format `add` and `import` write when not told: erofs where the
+/// kernel has it (exact, compact, one cheap superblock per layer), ext4
+/// elsewhere. `configured` is `layer_fstype=` of the configuration file
+/// (None: auto). Returns the format and why, for `status` and `-v`.
+///
+/// The importing node's kernel decides; a cluster whose other nodes lack
+/// erofs pins `layer_fstype=ext4` in the configuration file.
+pub fn default_layer_fstype(configured: Option<FsType>) -> (FsType, String) {
+    match configured {
+        Some(t) => (t, "layer_fstype in the configuration file".into()),
+        None if crate::kernel::has_erofs().have => (FsType::Erofs, "this kernel has erofs".into()),
+        None => (FsType::Ext4, format!("this kernel has no erofs ({})", crate::kernel::has_erofs().seen)),
+    }
+}
+
+/// `--fstype` or `layer_fstype=`: a format, or `auto` (None).
+pub fn parse_layer_fstype(s: &str) -> Result<Option<FsType>> {
+    match s {
+        "auto" => Ok(None),
+        s => FsType::parse(s).map(Some),
+    }
+}
+
 impl FsType {
     pub fn parse(s: &str) -> Result<Self> {
         match s {

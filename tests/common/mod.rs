@@ -662,3 +662,30 @@ pub fn import_args(env: &Env, source: &str, extra: &[&str]) -> Vec<String> {
     a.extend(extra.iter().map(|s| s.to_string()));
     a
 }
+
+/// The layer format `add` and `import` write here when not told (what
+/// `status` reports: erofs where the kernel has it, else ext4).
+pub fn default_layer_fstype(env: &Env) -> String {
+    let r = env.run(&[BIN, "status", "--json"]);
+    r.ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let s = v["kernel"]["layer_fstype"].as_str().expect("kernel.layer_fstype").to_string();
+    s.split_whitespace().next().unwrap().to_string()
+}
+
+/// Whether layers of `fstype` keep nanosecond mtimes (mke2fs -d keeps
+/// seconds; sharedloop's erofs writer keeps them whole).
+pub fn keeps_nanoseconds(fstype: &str) -> bool {
+    fstype == "erofs"
+}
+
+impl Env {
+    /// Pin the layer format of every `add` and `import` of this test with
+    /// `layer_fstype=` in a configuration file of its own (tests whose
+    /// checks are about one format: e2fsck, ext4 output columns).
+    pub fn pin_layer_fstype(&mut self, fstype: &str) {
+        let cfg = self.dir.join("layer-fstype.conf");
+        std::fs::write(&cfg, format!("# this test's layers\nlayer_fstype={fstype}\n")).unwrap();
+        self.envs.push(("SHAREDLOOP_CONFIG".into(), cfg.to_string_lossy().into()));
+    }
+}
