@@ -790,7 +790,15 @@ fn truncated_archives_are_refused() {
 /// staging tree.
 #[test]
 fn path_traversal_is_refused() {
-    let env = Env::new("imp-trav");
+    // The tree path (ext4) and the stream into the erofs writer: the same
+    // refusals, nothing written outside.
+    for fstype in ["ext4", "erofs"] {
+        path_traversal_is_refused_as(fstype);
+    }
+}
+
+fn path_traversal_is_refused_as(fstype: &str) {
+    let env = Env::new(&format!("imp-trav-{fstype}"));
     let outside = env.dir.join("outside");
     std::fs::create_dir(&outside).unwrap();
     let out = outside.display().to_string();
@@ -818,9 +826,9 @@ fn path_traversal_is_refused() {
         let n = tars.len();
         write_oci(&dir, &tars, &vec![false; n], None, None);
         let before = layer_dirs(&env.root).len();
-        let r = import(&env, &format!("oci:{}", dir.display()), &[]);
-        assert_eq!(r.code, 32, "{name}: {r:?}");
-        assert!(r.stderr.contains("refusing") && r.stderr.contains(msg), "{name}: {}", r.stderr);
+        let r = import(&env, &format!("oci:{}", dir.display()), &["--fstype", fstype]);
+        assert_eq!(r.code, 32, "{fstype} {name}: {r:?}");
+        assert!(r.stderr.contains("refusing") && r.stderr.contains(msg), "{fstype} {name}: {}", r.stderr);
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "{name} wrote outside");
         assert!(!env.dir.join("evil").exists() && !env.root.join("evil").exists() && !env.root.join("tmp/evil").exists(), "{name}");
         assert_eq!(layer_dirs(&env.root).len(), before + n - 1, "{name}: only the good lower layer is stored");
