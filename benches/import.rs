@@ -16,7 +16,8 @@
 //! written straight from the tar stream, no unpacked tree) against
 //! `tar -x` + `mkfs.erofs` (uncompressed) per layer.
 //!
-//! Run as root: `cargo bench --bench import` (`-- --quick` for 1 round).
+//! Run as root: `cargo bench --bench import` (`-- --quick` for 1 round,
+//! `-- ext4` or `-- erofs` for one format's rounds).
 //! The binary under test is the `bench`-profile (release) build.
 
 use std::path::{Path, PathBuf};
@@ -72,7 +73,7 @@ fn baseline(blobs: &[PathBuf], dir: &Path, fstype: &str) -> f64 {
         let d = dir.join(format!("l{i}"));
         std::fs::create_dir_all(&d).unwrap();
         let mkfs = if fstype == "erofs" {
-            "mkfs.erofs -q {d}.img {d}"
+            "mkfs.erofs --quiet {d}.img {d}"
         } else {
             "kb=$(du -sk {d} | cut -f1); truncate -s $(( (kb * 13 / 10 + 16384) * 1024 )) {d}.img; \
              mkfs.ext4 -q -F -O ^has_journal -d {d} {d}.img"
@@ -128,8 +129,13 @@ fn main() {
     }
 
     let rounds = |fstype: &str| bench(&w, &layout, &small, reps, fstype);
-    rounds("ext4");
-    rounds("erofs");
+    // `-- ext4` or `-- erofs`: that round only.
+    let only: Vec<String> = std::env::args().filter(|a| a == "ext4" || a == "erofs").collect();
+    for f in ["ext4", "erofs"] {
+        if only.is_empty() || only.iter().any(|o| o == f) {
+            rounds(f);
+        }
+    }
 }
 
 fn bench(w: &Work, layout: &Path, small: &[String], reps: usize, fstype: &str) {
