@@ -7,7 +7,8 @@
 //! streamed once — decompressed, both digests checked on the way — into a
 //! directory tree in overlay form in a node-local work directory
 //! (`crate::store::staging`; `unpack`), built there into a filesystem image by
-//! `image`; only the image goes to a staging directory under the
+//! `image` (ext4, xfs); for erofs the stream goes straight into the erofs
+//! writer instead, with no tree (`stream_erofs`); only the image goes to a staging directory under the
 //! store's tmp/ (renamed, or copied when the store is another filesystem)
 //! and is published with one rename. A layer is published before the next
 //! is unpacked, so the next can read the chain below it when its tar needs
