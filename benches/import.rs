@@ -12,7 +12,12 @@
 //! Also prints the store's overhead: image bytes (apparent and allocated)
 //! against the layers' content.
 //!
-//! Run as root: `cargo bench --bench import` (`-- --quick` for 1 round).
+//! Then the same for erofs: `sharedloop import --fstype erofs` (the image
+//! written straight from the tar stream, no unpacked tree) against
+//! `tar -x` + `mkfs.erofs` (uncompressed) per layer.
+//!
+//! Run as root: `cargo bench --bench import` (`-- --quick` for 1 round,
+//! `-- ext4` or `-- erofs` for one format's rounds).
 //! The binary under test is the `bench`-profile (release) build.
 
 use std::path::{Path, PathBuf};
@@ -48,10 +53,10 @@ fn layers(layout: &Path, tag: &str) -> (Vec<PathBuf>, u64) {
     (paths, size)
 }
 
-fn import(layout: &Path, tag: &str, store: &Path) -> f64 {
+fn import(layout: &Path, tag: &str, store: &Path, fstype: &str) -> f64 {
     let t = Instant::now();
     run(Command::new(BIN)
-        .args(["import", "--quiet", &format!("oci:{}:{tag}", layout.display())])
+        .args(["import", "--quiet", "--fstype", fstype, &format!("oci:{}:{tag}", layout.display())])
         .arg("--loopback-root")
         .arg(store.join("root"))
         .arg("--loopback-fallback")
@@ -60,19 +65,21 @@ fn import(layout: &Path, tag: &str, store: &Path) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-/// tar -x each layer, mkfs.ext4 -d each directory (sized like content + 30%).
-fn baseline(blobs: &[PathBuf], dir: &Path) -> f64 {
+/// tar -x each layer, mkfs.ext4 -d each directory (sized like content +
+/// 30%), or mkfs.erofs (uncompressed, its default) of each.
+fn baseline(blobs: &[PathBuf], dir: &Path, fstype: &str) -> f64 {
     let t = Instant::now();
     for (i, b) in blobs.iter().enumerate() {
         let d = dir.join(format!("l{i}"));
         std::fs::create_dir_all(&d).unwrap();
-        sh(&format!(
-            "tar --numeric-owner --xattrs --xattrs-include='*' -xzf {b} -C {d}; \
-             kb=$(du -sk {d} | cut -f1); truncate -s $(( (kb * 13 / 10 + 16384) * 1024 )) {d}.img; \
-             mkfs.ext4 -q -F -O ^has_journal -d {d} {d}.img",
-            b = b.display(),
-            d = d.display()
-        ));
+        let mkfs = if fstype == "erofs" {
+            "mkfs.erofs --quiet {d}.img {d}"
+        } else {
+            "kb=$(du -sk {d} | cut -f1); truncate -s $(( (kb * 13 / 10 + 16384) * 1024 )) {d}.img; \
+             mkfs.ext4 -q -F -O ^has_journal -d {d} {d}.img"
+        };
+        let tar = format!("tar --numeric-owner --xattrs --xattrs-include='*' -xzf {b} -C {d}; ", b = b.display(), d = d.display());
+        sh(&(tar + &mkfs.replace("{d}", &d.display().to_string())));
     }
     t.elapsed().as_secs_f64()
 }
@@ -121,20 +128,32 @@ fn main() {
         umoci_image(&layout, s, &[&format!("mkdir etc app && for f in $(seq 1 40); do echo {s}-$f > app/$f; done && echo {s} > etc/id")]);
     }
 
+    let rounds = |fstype: &str| bench(&w, &layout, &small, reps, fstype);
+    // `-- ext4` or `-- erofs`: that round only.
+    let only: Vec<String> = std::env::args().filter(|a| a == "ext4" || a == "erofs").collect();
+    for f in ["ext4", "erofs"] {
+        if only.is_empty() || only.iter().any(|o| o == f) {
+            rounds(f);
+        }
+    }
+}
+
+fn bench(w: &Work, layout: &Path, small: &[String], reps: usize, fstype: &str) {
+    let layout = layout.to_path_buf();
     let (blobs, content) = layers(&layout, "large");
     let mut sl = vec![];
     let mut base = vec![];
     let mut um = vec![];
     let mut overhead = (0, 0);
     for r in 0..reps {
-        let store = w.0.join(format!("store{r}"));
-        sl.push(import(&layout, "large", &store));
+        let store = w.0.join(format!("store-{fstype}{r}"));
+        sl.push(import(&layout, "large", &store, fstype));
         overhead = store_bytes(&store);
         let _ = std::fs::remove_dir_all(&store);
-        let bdir = w.0.join(format!("base{r}"));
-        base.push(baseline(&blobs, &bdir));
+        let bdir = w.0.join(format!("base-{fstype}{r}"));
+        base.push(baseline(&blobs, &bdir, fstype));
         let _ = std::fs::remove_dir_all(&bdir);
-        let udir = w.0.join(format!("umoci{r}"));
+        let udir = w.0.join(format!("umoci-{fstype}{r}"));
         um.push(umoci_unpack(&layout, "large", &udir));
         let _ = std::fs::remove_dir_all(&udir);
     }
@@ -144,26 +163,27 @@ fn main() {
     let mut sl_small = vec![];
     let mut base_small = vec![];
     for r in 0..reps {
-        let store = w.0.join(format!("sstore{r}"));
+        let store = w.0.join(format!("sstore-{fstype}{r}"));
         let t = Instant::now();
-        for s in &small {
-            import(&layout, s, &store);
+        for s in small {
+            import(&layout, s, &store, fstype);
         }
         sl_small.push(t.elapsed().as_secs_f64());
         let _ = std::fs::remove_dir_all(&store);
         let t = Instant::now();
         for (i, s) in small.iter().enumerate() {
             let (bl, _) = layers(&layout, s);
-            baseline(&bl, &w.0.join(format!("sb{r}-{i}")));
+            baseline(&bl, &w.0.join(format!("sb{fstype}{r}-{i}")), fstype);
         }
         base_small.push(t.elapsed().as_secs_f64());
     }
     let per_min = |secs: f64| small.len() as f64 * 60.0 / secs;
     let (ss, bs) = (median(sl_small), median(base_small));
 
-    println!("### import throughput: sharedloop import vs tar -x + mkfs.ext4 -d per layer\n");
+    let mkfs = if fstype == "erofs" { "mkfs.erofs" } else { "mkfs.ext4 -d" };
+    println!("### import throughput ({fstype}): sharedloop import vs tar -x + {mkfs} per layer\n");
     println!("kernel {}, {} rounds, medians; images built with umoci (gzip layers)\n", std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(), reps);
-    println!("| image | content | sharedloop import | tar -x + mkfs.ext4 -d | umoci unpack (merged rootfs only) | speed-up vs tar+mkfs |");
+    println!("| image | content | sharedloop import --fstype {fstype} | tar -x + {mkfs} | umoci unpack (merged rootfs only) | speed-up vs tar+mkfs |");
     println!("|---|---:|---:|---:|---:|---:|");
     println!(
         "| large (3 layers: 64 MiB file, 5,000 small files, 16 MiB) | {mb:.1} MB | {s:.2} s ({:.0} MB/s) | {b:.2} s ({:.0} MB/s) | {u:.2} s | {:.2}x |",

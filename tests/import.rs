@@ -790,7 +790,15 @@ fn truncated_archives_are_refused() {
 /// staging tree.
 #[test]
 fn path_traversal_is_refused() {
-    let env = Env::new("imp-trav");
+    // The tree path (ext4) and the stream into the erofs writer: the same
+    // refusals, nothing written outside.
+    for fstype in ["ext4", "erofs"] {
+        path_traversal_is_refused_as(fstype);
+    }
+}
+
+fn path_traversal_is_refused_as(fstype: &str) {
+    let env = Env::new(&format!("imp-trav-{fstype}"));
     let outside = env.dir.join("outside");
     std::fs::create_dir(&outside).unwrap();
     let out = outside.display().to_string();
@@ -818,9 +826,9 @@ fn path_traversal_is_refused() {
         let n = tars.len();
         write_oci(&dir, &tars, &vec![false; n], None, None);
         let before = layer_dirs(&env.root).len();
-        let r = import(&env, &format!("oci:{}", dir.display()), &[]);
-        assert_eq!(r.code, 32, "{name}: {r:?}");
-        assert!(r.stderr.contains("refusing") && r.stderr.contains(msg), "{name}: {}", r.stderr);
+        let r = import(&env, &format!("oci:{}", dir.display()), &["--fstype", fstype]);
+        assert_eq!(r.code, 32, "{fstype} {name}: {r:?}");
+        assert!(r.stderr.contains("refusing") && r.stderr.contains(msg), "{fstype} {name}: {}", r.stderr);
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "{name} wrote outside");
         assert!(!env.dir.join("evil").exists() && !env.root.join("evil").exists() && !env.root.join("tmp/evil").exists(), "{name}");
         assert_eq!(layer_dirs(&env.root).len(), before + n - 1, "{name}: only the good lower layer is stored");
@@ -1460,5 +1468,93 @@ fn reimport_in_another_format_says_why_not() {
         }
     }
     assert_eq!(stored, 2);
+    env.assert_clean();
+}
+
+/// Names in `dir` (recursively, relative), sorted.
+fn all_names(dir: &Path) -> Vec<String> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(dir).unwrap().to_string_lossy().into_owned());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn erofs_import_streams_the_tar_into_the_image_with_no_staging_tree() {
+    let env = Env::new("stage-erofs");
+    let (dir, src) = semantics_image(&env);
+    // At every step the local work directory holds the image alone (never
+    // an unpacked tree); at import-unpacked the image is already built,
+    // straight from the stream (layer 2 reads the lower view for its
+    // cross-layer hardlink and its unlisted parents).
+    for point in ["pause:import-publish@0", "pause:import-unpacked@1", "pause:import-build@2"] {
+        let (mut k, _err) = spawn_at(&env, &import_args(&env, &src, &["--fstype", "erofs"]), &[], point);
+        store_tmp_has_no_work(&env.root);
+        let work = entries_with(&env.fallback.join("tmp"), "import-");
+        assert_eq!(work.len(), 1, "{point}: {work:?}");
+        assert_eq!(all_names(&work[0]), vec!["layer.img".to_string()], "{point}: no staging tree");
+        signal(&k, rustix::process::Signal::TERM);
+        assert_eq!(k.wait().unwrap().code(), Some(8), "{point}");
+        assert!(tmp_entries(&env.root).is_empty() && tmp_entries(&env.fallback).is_empty(), "{point}: left {:?} {:?}", tmp_entries(&env.root), tmp_entries(&env.fallback));
+    }
+    let r = import(&env, &src, &["--fstype", "erofs"]);
+    r.ok();
+    let m = mount(&env, "v1", "m");
+    check_semantics(&view(&env, &m), true);
+    need("umoci");
+    sh(&format!("umoci unpack --image {}:v1 {} >/dev/null", dir.display(), env.dir.join("ref").display()), &env.dir);
+    assert_same_tree(&view(&env, &m), &env.dir.join("ref/rootfs"));
+    umount(&env, &m);
+    for l in layer_dirs(&env.root) {
+        let meta = json_file(&env.root.join("layers").join(&l).join("meta.json"));
+        assert_eq!(meta["fstype"], "erofs", "{l}");
+    }
+    env.assert_clean();
+}
+
+#[test]
+fn erofs_stream_refuses_a_bad_digest_and_leaves_nothing() {
+    let env = Env::new("erofs-corrupt");
+    // The bottom blob corrupted: nothing stored, no staging left.
+    let bad1 = env.dir.join("bad1");
+    let digests = two_layer_layout(&bad1);
+    let p = blob(&bad1, &digests[0]);
+    let len = std::fs::metadata(&p).unwrap().len() as usize;
+    flip_byte(&p, len / 2);
+    let r = import(&env, &format!("oci:{}:t", bad1.display()), &["--fstype", "erofs"]);
+    r.fails(32, &format!("layer 1/2 ({})", digests[0]));
+    assert!(r.stderr.contains("digest mismatch"), "{}", r.stderr);
+    assert!(layer_dirs(&env.root).is_empty() && names(&env.root).is_empty());
+    assert!(tmp_entries(&env.root).is_empty() && tmp_entries(&env.fallback).is_empty());
+    // The top one: the bottom layer stays, nothing else.
+    let bad2 = env.dir.join("bad2");
+    let digests = two_layer_layout(&bad2);
+    flip_byte(&blob(&bad2, &digests[1]), 40);
+    let r = import(&env, &format!("oci:{}:t", bad2.display()), &["--fstype", "erofs"]);
+    r.fails(32, &format!("layer 2/2 ({}): blob {}: digest mismatch", digests[1], digests[1]));
+    assert_eq!(layer_dirs(&env.root).len(), 1);
+    assert!(names(&env.root).is_empty());
+    assert!(tmp_entries(&env.root).is_empty() && tmp_entries(&env.fallback).is_empty());
+    // A wrong diff ID (the tar is whole, its digest is not the config's).
+    let mut a = Tar::default();
+    a.file("a", b"a");
+    let tars = vec![a.done()];
+    let wrong = format!("sha256:{}", sha256_hex(b"something else"));
+    let dir = env.dir.join("l");
+    write_oci(&dir, &tars, &[true], Some("t"), Some(vec![wrong.clone()]));
+    let r = import(&env, &format!("oci:{}:t", dir.display()), &["--fstype", "erofs"]);
+    r.fails(32, "layer 1/1");
+    assert!(r.stderr.contains(&format!("diff ID mismatch: the config says {wrong}")), "{}", r.stderr);
+    assert_eq!(layer_dirs(&env.root).len(), 1);
+    assert!(tmp_entries(&env.root).is_empty() && tmp_entries(&env.fallback).is_empty());
     env.assert_clean();
 }

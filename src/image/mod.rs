@@ -34,6 +34,13 @@ use crate::store::{self, FsType, LayerMeta, Staging, Store};
 use walk::check_dir;
 
 pub use build::build_image;
+
+/// A UUID (RFC 4122 variant, version 8) made from `key` (a diff ID):
+/// the same layer gives the same image bytes.
+pub fn uuid_for(key: &str) -> [u8; 16] {
+    use sha2::Digest as _;
+    build::uuid_bytes(&sha2::Sha256::digest(key.as_bytes())[..16])
+}
 pub use tar::{diff_id_of_dir, pax_record};
 
 /// What `sharedloop add` was asked: DIR, its parent layer, an optional name.

@@ -7,7 +7,8 @@
 //! streamed once — decompressed, both digests checked on the way — into a
 //! directory tree in overlay form in a node-local work directory
 //! (`crate::store::staging`; `unpack`), built there into a filesystem image by
-//! `image`; only the image goes to a staging directory under the
+//! `image` (ext4, xfs); for erofs the stream goes straight into the erofs
+//! writer instead, with no tree (`stream_erofs`); only the image goes to a staging directory under the
 //! store's tmp/ (renamed, or copied when the store is another filesystem)
 //! and is published with one rename. A layer is published before the next
 //! is unpacked, so the next can read the chain below it when its tar needs
@@ -27,6 +28,7 @@ pub mod lower;
 pub mod progress;
 pub mod registry;
 pub mod source;
+pub mod stream_erofs;
 pub mod unpack;
 
 use std::fs::File;
@@ -41,6 +43,7 @@ use crate::store::{self, FsType, LayerMeta, MAX_LAYERS, Staging, Store, Which};
 use lower::{Lower, Mounts};
 use progress::{Progress, mib};
 use source::{ArchiveLayout, DirLayout, Image, LayerSpec, SourceRef, Transport};
+use stream_erofs::stream_erofs;
 use unpack::{Expect, unpack_layer};
 
 pub struct ImportOptions<'a> {
@@ -250,38 +253,57 @@ impl Job<'_> {
         // before the work. It receives the finished image only.
         let out = Staging::create(self.store, &format!("layer-{}", chain.hex()))?;
         let work = self.work.create(&format!("import-{}", chain.hex()))?;
-        let tree = work.path.join("rootfs");
-        std::fs::create_dir(&tree).map_err(|e| Error::io("create staging tree", &tree, &e))?;
         let (reader, _) = self.image.layout.open(&l.rel)?;
         let mut lower = Lower::new(self.store, self.parent, mounts);
         let expect = Expect { blob: l.digest, blob_size: l.size, diff_id: l.diff_id };
         let progress = self.progress;
-        let stats = unpack_layer(reader, &tree, &mut lower, &expect, &|n| progress.bytes(n))?;
+        let img = work.path.join("layer.img");
+        // erofs: the image straight from the tar stream, no tree; the
+        // others: a tree, then mkfs from it.
+        let (stats, size, tree) = if self.fstype == FsType::Erofs {
+            let uuid = crate::image::uuid_for(&l.diff_id.to_string());
+            let (stats, size) = stream_erofs(reader, &img, uuid, &mut lower, &expect, &|n| progress.bytes(n))?;
+            (stats, Some(size), None)
+        } else {
+            let tree = work.path.join("rootfs");
+            std::fs::create_dir(&tree).map_err(|e| Error::io("create staging tree", &tree, &e))?;
+            let stats = unpack_layer(reader, &tree, &mut lower, &expect, &|n| progress.bytes(n))?;
+            (stats, None, Some(tree))
+        };
         step("import-unpacked", Some(i))?;
         // The overlay goes now, not after the (long) image build; the layer
         // mounts below it stay for the layers above.
         drop(lower);
         log::info!(
-            "layer {}: {} entries, {} blob, {} tar{}{}",
+            "layer {}: {} entries, {} blob, {} tar{}{}{}",
             chain.short(),
             stats.entries,
             stats.compression.unwrap_or("?"),
             mib(stats.tar_bytes),
             if stats.lower_used { ", read the layers below" } else { "" },
-            if stats.ignored_xattrs > 0 { format!(", {} xattrs of other namespaces ignored", stats.ignored_xattrs) } else { String::new() }
+            if stats.ignored_xattrs > 0 { format!(", {} xattrs of other namespaces ignored", stats.ignored_xattrs) } else { String::new() },
+            if tree.is_none() { ", erofs image written from the stream" } else { "" }
         );
         // A concurrent import may have finished this layer meanwhile.
         if let Some(which) = self.store.has_layer(&chain)? {
             return Ok((stats.blob_bytes, format!("published meanwhile by another import in the {which} store")));
         }
+        // With erofs the image is built already (the pause point stays, for
+        // tests and for the same order of steps).
         step("import-build", Some(i))?;
-        self.progress.phase(&chain, &format!("building {} image", self.fstype));
-        let img = work.path.join("layer.img");
-        let size = crate::image::build_image(&tree, self.fstype, &img)?;
-        // The tree is not needed any more: free the local disk now.
-        if let Err(e) = std::fs::remove_dir_all(&tree) {
-            log::warn!("{}: {e} (removed with its staging directory later)", tree.display());
-        }
+        let size = match (size, &tree) {
+            (Some(size), _) => size,
+            (None, Some(tree)) => {
+                self.progress.phase(&chain, &format!("building {} image", self.fstype));
+                let size = crate::image::build_image(tree, self.fstype, &img)?;
+                // The tree is not needed any more: free the local disk now.
+                if let Err(e) = std::fs::remove_dir_all(tree) {
+                    log::warn!("{}: {e} (removed with its staging directory later)", tree.display());
+                }
+                size
+            }
+            (None, None) => unreachable!("a tree or a size"),
+        };
         step("import-publish", Some(i))?;
         self.progress.phase(&chain, "moving the image into the store");
         let copied = out.put_image(&img)?;

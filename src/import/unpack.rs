@@ -48,7 +48,7 @@ use crate::kernel::beneath::Mounts;
 use crate::error::{Error, Result, StoreError};
 use crate::store::ids::Digest;
 
-const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+pub(super) const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const WH: &[u8] = b".wh.";
 const WH_OPQ: &[u8] = b".wh..wh..opq";
 const BLOCK: usize = 4096;
@@ -240,6 +240,25 @@ pub struct Stats {
 /// checking both digests. On any error the tree is left for the caller's
 /// guard to remove.
 pub fn unpack_layer(raw: impl Read, tree: &Path, lower: &mut Lower, expect: &Expect, tick: &dyn Fn(u64)) -> Result<Stats> {
+    let mut w = TreeWriter::new(tree)?;
+    stream_layer(raw, tree, &mut w, lower, expect, tick)
+}
+
+/// What a layer's entries go to: a directory tree (`TreeWriter`) or an
+/// erofs image (`super::stream_erofs`). Both get the same parsed
+/// entries, so the checks and refusals of `parse_entry` are the same.
+pub(super) trait Sink {
+    fn entry<R: Read>(&mut self, p: Parsed, data: &mut tar::Entry<R>, lower: &mut Lower) -> Result<()>;
+    /// After the last entry, before the digests are checked.
+    fn end(&mut self, c: &Counters) -> Result<()>;
+}
+
+/// Stream `raw` (the blob) into `sink`, checking both digests (`what`
+/// names the destination in errors). On any error the sink's output is
+/// left for the caller's guard to remove; a sink must not make its
+/// output final before this returns Ok.
+pub(super) fn stream_layer<S: Sink>(raw: impl Read, what: &Path, sink: &mut S, lower: &mut Lower, expect: &Expect, tick: &dyn Fn(u64)) -> Result<Stats> {
+    let tree = what;
     let mut stats = Stats::default();
     let mut blob = HashRead::new(raw, Some(tick));
     let result = (|| -> Result<(Option<Digest>, u64)> {
@@ -254,7 +273,7 @@ pub fn unpack_layer(raw: impl Read, tree: &Path, lower: &mut Lower, expect: &Exp
         };
         // An uncompressed blob is the tar itself: its digest is hashed once.
         let mut diff = if c == Compression::None { HashRead::counting(dec) } else { HashRead::new(dec, None) };
-        let mut w = TreeWriter::new(tree)?;
+        let mut c = Counters::default();
         {
             let mut ar = tar::Archive::new(&mut diff);
             let bad = |e: io::Error| Error::bad_image_io("layer tar", &e);
@@ -263,12 +282,13 @@ pub fn unpack_layer(raw: impl Read, tree: &Path, lower: &mut Lower, expect: &Exp
                     return Err(Error::Interrupted);
                 }
                 let mut ent = ent.map_err(bad)?;
-                w.entry(&mut ent, lower)?;
+                let p = parse_entry(&mut ent, &mut c)?;
+                sink.entry(p, &mut ent, lower)?;
             }
         }
-        w.finish()?;
-        stats.entries = w.entries;
-        stats.ignored_xattrs = w.ignored_xattrs;
+        sink.end(&c)?;
+        stats.entries = c.entries;
+        stats.ignored_xattrs = c.ignored_xattrs;
         diff.finish().map_err(|e| Error::bad_image_io("layer tar", &e))
     })();
     stats.lower_used = lower.was_mounted();
@@ -346,7 +366,7 @@ pub fn clean_path(raw: &[u8]) -> std::result::Result<Vec<u8>, String> {
     Ok(out)
 }
 
-fn split_last(rel: &[u8]) -> (&[u8], &[u8]) {
+pub(super) fn split_last(rel: &[u8]) -> (&[u8], &[u8]) {
     match rel.iter().rposition(|&b| b == b'/') {
         Some(i) => (&rel[..i], &rel[i + 1..]),
         None => (&[], rel),
@@ -357,7 +377,7 @@ fn os(b: &[u8]) -> &OsStr {
     OsStr::from_bytes(b)
 }
 
-fn show(b: &[u8]) -> String {
+pub(super) fn show(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
@@ -370,21 +390,22 @@ fn wanted_xattr(name: &[u8]) -> bool {
 
 // ---------------------------------------------------------------- metadata
 
-struct Meta {
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime: Timespec,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+#[derive(Clone, Debug)]
+pub(super) struct Meta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: Timespec,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Meta {
-    fn default_dir(mtime: Timespec) -> Meta {
+    pub(super) fn default_dir(mtime: Timespec) -> Meta {
         Meta { mode: 0o755, uid: 0, gid: 0, mtime, xattrs: Vec::new() }
     }
 }
 
-fn ts(sec: i64, nsec: i64) -> Timespec {
+pub(super) fn ts(sec: i64, nsec: i64) -> Timespec {
     Timespec { tv_sec: sec, tv_nsec: nsec as _ }
 }
 
@@ -407,6 +428,193 @@ fn pax_time(v: &[u8]) -> Option<Timespec> {
     Some(ts(sec, nsec))
 }
 
+// ---------------------------------------------------------------- entries
+
+/// Counts over a layer's entries.
+#[derive(Default)]
+pub(super) struct Counters {
+    pub entries: u64,
+    pub ignored_xattrs: u64,
+    /// The newest mtime: the root's when the tar does not list it.
+    pub newest: Timespec,
+}
+
+/// One tar entry, checked and in overlay terms.
+pub(super) struct Parsed {
+    /// Cleaned (`clean_path`): never absolute, never with `..`.
+    pub rel: Vec<u8>,
+    pub meta: Meta,
+    pub op: Op,
+}
+
+pub(super) enum Op {
+    /// Nothing to do (a global PAX header, aufs bookkeeping).
+    Skip,
+    /// `.wh..wh..opq`: the parent of `rel` becomes opaque.
+    Opaque,
+    /// `.wh.NAME`: NAME in the parent of `rel` is deleted from below.
+    Whiteout(Vec<u8>),
+    /// A listed root (always a directory).
+    Root,
+    Dir,
+    /// A regular file; its content is the entry's data.
+    File,
+    Symlink(Vec<u8>),
+    /// The cleaned target path.
+    HardLink(Vec<u8>),
+    Special(FileType, u64),
+}
+
+/// `parent/name` ("name" at the root).
+pub(super) fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = parent.to_vec();
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+/// Checks one entry and says what it is; refuses bad paths, names and
+/// types. The same for every sink.
+pub(super) fn parse_entry<R: Read>(ent: &mut tar::Entry<R>, c: &mut Counters) -> Result<Parsed> {
+    use tar::EntryType as T;
+    c.entries += 1;
+    let kind = ent.header().entry_type();
+    if matches!(kind, T::XGlobalHeader) {
+        return Ok(Parsed { rel: Vec::new(), meta: Meta::default_dir(ts(0, 0)), op: Op::Skip });
+    }
+    let raw = ent.path_bytes().into_owned();
+    let rel = clean_path(&raw).map_err(|m| Error::refused("layer entry", m))?;
+    let meta = meta_of(c, ent, &rel)?;
+    let name = split_last(&rel).1;
+    let op = if name == WH_OPQ {
+        Op::Opaque
+    } else if let Some(target) = name.strip_prefix(WH) {
+        if target.starts_with(WH) {
+            Op::Skip // aufs bookkeeping (.wh..wh.plnk, ...)
+        } else if target.is_empty() || target == b"." || target == b".." {
+            return Err(Error::refused(format!("layer entry {:?}", show(&raw)), "bad whiteout name"));
+        } else {
+            Op::Whiteout(target.to_vec())
+        }
+    } else if rel.is_empty() {
+        if kind != T::Directory {
+            return Err(Error::refused(format!("layer entry {:?}", show(&raw)), "the root must be a directory"));
+        }
+        Op::Root
+    } else {
+        match kind {
+            T::Directory => Op::Dir,
+            T::Regular | T::Continuous | T::GNUSparse => Op::File,
+            T::Symlink => Op::Symlink(
+                ent.link_name_bytes()
+                    .map(|c| c.into_owned())
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| Error::bad_image(format!("layer entry {:?}", show(&rel)), "symlink without a target"))?,
+            ),
+            T::Link => {
+                let target = ent
+                    .link_name_bytes()
+                    .map(|c| c.into_owned())
+                    .ok_or_else(|| Error::bad_image(format!("layer entry {:?}", show(&rel)), "hardlink without a target"))?;
+                Op::HardLink(clean_path(&target).map_err(|m| Error::refused(format!("hardlink {:?}", show(&rel)), format!("target {m}")))?)
+            }
+            T::Char | T::Block | T::Fifo => {
+                let h = ent.header();
+                let dev = if kind == T::Fifo {
+                    0
+                } else {
+                    let bad = || Error::bad_image(format!("layer entry {:?}", show(&rel)), "bad device number");
+                    let ma = h.device_major().map_err(|_| bad())?.unwrap_or(0);
+                    let mi = h.device_minor().map_err(|_| bad())?.unwrap_or(0);
+                    rustix::fs::makedev(ma, mi)
+                };
+                let ft = match kind {
+                    T::Char => FileType::CharacterDevice,
+                    T::Block => FileType::BlockDevice,
+                    _ => FileType::Fifo,
+                };
+                Op::Special(ft, dev)
+            }
+            other => {
+                return Err(Error::bad_image(format!("layer entry {:?}", show(&rel)), format!("unsupported tar entry type {:?}", other.as_byte() as char)));
+            }
+        }
+    };
+    Ok(Parsed { rel, meta, op })
+}
+
+fn meta_of<R: Read>(c: &mut Counters, ent: &mut tar::Entry<R>, rel: &[u8]) -> Result<Meta> {
+    let h = ent.header();
+    let bad = |what: &str| Error::bad_image(format!("layer entry {:?}", show(rel)), format!("bad {what} in tar header"));
+    let mode = h.mode().map_err(|_| bad("mode"))? & 0o7777;
+    let uid = u32::try_from(h.uid().map_err(|_| bad("uid"))?).map_err(|_| bad("uid"))?;
+    let gid = u32::try_from(h.gid().map_err(|_| bad("gid"))?).map_err(|_| bad("gid"))?;
+    let mut mtime = ts(h.mtime().map_err(|_| bad("mtime"))? as i64, 0);
+    let mut xattrs = Vec::new();
+    if let Some(pax) = ent.pax_extensions().map_err(|e| Error::bad_image(format!("layer entry {:?}", show(rel)), format!("PAX header: {e}")))? {
+        for ext in pax {
+            let ext = ext.map_err(|e| Error::bad_image(format!("layer entry {:?}", show(rel)), format!("PAX header: {e}")))?;
+            let k = ext.key_bytes();
+            if k == b"mtime" {
+                mtime = pax_time(ext.value_bytes()).ok_or_else(|| bad("PAX mtime"))?;
+            } else if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
+                if wanted_xattr(name) {
+                    xattrs.push((name.to_vec(), ext.value_bytes().to_vec()));
+                } else {
+                    log::debug!("layer entry {:?}: xattr {} ignored", show(rel), show(name));
+                    c.ignored_xattrs += 1;
+                }
+            }
+        }
+    }
+    if (mtime.tv_sec, mtime.tv_nsec) > (c.newest.tv_sec, c.newest.tv_nsec) {
+        c.newest = mtime;
+    }
+    Ok(Meta { mode, uid, gid, mtime, xattrs })
+}
+
+
+/// Is `rel` hidden from the lower layers by an opaque directory (or a
+/// whiteout-then-recreate) of this layer at or above it?
+pub(super) fn hidden_below(opaque: &HashSet<Vec<u8>>, rel: &[u8]) -> bool {
+    if opaque.contains(&[][..]) {
+        return true;
+    }
+    rel.iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'/')
+        .map(|(i, _)| &rel[..i])
+        .chain(std::iter::once(rel))
+        .any(|p| opaque.contains(p))
+}
+
+/// The metadata an unlisted parent directory `rel` gets: the lower
+/// layers' (unless `hidden`: this layer hides them above it), else 0755
+/// root with mtime `hint`, as an overlay copy-up would.
+pub(super) fn lower_dir_meta(rel: &[u8], hidden: bool, lower: &mut Lower, hint: Timespec) -> Result<Meta> {
+    if hidden {
+        return Ok(Meta::default_dir(hint));
+    }
+    let Some(f) = lower.lookup(rel)? else { return Ok(Meta::default_dir(hint)) };
+    match FileType::from_raw_mode(f.stat.st_mode) {
+        FileType::Directory => {
+            let fd = lower.reopen(&f, rel)?;
+            Ok(Meta {
+                mode: f.stat.st_mode & 0o7777,
+                uid: f.stat.st_uid,
+                gid: f.stat.st_gid,
+                mtime: ts(f.stat.st_mtime, f.stat.st_mtime_nsec as i64),
+                xattrs: read_xattrs(&fd, rel)?,
+            })
+        }
+        FileType::Symlink => Err(Error::refused(format!("layer entry below {:?}", show(rel)), "it is a symlink in the layers below")),
+        // A file below, a directory from this layer on.
+        _ => Ok(Meta::default_dir(hint)),
+    }
+}
+
 // ---------------------------------------------------------------- writer
 
 struct TreeWriter {
@@ -420,10 +628,7 @@ struct TreeWriter {
     /// Last parent directory used: entries of one directory come together.
     cache: Option<(Vec<u8>, OwnedFd)>,
     buf: Vec<u8>,
-    newest: Timespec,
     root_listed: bool,
-    entries: u64,
-    ignored_xattrs: u64,
 }
 
 fn errp(what: &str, rel: &[u8], e: Errno) -> Error {
@@ -445,127 +650,47 @@ impl TreeWriter {
             opaque: HashSet::new(),
             cache: None,
             buf: vec![0u8; CHUNK],
-            newest: ts(0, 0),
             root_listed: false,
-            entries: 0,
-            ignored_xattrs: 0,
         })
     }
 
-    fn meta_of<R: Read>(&mut self, ent: &mut tar::Entry<R>, rel: &[u8]) -> Result<Meta> {
-        let h = ent.header();
-        let bad = |what: &str| Error::bad_image(format!("layer entry {:?}", show(rel)), format!("bad {what} in tar header"));
-        let mode = h.mode().map_err(|_| bad("mode"))? & 0o7777;
-        let uid = u32::try_from(h.uid().map_err(|_| bad("uid"))?).map_err(|_| bad("uid"))?;
-        let gid = u32::try_from(h.gid().map_err(|_| bad("gid"))?).map_err(|_| bad("gid"))?;
-        let mut mtime = ts(h.mtime().map_err(|_| bad("mtime"))? as i64, 0);
-        let mut xattrs = Vec::new();
-        if let Some(pax) = ent.pax_extensions().map_err(|e| Error::bad_image(format!("layer entry {:?}", show(rel)), format!("PAX header: {e}")))? {
-            for ext in pax {
-                let ext = ext.map_err(|e| Error::bad_image(format!("layer entry {:?}", show(rel)), format!("PAX header: {e}")))?;
-                let k = ext.key_bytes();
-                if k == b"mtime" {
-                    mtime = pax_time(ext.value_bytes()).ok_or_else(|| bad("PAX mtime"))?;
-                } else if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
-                    if wanted_xattr(name) {
-                        xattrs.push((name.to_vec(), ext.value_bytes().to_vec()));
-                    } else {
-                        log::debug!("layer entry {:?}: xattr {} ignored", show(rel), show(name));
-                        self.ignored_xattrs += 1;
-                    }
-                }
-            }
-        }
-        if (mtime.tv_sec, mtime.tv_nsec) > (self.newest.tv_sec, self.newest.tv_nsec) {
-            self.newest = mtime;
-        }
-        Ok(Meta { mode, uid, gid, mtime, xattrs })
-    }
-
-    fn entry<R: Read>(&mut self, ent: &mut tar::Entry<R>, lower: &mut Lower) -> Result<()> {
-        use tar::EntryType as T;
-        self.entries += 1;
-        let kind = ent.header().entry_type();
-        if matches!(kind, T::XGlobalHeader) {
-            return Ok(());
-        }
-        let raw = ent.path_bytes().into_owned();
-        let rel = clean_path(&raw).map_err(|m| Error::refused("layer entry", m))?;
-        let meta = self.meta_of(ent, &rel)?;
+    fn dispatch<R: Read>(&mut self, p: Parsed, ent: &mut tar::Entry<R>, lower: &mut Lower) -> Result<()> {
+        let Parsed { rel, meta, op } = p;
         let (parent_rel, name) = split_last(&rel);
-        if name == WH_OPQ {
-            // Below a non-directory of this layer, there is nothing to hide.
-            if let Some(fd) = self.dir_opt(parent_rel, lower, meta.mtime)? {
-                self.make_opaque(&fd, parent_rel)?;
+        match op {
+            Op::Skip => return Ok(()),
+            Op::Opaque => {
+                // Below a non-directory of this layer, there is nothing to hide.
+                if let Some(fd) = self.dir_opt(parent_rel, lower, meta.mtime)? {
+                    self.make_opaque(&fd, parent_rel)?;
+                }
+                return Ok(());
             }
-            return Ok(());
-        }
-        if let Some(target) = name.strip_prefix(WH) {
-            if target.starts_with(WH) {
-                return Ok(()); // aufs bookkeeping (.wh..wh.plnk, ...)
+            Op::Whiteout(target) => {
+                let Some(fd) = self.dir_opt(parent_rel, lower, meta.mtime)? else {
+                    return Ok(()); // below a non-directory of this layer: moot
+                };
+                let path = join(parent_rel, &target);
+                return self.whiteout(&fd, &target, &path);
             }
-            if target.is_empty() || target == b"." || target == b".." {
-                return Err(Error::refused(format!("layer entry {:?}", show(&raw)), "bad whiteout name"));
+            Op::Root => {
+                self.root_listed = true;
+                let fd = rustix::fs::openat(&self.root, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+                    .map_err(|e| errp("open", &rel, e))?;
+                self.apply_fd(&fd, &rel, &meta, true)?;
+                self.dir_times.insert(rel, meta.mtime);
+                return Ok(());
             }
-            let Some(fd) = self.dir_opt(parent_rel, lower, meta.mtime)? else {
-                return Ok(()); // below a non-directory of this layer: moot
-            };
-            let mut path = parent_rel.to_vec();
-            if !path.is_empty() {
-                path.push(b'/');
-            }
-            path.extend_from_slice(target);
-            return self.whiteout(&fd, target, &path);
-        }
-        if rel.is_empty() {
-            if kind != T::Directory {
-                return Err(Error::refused(format!("layer entry {:?}", show(&raw)), "the root must be a directory"));
-            }
-            self.root_listed = true;
-            let fd = rustix::fs::openat(&self.root, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-                .map_err(|e| errp("open", &rel, e))?;
-            self.apply_fd(&fd, &rel, &meta, true)?;
-            self.dir_times.insert(rel, meta.mtime);
-            return Ok(());
+            _ => {}
         }
         let parent = self.dir(parent_rel, lower, meta.mtime)?;
-        match kind {
-            T::Directory => self.directory(&parent, name, &rel, &meta),
-            T::Regular | T::Continuous | T::GNUSparse => self.file(&parent, name, &rel, &meta, ent),
-            T::Symlink => {
-                let target = ent
-                    .link_name_bytes()
-                    .map(|c| c.into_owned())
-                    .filter(|t| !t.is_empty())
-                    .ok_or_else(|| Error::bad_image(format!("layer entry {:?}", show(&rel)), "symlink without a target"))?;
-                self.symlink(&parent, name, &rel, &target, &meta)
-            }
-            T::Link => {
-                let target = ent
-                    .link_name_bytes()
-                    .map(|c| c.into_owned())
-                    .ok_or_else(|| Error::bad_image(format!("layer entry {:?}", show(&rel)), "hardlink without a target"))?;
-                let target = clean_path(&target).map_err(|m| Error::refused(format!("hardlink {:?}", show(&rel)), format!("target {m}")))?;
-                self.hardlink(&parent, name, &rel, &target, lower)
-            }
-            T::Char | T::Block | T::Fifo => {
-                let h = ent.header();
-                let dev = if kind == T::Fifo {
-                    0
-                } else {
-                    let bad = || Error::bad_image(format!("layer entry {:?}", show(&rel)), "bad device number");
-                    let ma = h.device_major().map_err(|_| bad())?.unwrap_or(0);
-                    let mi = h.device_minor().map_err(|_| bad())?.unwrap_or(0);
-                    rustix::fs::makedev(ma, mi)
-                };
-                let ft = match kind {
-                    T::Char => FileType::CharacterDevice,
-                    T::Block => FileType::BlockDevice,
-                    _ => FileType::Fifo,
-                };
-                self.special(&parent, name, &rel, ft, dev, &meta)
-            }
-            other => Err(Error::bad_image(format!("layer entry {:?}", show(&rel)), format!("unsupported tar entry type {:?}", other.as_byte() as char))),
+        match op {
+            Op::Dir => self.directory(&parent, name, &rel, &meta),
+            Op::File => self.file(&parent, name, &rel, &meta, ent),
+            Op::Symlink(target) => self.symlink(&parent, name, &rel, &target, &meta),
+            Op::HardLink(target) => self.hardlink(&parent, name, &rel, &target, lower),
+            Op::Special(ft, dev) => self.special(&parent, name, &rel, ft, dev, &meta),
+            Op::Skip | Op::Opaque | Op::Whiteout(_) | Op::Root => unreachable!("handled above"),
         }
     }
 
@@ -666,42 +791,12 @@ impl TreeWriter {
         Ok(Some(cur))
     }
 
-    /// Is `rel` hidden from the lower layers by an opaque directory (or a
-    /// whiteout-then-recreate) of this layer at or above it?
     fn hidden_below(&self, rel: &[u8]) -> bool {
-        if self.opaque.contains(&[][..]) {
-            return true;
-        }
-        rel.iter()
-            .enumerate()
-            .filter(|(_, b)| **b == b'/')
-            .map(|(i, _)| &rel[..i])
-            .chain(std::iter::once(rel))
-            .any(|p| self.opaque.contains(p))
+        hidden_below(&self.opaque, rel)
     }
 
-    /// The metadata an unlisted parent directory gets: the lower layers'.
     fn lower_dir_meta(&mut self, rel: &[u8], lower: &mut Lower, hint: Timespec) -> Result<Meta> {
-        let parent = split_last(rel).0;
-        if self.hidden_below(parent) {
-            return Ok(Meta::default_dir(hint));
-        }
-        let Some(f) = lower.lookup(rel)? else { return Ok(Meta::default_dir(hint)) };
-        match FileType::from_raw_mode(f.stat.st_mode) {
-            FileType::Directory => {
-                let fd = lower.reopen(&f, rel)?;
-                Ok(Meta {
-                    mode: f.stat.st_mode & 0o7777,
-                    uid: f.stat.st_uid,
-                    gid: f.stat.st_gid,
-                    mtime: ts(f.stat.st_mtime, f.stat.st_mtime_nsec as i64),
-                    xattrs: read_xattrs(&fd, rel)?,
-                })
-            }
-            FileType::Symlink => Err(Error::refused(format!("layer entry below {:?}", show(rel)), "it is a symlink in the layers below")),
-            // A file below, a directory from this layer on.
-            _ => Ok(Meta::default_dir(hint)),
-        }
+        lower_dir_meta(rel, self.hidden_below(split_last(rel).0), lower, hint)
     }
 
     fn create_dir(&mut self, parent: &OwnedFd, name: &[u8], rel: &[u8], meta: &Meta, opaque: bool) -> Result<OwnedFd> {
@@ -975,10 +1070,10 @@ impl TreeWriter {
     }
 
     /// Directory mtimes last: creating their children changed them.
-    fn finish(&mut self) -> Result<()> {
+    fn finish(&mut self, c: &Counters) -> Result<()> {
         self.cache = None;
         if !self.root_listed {
-            let newest = self.newest;
+            let newest = c.newest;
             self.dir_times.insert(Vec::new(), newest);
         }
         for (rel, t) in std::mem::take(&mut self.dir_times) {
@@ -996,6 +1091,15 @@ impl TreeWriter {
             }
         }
         Ok(())
+    }
+}
+
+impl Sink for TreeWriter {
+    fn entry<R: Read>(&mut self, p: Parsed, data: &mut tar::Entry<R>, lower: &mut Lower) -> Result<()> {
+        self.dispatch(p, data, lower)
+    }
+    fn end(&mut self, c: &Counters) -> Result<()> {
+        self.finish(c)
     }
 }
 
@@ -1033,7 +1137,7 @@ fn create_file(parent: &OwnedFd, name: &[u8], rel: &[u8]) -> Result<OwnedFd> {
 }
 
 /// The wanted xattrs of an open file or directory.
-fn read_xattrs(fd: &impl AsFd, rel: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+pub(super) fn read_xattrs(fd: &impl AsFd, rel: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut names = vec![0u8; 4096];
     let n = loop {
         match rustix::fs::flistxattr(fd, &mut names[..]) {
