@@ -1062,7 +1062,9 @@ fn sigterm_undoes_everything() {
 fn staging_is_private_while_an_image_is_unpacked() {
     // An image's setuid files and world-writable directories are live in the
     // staging tree while it is built: no other user may reach them.
-    let env = Env::new("imp-private");
+    // The tree path (ext4), whose unpacked tree must stay private.
+    let mut env = Env::new("imp-private");
+    env.pin_layer_fstype("ext4");
     let (dir, _) = semantics_image(&env);
     let (mut k, _err) = spawn_paused_import(&env, &dir);
     use std::os::unix::fs::PermissionsExt;
@@ -1171,7 +1173,10 @@ fn data_map(p: &Path) -> Vec<(u64, u64)> {
 
 #[test]
 fn import_unpacks_and_builds_in_local_staging_never_in_the_store() {
-    let env = Env::new("stage-local");
+    // The tree path (ext4): erofs streams with no tree, see
+    // erofs_import_streams_the_tar_into_the_image_with_no_staging_tree.
+    let mut env = Env::new("stage-local");
+    env.pin_layer_fstype("ext4");
     let (_, src) = semantics_image(&env);
     // (failpoint, what the local work directory holds there)
     // (Each run publishes the layers before the one it stops in.)
@@ -1213,7 +1218,8 @@ fn staging_dir_option_and_configuration_key_are_honoured() {
     let (_, src) = semantics_image(&env);
     let (opt, cfg) = (env.dir.join("scratch-opt"), env.dir.join("scratch/cfg"));
     let conf = env.dir.join("sl.conf");
-    std::fs::write(&conf, format!("# node-local\nstaging_dir={}\n", cfg.display())).unwrap();
+    // The tree path (ext4), whose tree the checks look for.
+    std::fs::write(&conf, format!("# node-local\nstaging_dir={}\nlayer_fstype=ext4\n", cfg.display())).unwrap();
     let conf_env = [("SHAREDLOOP_CONFIG", conf.to_str().unwrap())];
     let layer_src = env.dir.join("layer-src");
     make_tree(&layer_src, &[("f", E::File("content")), ("d/g", E::File("g"))]);
@@ -1226,7 +1232,7 @@ fn staging_dir_option_and_configuration_key_are_honoured() {
     // (argv, environment, failpoint, where the work must be, its label)
     type Case<'a> = (Vec<String>, &'a [(&'a str, &'a str)], &'a str, &'a Path, &'a str);
     let cases: Vec<Case> = vec![
-        (import_args(&env, &src, &["--staging-dir", &opt_s]), &[], "pause:import-build@0", &opt, "import-"),
+        (import_args(&env, &src, &["--staging-dir", &opt_s, "--fstype", "ext4"]), &[], "pause:import-build@0", &opt, "import-"),
         (import_args(&env, &src, &[]), &conf_env, "pause:import-build@0", &cfg, "import-"),
         (import_args(&env, &src, &["--staging-dir", &opt_s]), &conf_env, "pause:import-build@0", &opt, "import-"),
         (add_argv(&["--staging-dir", &opt_s]), &[], "pause:add-publish", &opt, "add-"),
