@@ -100,19 +100,23 @@ impl Cmd {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = self.cmd.spawn().map_err(Failure::Spawn)?;
-        if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
-            match stdin.write_all(data) {
-                // It exited without reading all: its status and stderr say why.
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(Failure::Write(e));
-                }
-                Ok(()) => {}
+        // The input goes in from a thread while the output is drained: a
+        // tool that echoes what it reads (debugfs -f -) would otherwise
+        // fill its stdout pipe and block while we block writing its stdin,
+        // and a signal meanwhile would go unseen.
+        let writer = match (input, child.stdin.take()) {
+            (Some(data), Some(mut stdin)) => {
+                let data = data.to_vec();
+                Some(std::thread::spawn(move || stdin.write_all(&data)))
             }
+            _ => None,
+        };
+        let out = wait_interruptibly(child)?;
+        match writer.map(|w| w.join()) {
+            // It exited without reading all: its status and stderr say why.
+            Some(Ok(Err(e))) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure::Write(e)),
+            _ => Ok(out),
         }
-        wait_interruptibly(child)
     }
 
     /// The command line as a shell would take it, with the tool's name as
@@ -245,6 +249,16 @@ mod tests {
         let e = Cmd::new("no-such-tool-here").run("try").unwrap_err();
         assert_eq!(e.errno(), Some(rustix::io::Errno::NOENT));
         assert!(e.to_string().starts_with("try: run: no-such-tool-here: "), "{e}");
+    }
+
+    /// A tool echoing all its input (as debugfs -f - does) gets it all
+    /// while its stdout is drained: 4 MiB, far past any pipe buffer.
+    #[test]
+    fn large_input_to_an_echoing_tool_does_not_deadlock() {
+        let input = vec![b'x'; 4 << 20];
+        let mut c = Cmd::new("sh");
+        c.args(["-c", "cat; echo done >&2"]);
+        assert_eq!(c.run_with_input("echo", &input).unwrap(), "done\n");
     }
 
     #[test]

@@ -200,6 +200,29 @@ fn killed_add_takes_mkfs_ext4_down() {
     killed_add("ext4", "mkfs.ext4", 512, 64 << 10);
 }
 
+/// The ext4 build's second child, debugfs (root fix-up and nanosecond
+/// mtimes, one line per inode), goes down with a SIGKILLed add just as
+/// mkfs.ext4 does; 20,000 files make its run long enough to catch.
+#[test]
+fn killed_add_takes_ext4_debugfs_down() {
+    killed_add("ext4", "debugfs", 20_000, 8);
+}
+
+/// SIGTERM while debugfs runs (stopped): add kills it and exits 8, and gc
+/// leaves the store clean.
+#[test]
+fn sigterm_while_ext4_debugfs_runs_ends_it_and_exits_8() {
+    let env = Env::new("termbuild-debugfs");
+    let src = env.dir.join("src");
+    big_tree(&src, 20_000, 8);
+    let mut argv: Vec<String> = vec![BIN.into(), "add".into(), src.to_string_lossy().into()];
+    argv.extend(store_args(&env));
+    argv.extend(["--fstype".into(), "ext4".into()]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    signal_while_running(&env, &argv, "debugfs", "SIGTERM at ext4 debugfs", libc::SIGTERM);
+    gc_then_clean(&env, "SIGTERM at ext4 debugfs");
+}
+
 /// erofs images are written in this process (no mkfs child): a SIGKILL
 /// while the image is being written leaves its staging directory (the
 /// writer's tail spill file is unlinked from the start), which gc removes.

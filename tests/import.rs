@@ -531,10 +531,10 @@ fn meta(p: &Path) -> std::fs::Metadata {
     std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// `ns`: the image keeps sub-second mtimes (erofs does; ext4 images made
-/// by mke2fs 1.47 -d keep whole seconds).
+/// Every layer format keeps sub-second mtimes (ext4 since its images get
+/// their nanoseconds after mke2fs -d, which keeps whole seconds).
 #[track_caller]
-fn check_semantics(v: &Path, ns: bool) {
+fn check_semantics(v: &Path) {
     let read = |p: &str| std::fs::read(v.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
     let mode = |p: &str| meta(&v.join(p)).mode() & 0o7777;
     let owner = |p: &str| {
@@ -581,7 +581,7 @@ fn check_semantics(v: &Path, ns: bool) {
     assert_eq!(read(&format!("long/{}", "L".repeat(150))), b"long name");
     assert_eq!(std::fs::read(v.join(OsStr::from_bytes(b"caf\xe9"))).unwrap(), b"x");
     let f = meta(&v.join("frac"));
-    assert_eq!((f.mtime(), f.mtime_nsec()), (1_600_000_001, if ns { 500_000_000 } else { 0 }));
+    assert_eq!((f.mtime(), f.mtime_nsec()), (1_600_000_001, 500_000_000));
     assert_eq!(meta(&v.join("d/keep")).mtime(), MTIME as i64);
     // Devices, fifos, special modes, capabilities.
     let n = meta(&v.join("dev/null"));
@@ -609,7 +609,7 @@ fn layer_semantics_through_oci_and_docker_archive() {
     let id = import_ok(&env, &format!("oci:{}:v1", dir.display()), &[]);
     assert_eq!(id, chain);
     let m = mount(&env, "v1", "m");
-    check_semantics(&view(&env, &m), keeps_nanoseconds(&default_layer_fstype(&env)));
+    check_semantics(&view(&env, &m));
     // umoci applies layers onto one directory: a reference for the merged
     // result (it agrees on everything above).
     need("umoci");
@@ -624,7 +624,7 @@ fn layer_semantics_through_oci_and_docker_archive() {
     let id2 = import_ok(&other, &format!("docker-archive:{}:sem:1", env.dir.join("sem.tar").display()), &["--fstype", "erofs"]);
     assert_eq!(id2, chain);
     let m2 = mount(&other, "sem:1", "m");
-    check_semantics(&view(&other, &m2), true);
+    check_semantics(&view(&other, &m2));
     umount(&other, &m2);
     other.assert_clean();
     env.assert_clean();
@@ -965,7 +965,7 @@ fn concurrent_imports_keep_one_copy_of_each_layer() {
     assert_eq!(names(&env.root), BTreeMap::from([("v1".to_string(), chain.clone())]));
     assert!(tmp_entries(&env.root).is_empty(), "{:?}", tmp_entries(&env.root));
     let m = mount(&env, "v1", "m");
-    check_semantics(&view(&env, &m), keeps_nanoseconds(&default_layer_fstype(&env)));
+    check_semantics(&view(&env, &m));
     umount(&env, &m);
     other.assert_clean();
     env.assert_clean();
@@ -1016,7 +1016,7 @@ fn sigkill_leaves_only_staging_that_later_imports_ignore() {
     assert_eq!(layer_dirs(&env.root).len(), 3);
     assert_eq!(tmp_entries(&env.root), left, "leftovers untouched, nothing new left");
     let m = mount(&env, "v1", "m");
-    check_semantics(&view(&env, &m), keeps_nanoseconds(&default_layer_fstype(&env)));
+    check_semantics(&view(&env, &m));
     umount(&env, &m);
     // gc removes the dead imports' staging and claims, and nothing else.
     let r = env.run(&[BIN, "gc", "--loopback-root", env.root.to_str().unwrap(), "--loopback-fallback", env.fallback.to_str().unwrap()]);
@@ -1204,7 +1204,7 @@ fn import_unpacks_and_builds_in_local_staging_never_in_the_store() {
     let r = import(&env, &src, &[]);
     r.ok();
     let m = mount(&env, "v1", "m");
-    check_semantics(&view(&env, &m), keeps_nanoseconds(&default_layer_fstype(&env)));
+    check_semantics(&view(&env, &m));
     umount(&env, &m);
     assert_eq!(layer_dirs(&env.root).len(), 3);
     assert!(layer_dirs(&env.fallback).is_empty(), "the fallback holds staging, never layers");
@@ -1375,7 +1375,7 @@ fn a_store_on_another_filesystem_gets_a_sparse_identical_copy() {
     let m = env.mnt("m");
     let opts = format!("loopback_root={},loopback_fallback={}", troot.display(), env.fallback.display());
     env.run(&["mount", "-t", "sharedloop", "v1", m.to_str().unwrap(), "-o", &opts]).ok();
-    check_semantics(&view(&env, &m), keeps_nanoseconds(&default_layer_fstype(&env)));
+    check_semantics(&view(&env, &m));
     umount(&env, &m);
     assert!(tmp_entries(&tview).is_empty(), "{:?}", tmp_entries(&tview));
     env.sh(&format!("umount {}", troot.display())).ok();
@@ -1410,7 +1410,7 @@ fn publish_keeps_the_layer_another_import_published_first() {
     assert_eq!((inodes("meta.json"), inodes("layer.img")), (metas, images), "theirs kept");
     assert_eq!(names(&env.root), BTreeMap::from([("v1".to_string(), chain.clone())]));
     let m = mount(&env, "v1", "m");
-    check_semantics(&view(&env, &m), keeps_nanoseconds(&default_layer_fstype(&env)));
+    check_semantics(&view(&env, &m));
     umount(&env, &m);
     env.assert_clean();
 }
@@ -1515,7 +1515,7 @@ fn erofs_import_streams_the_tar_into_the_image_with_no_staging_tree() {
     let r = import(&env, &src, &["--fstype", "erofs"]);
     r.ok();
     let m = mount(&env, "v1", "m");
-    check_semantics(&view(&env, &m), true);
+    check_semantics(&view(&env, &m));
     need("umoci");
     sh(&format!("umoci unpack --image {}:v1 {} >/dev/null", dir.display(), env.dir.join("ref").display()), &env.dir);
     assert_same_tree(&view(&env, &m), &env.dir.join("ref/rootfs"));

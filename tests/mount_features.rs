@@ -490,6 +490,65 @@ fn erofs_layers_keep_long_names_and_nanosecond_mtimes() {
     env.assert_clean();
 }
 
+/// ext4 layers keep nanosecond mtimes too (mke2fs -d alone keeps whole
+/// seconds), on every kind of inode, under names debugfs could not parse
+/// (spaces, quotes, a newline, non-UTF-8 bytes, 255 bytes), and on both
+/// names of a hard-linked pair (one inode, so one mtime).
+#[test]
+fn ext4_layers_keep_nanosecond_mtimes_on_every_inode_type_and_name() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new("ext4-exact");
+    let src = env.dir.join("tree");
+    let long = "n".repeat(255);
+    make_tree(&src, &[("d/sub/f", E::File("f\n")), (&format!("d/{long}"), E::File("long\n")), ("a b \"q\" 'x'", E::File("odd\n")), ("link", E::Symlink("d/sub/f"))]);
+    let d = src.join("d");
+    std::fs::write(d.join(OsStr::from_bytes(b"nl\nname \xff\xfe")), "raw\n").unwrap();
+    std::fs::write(d.join("hard1"), "hard\n").unwrap();
+    std::fs::hard_link(d.join("hard1"), d.join("hard2")).unwrap();
+    let fifo = std::ffi::CString::new(s(&d.join("fifo"))).unwrap();
+    // SAFETY (test): a valid path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    // Children before parents, so setting a child's time leaves its
+    // directory's alone. Each a distinct time; one past 2038 (epoch bits).
+    let paths: Vec<(std::path::PathBuf, i64, i64)> = [
+        (d.join("sub/f"), 1_700_000_001, 1),
+        (d.join("sub"), 1_700_000_002, 999_999_999),
+        (d.join(&long), 1_700_000_003, 123_456_789),
+        (d.join(OsStr::from_bytes(b"nl\nname \xff\xfe")), 1_700_000_004, 500_000_000),
+        (d.join("hard1"), 1_700_000_005, 42),
+        (d.join("fifo"), 1_700_000_006, 7_000),
+        (src.join("a b \"q\" 'x'"), 1_700_000_007, 314_159_265),
+        (src.join("link"), 2_200_000_000, 271_828_182),
+        (d.clone(), 1_700_000_009, 111_111_111),
+        (src.clone(), 1_700_000_010, 222_222_222),
+    ]
+    .into_iter()
+    .collect();
+    for (p, sec, nsec) in &paths {
+        let ts = [libc::timespec { tv_sec: *sec, tv_nsec: *nsec }, libc::timespec { tv_sec: *sec, tv_nsec: *nsec }];
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY (test): a valid path and two timespecs.
+        assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }, 0);
+    }
+    let r = env.run(&[BIN, "add", s(&src), "--fstype", "ext4", "--name", "ex4:1", "--loopback-root", s(&env.root), "--loopback-fallback", s(&env.fallback)]);
+    r.ok();
+    let m = env.mnt("m");
+    mount(&env, "ex4:1", &m, "").ok();
+    let mut want: Vec<(std::path::PathBuf, i64, i64)> = paths.iter().map(|(p, sec, nsec)| (p.strip_prefix(&src).unwrap().to_path_buf(), *sec, *nsec)).collect();
+    want.push(("d/hard2".into(), 1_700_000_005, 42));
+    for (rel, sec, nsec) in &want {
+        let md = std::fs::symlink_metadata(env.view(&m).join(rel)).unwrap();
+        assert_eq!((md.mtime(), md.mtime_nsec()), (*sec, *nsec), "{}", rel.display());
+    }
+    let (h1, h2) = (std::fs::symlink_metadata(env.view(&m).join("d/hard1")).unwrap(), std::fs::symlink_metadata(env.view(&m).join("d/hard2")).unwrap());
+    assert_eq!(h1.ino(), h2.ino(), "hard links stay one inode");
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&std::fs::symlink_metadata(env.view(&m).join("d/fifo")).unwrap().file_type()));
+    umount(&env, &m);
+    env.assert_clean();
+}
+
 /// Pages of `path` in the page cache (mincore over a read-only mapping).
 fn resident_pages(path: &Path) -> usize {
     use std::os::fd::AsRawFd;

@@ -673,12 +673,6 @@ pub fn default_layer_fstype(env: &Env) -> String {
     s.split_whitespace().next().unwrap().to_string()
 }
 
-/// Whether layers of `fstype` keep nanosecond mtimes (mke2fs -d keeps
-/// seconds; sharedloop's erofs writer keeps them whole).
-pub fn keeps_nanoseconds(fstype: &str) -> bool {
-    fstype == "erofs"
-}
-
 impl Env {
     /// Pin the layer format of every `add` and `import` of this test with
     /// `layer_fstype=` in a configuration file of its own (tests whose

@@ -1,6 +1,6 @@
 //! Whole trees compared path by path: type, mode, owner, size, content
 //! hash, symlink target, device numbers, user.* and security.capability
-//! xattrs, file mtimes (seconds), hardlink groups: the comparison
+//! xattrs, file mtimes (to the nanosecond), hardlink groups: the comparison
 //! tests/import.rs and tests/registry.rs make.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -92,8 +92,9 @@ pub fn snapshot(root: &Path) -> Tree {
             "file" => {
                 n.size = m.len();
                 n.sha = sha256_hex(&std::fs::read(&p).unwrap());
-                // Seconds: mke2fs 1.47 -d (ext4 layers) keeps no more.
-                n.mtime = Some((m.mtime(), 0));
+                // Nanoseconds: every layer format keeps them (ext4 since
+                // the mtime_extra pass after mke2fs -d).
+                n.mtime = Some((m.mtime(), m.mtime_nsec()));
             }
             "symlink" => {
                 n.link = std::fs::read_link(&p).unwrap().into_os_string().into_vec();
