@@ -1564,3 +1564,31 @@ fn erofs_stream_refuses_a_bad_digest_and_leaves_nothing() {
     assert!(tmp_entries(&env.root).is_empty() && tmp_entries(&env.fallback).is_empty());
     env.assert_clean();
 }
+
+/// A test that ends (or panics) while an import of its own is paused with
+/// the lower layers' view mounted must not leave the import running and
+/// its loop device attached: dropping the Env ends every process in the
+/// test's mount namespace. (Three such imports, orphaned by failed tests,
+/// once held loop devices for 20 minutes.)
+#[test]
+fn dropping_the_env_ends_a_paused_import_and_its_loop_device() {
+    let mut env = Env::new("drop-paused");
+    env.pin_layer_fstype("ext4");
+    let (dir, _) = semantics_image(&env);
+    let (mut k, _err) = spawn_paused_import(&env, &dir);
+    let envdir = env.dir.clone();
+    assert!(!loops_under(&envdir).is_empty(), "the paused import holds the lower view's loop device");
+    drop(env);
+    // nsenter execs the command: the import is this test's own child.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        if let Some(st) = k.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "import {} still running after the Env was dropped", k.id());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
+    assert_eq!(loops_under(&envdir), vec![], "loop devices left");
+}

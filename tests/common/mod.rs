@@ -349,8 +349,45 @@ pub fn descendant_running(pid: u32, comm: &str) -> Option<u32> {
     }
 }
 
+/// Processes in the mount namespace of `pid` (itself included): every
+/// command a test ran through `nsenter` into its private namespace, which
+/// are not children of the holder and outlive it.
+fn processes_in_mnt_ns_of(pid: u32) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(ns) = std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino()) else { return vec![] };
+    // Never the namespace this test binary is in (the host's, or the
+    // kernel-surface wrapper's): only a private one is the test's own.
+    if std::fs::metadata("/proc/self/ns/mnt").is_ok_and(|m| m.ino() == ns) {
+        return vec![];
+    }
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if std::fs::metadata(format!("/proc/{p}/ns/mnt")).is_ok_and(|m| m.ino() == ns) {
+            out.push(p);
+        }
+    }
+    out
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
+        // A test that panics while a command of its own is still running
+        // (an import paused at a failpoint, holding its view of the lower
+        // layers and so a loop device) must not leave it behind: such a
+        // command is in the test's private mount namespace and nothing
+        // else is, so everything there goes.
+        let ns_pid = self.pid;
+        for _ in 0..50 {
+            let left: Vec<u32> = processes_in_mnt_ns_of(ns_pid).into_iter().filter(|&p| p != ns_pid && p != self.holder.id()).collect();
+            if left.is_empty() {
+                break;
+            }
+            for p in left {
+                let _ = Command::new("kill").args(["-KILL", &p.to_string()]).status();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if self.pid != self.holder.id() {
             let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
         }
