@@ -13,18 +13,9 @@ mod common;
 use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-fn need(tool: &str) {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().unwrap().status.success();
-    assert!(ok, "{tool} is needed for these tests: run scripts/install-deps.sh");
-}
 
-fn sh(script: &str, dir: &Path) {
-    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().expect("run sh");
-    assert!(out.status.success(), "{script}\nfailed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-}
 
 /// The image's process prints its env, cwd, uid, gid and groups.
 const CMD: &str = "echo $FOO; pwd; id -u; id -g; id -G";

@@ -20,7 +20,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 
@@ -80,20 +80,7 @@ fn names(store: &Path) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-fn sh(script: &str, dir: &Path) {
-    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().expect("run sh");
-    assert!(
-        out.status.success(),
-        "{script}\nfailed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
-fn need(tool: &str) {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().unwrap().success();
-    assert!(ok, "{tool} is needed for these tests: run scripts/install-deps.sh");
-}
 
 fn skopeo(dir: &Path, from: &str, to: &str, extra: &str) {
     need("skopeo");

@@ -25,21 +25,7 @@ use std::time::{Duration, Instant};
 
 // ================================================================ tools
 
-fn sh(script: &str, dir: &Path) -> String {
-    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().expect("run sh");
-    assert!(
-        out.status.success(),
-        "{script}\nfailed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
-fn need(tool: &str) {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().unwrap().success();
-    assert!(ok, "{tool} is needed for these tests: run scripts/install-deps.sh");
-}
 
 fn host_arch() -> &'static str {
     match std::env::consts::ARCH {

@@ -720,3 +720,21 @@ impl Env {
         self.envs.push(("SHAREDLOOP_CONFIG".into(), cfg.to_string_lossy().into()));
     }
 }
+
+/// `sh -c SCRIPT` in `dir`; its stdout. Fails the test with both outputs.
+pub fn sh(script: &str, dir: &Path) -> String {
+    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().expect("run sh");
+    assert!(
+        out.status.success(),
+        "{script}\nfailed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fail the test, saying what to install, when `tool` is not on PATH.
+pub fn need(tool: &str) {
+    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().unwrap().success();
+    assert!(ok, "{tool} is needed for these tests: run scripts/install-deps.sh");
+}
