@@ -1,6 +1,7 @@
 //! Mount/umount latency: `mount.sharedloop` against the util-linux way
 //! (`losetup` + `mount` per layer, then one overlay mount) on the same
-//! ext4 layer images, for chains of 1, 32, 128 and 500 layers; plus the
+//! layer images (the store's default format: erofs where the kernel has
+//! it, else ext4), for chains of 1, 32, 128 and 500 layers; plus the
 //! second mount of a chain that is already in use (every loop device and
 //! layer superblock reused).
 //!
@@ -18,7 +19,9 @@
 //! ```text
 //! -- --sl-opts direct_io=off       # extra mount.sharedloop -o options
 //! -- --bin /path/to/sharedloop     # time another build (A/B)
-//! -- --fstype erofs                # erofs layer images instead of ext4
+//! -- --fstype ext4|erofs           # the layer format (default: what `add`
+//!                                  # and `import` write on this kernel,
+//!                                  # erofs where the kernel has it)
 //! -- --profile 128 [--profile-out DIR]
 //!        # one 128-layer chain: first mount, second mount and both umounts
 //!        # under strace -c, strace -ttt -T, SHAREDLOOP_DEBUG=1, perf stat,
@@ -48,8 +51,9 @@
 //! make itself.
 //!
 //! The store is written directly (no `sharedloop add`): one chain of
-//! max(sizes) layers, each a sparse 4 MiB ext4 image made with
-//! `mkfs.ext4 -d` (4 KiB blocks, no journal, as `add` makes them) from a
+//! max(sizes) layers, each an erofs image written by sharedloop's own
+//! writer or a sparse 4 MiB ext4 image made with `mkfs.ext4 -d` (4 KiB
+//! blocks, no journal, as `add` makes them), from a
 //! directory holding two files of its own (`layer-NNN.txt`, `d/NNN`) and a
 //! `shared.txt` every layer has; meta.json carries a unique diff ID and the
 //! OCI chain ID. The chain of N layers is mounted by the chain ID of layer
@@ -125,7 +129,8 @@ struct Args {
     exec: Option<String>,
     /// `--bin PATH`: time another sharedloop build (A/B comparisons).
     bin: Option<PathBuf>,
-    /// `--fstype ext4|erofs`: what the layer images are (default ext4).
+    /// `--fstype ext4|erofs`: what the layer images are (default: the
+    /// store's default format on this kernel).
     fstype: FsType,
 }
 
@@ -139,7 +144,7 @@ fn parse_args() -> Args {
         sl_opts: None,
         exec: None,
         bin: None,
-        fstype: FsType::Ext4,
+        fstype: sharedloop::store::default_layer_fstype(None).0,
     };
     let mut reps = None;
     let mut it = std::env::args().skip(1);
@@ -387,8 +392,11 @@ fn build_store(work: &Path, n: usize, fstype: FsType) -> Chain {
         std::fs::create_dir(&dir).unwrap();
         let img = dir.join("layer.img");
         match fstype {
+            // As `add` writes them: sharedloop's own writer (owners are
+            // the bench's, root).
             FsType::Erofs => {
-                run(Command::new("mkfs.erofs").args(["--quiet", "--all-root"]).arg(&img).arg(&src));
+                sharedloop::image::erofs_writer::write_dir(&src, &img, sharedloop::image::uuid_for(&id.to_string()))
+                    .unwrap_or_else(|e| panic!("writing {}: {e}", img.display()));
             }
             _ => {
                 std::fs::File::create(&img).unwrap().set_len(IMAGE_SIZE).unwrap();
@@ -466,10 +474,9 @@ impl Ctx {
         loops_under(&self.chain.root).len()
     }
 
-    /// Loop devices a sharedloop mount of `n` layers holds: none for erofs,
-    /// which the kernel (6.12+) mounts straight from the image file.
-    /// Every layer on a loop device, erofs too (one superblock and page
-    /// cache per layer per node; a file-backed erofs mount has its own).
+    /// Loop devices a sharedloop mount of `n` layers holds: every layer on a
+    /// loop device, erofs too (one superblock and page cache per layer per
+    /// node; a file-backed erofs mount has its own).
     fn sl_loops(&self, n: usize) -> usize {
         n
     }
@@ -682,6 +689,12 @@ struct SizeResult {
     ul_na: Option<String>,
     second_mount: Series,
     second_umount: Series,
+    /// The floor of a second mount, in this process by raw syscalls:
+    /// upper and overlay over layer mounts made beforehand (untimed).
+    raw_overlay: Series,
+    /// The same including the layer mounts from the attached devices and
+    /// their release.
+    raw_second: Series,
     /// Times the loop count had to be polled for after umount.sharedloop
     /// returned (it should have waited for autoclear itself).
     late_detach: u32,
@@ -736,11 +749,15 @@ fn round(ctx: &Ctx, ul: &UlPaths, r: &mut SizeResult, way: Way, record: bool) {
             ctx.expect_loops(held, "after second mount of the same chain", &mut 0);
             let tu = second.umount();
             ctx.expect_loops(held, "after umount of the second mount (first still holds the chain)", &mut 0);
+            let (raw, raw_all) = raw_second_mount(ctx, n, &t2);
+            ctx.expect_loops(held, "after the raw overlay mounts (first still holds the chain)", &mut 0);
             first.umount();
             ctx.expect_loops(0, "after umount of the first mount", &mut waits);
             if record {
                 r.second_mount.push(tm);
                 r.second_umount.push(tu);
+                r.raw_overlay.push(raw);
+                r.raw_second.push(raw_all);
             }
         }
     }
@@ -776,6 +793,77 @@ fn bench_size(ctx: &Ctx, n: usize, reps: usize) -> SizeResult {
     }
     eprintln!(" ({:.1} s)", t.elapsed().as_secs_f64());
     r
+}
+
+// ---------------------------------------------------------------- raw floor
+
+/// The raw cost of a second mount of the first `n` layers, which another
+/// mount holds: (a) a tmpfs upper plus the overlay over layer mounts made
+/// beforehand, untimed (the issue's "raw cost of its upper plus
+/// overlay"), and (b) the same plus making those layer mounts from the
+/// attached devices and closing them, which any mount that shares the
+/// devices has to do. Both with the new mount API, as the fd way does,
+/// and attached at `target` (then unmounted, untimed).
+fn raw_second_mount(ctx: &Ctx, n: usize, target: &Path) -> (Duration, Duration) {
+    use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
+    let by_image: std::collections::HashMap<String, u32> =
+        loops_under(&ctx.chain.root).into_iter().map(|(n, b)| (b, n)).collect();
+    let devices: Vec<u32> = ctx.chain.images[..n]
+        .iter()
+        .rev()
+        .map(|img| *by_image.get(&img.to_string_lossy().into_owned()).expect("every layer attached by the first mount"))
+        .collect();
+    let fstype = ctx.chain.fstype.as_str();
+    let layer_mounts = || -> Vec<rustix::fd::OwnedFd> {
+        devices
+            .iter()
+            .map(|d| {
+                let fs = rustix::mount::fsopen(fstype, FsOpenFlags::FSOPEN_CLOEXEC).unwrap();
+                rustix::mount::fsconfig_set_string(&fs, "source", format!("/dev/loop{d}")).unwrap();
+                rustix::mount::fsconfig_set_flag(&fs, "ro").unwrap();
+                rustix::mount::fsconfig_create(&fs).unwrap();
+                let attrs = MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOSUID;
+                rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs).unwrap()
+            })
+            .collect()
+    };
+    let overlay = |layers: &[rustix::fd::OwnedFd]| {
+        let fs = rustix::mount::fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC).unwrap();
+        rustix::mount::fsconfig_set_string(&fs, "size", UPPER_SIZE).unwrap();
+        rustix::mount::fsconfig_create(&fs).unwrap();
+        let tmp = rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty()).unwrap();
+        let mode = rustix::fs::Mode::from_raw_mode(0o755);
+        rustix::fs::mkdirat(&tmp, "upper", mode).unwrap();
+        rustix::fs::mkdirat(&tmp, "work", mode).unwrap();
+        let dir = |name: &str| {
+            rustix::fs::openat(&tmp, name, rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
+                .unwrap()
+        };
+        let (upper, work) = (dir("upper"), dir("work"));
+        let ov = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).unwrap();
+        rustix::mount::fsconfig_set_string(&ov, "source", "raw").unwrap();
+        for l in layers {
+            rustix::mount::fsconfig_set_fd(&ov, "lowerdir+", l).unwrap();
+        }
+        rustix::mount::fsconfig_set_fd(&ov, "upperdir", &upper).unwrap();
+        rustix::mount::fsconfig_set_fd(&ov, "workdir", &work).unwrap();
+        rustix::mount::fsconfig_create(&ov).unwrap();
+        let m = rustix::mount::fsmount(&ov, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty()).unwrap();
+        rustix::mount::move_mount(&m, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH).unwrap();
+    };
+    let layers = layer_mounts();
+    let t = Instant::now();
+    overlay(&layers);
+    let a = t.elapsed();
+    rustix::mount::unmount(target, UnmountFlags::empty()).unwrap();
+    drop(layers);
+    let t = Instant::now();
+    let layers = layer_mounts();
+    overlay(&layers);
+    drop(layers);
+    let b = t.elapsed();
+    rustix::mount::unmount(target, UnmountFlags::empty()).unwrap();
+    (a, b)
 }
 
 // ---------------------------------------------------------------- --profile
@@ -1019,6 +1107,24 @@ fn main() {
          \"2nd mount\": mount.sharedloop of a chain another mount already holds ({}).\n",
         "loop devices and layer superblocks reused"
     ));
+    o.push_str(
+        "\nSecond mount against its raw floor (this process, raw syscalls, same target): \
+         (a) tmpfs upper + overlay over layer mounts made beforehand; \
+         (b) (a) plus making the layer mounts from the attached devices and closing them.\n\n\
+         | layers | 2nd mount | raw (a) upper + overlay | ratio to (a) | raw (b) with layer mounts | ratio to (b) |\n\
+         |---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in &results {
+        o.push_str(&format!(
+            "| {} | {} | {} | {:.1}× | {} | {:.1}× |\n",
+            r.n,
+            r.second_mount.cell(),
+            r.raw_overlay.cell(),
+            r.second_mount.median() / r.raw_overlay.median(),
+            r.raw_second.cell(),
+            r.second_mount.median() / r.raw_second.median()
+        ));
+    }
     let late: Vec<String> =
         results.iter().filter(|r| r.late_detach > 0).map(|r| format!("{} layers: {}×", r.n, r.late_detach)).collect();
     if !late.is_empty() {

@@ -184,7 +184,7 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
     for l in &layers {
         log::info!("  layer {} ({}, {}) {}", l.meta.chain_id, l.meta.fstype, l.which, l.image_path.display());
     }
-    let plan = Plan {
+    let mut plan = Plan {
         source: source.clone(),
         target: target.clone(),
         layers,
@@ -202,6 +202,7 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
         flags: opts.flags.clone(),
         store,
         state_dir: state::dir(),
+        loop_hints: Vec::new(),
     };
     if a.fake {
         log::info!("-f: not mounting {} at {}", source, target.display());
@@ -209,7 +210,11 @@ pub fn mount_main(args: &[OsString]) -> Result<()> {
     }
     // What killed mounts and umounts left: scratch mounts, stale records
     // and their utab lines.
-    state::reconcile();
+    let live = state::reconcile();
+    // The devices this node's mounts hold, from their records: a mount of
+    // a chain already in use finds its layers' devices there without a
+    // scan of every loop device.
+    plan.loop_hints = live.iter().flat_map(|r| r.chain.iter()).filter_map(|l| l.loop_dev.as_ref()).map(|d| (d.number, d.backing.clone())).collect();
     log::debug!("chain resolved: {:?}", t0.elapsed());
     let write_utab = !a.no_mtab;
     let (pid, pid_start) = crate::kernel::procs::me();
@@ -412,7 +417,11 @@ fn wait_for_loops(rec: &MountRecord, all: &[MountRecord]) {
     let start = std::time::Instant::now();
     let mut pause = Duration::from_micros(200);
     while !pending.is_empty() && !interrupt::interrupted() {
-        pending.retain(|(n, b, _)| loopdev::backing_file(*n).is_some_and(|now| &now == b));
+        // One read of /proc/partitions settles every device detached
+        // since (it lists a device only while bound); sysfs is asked only
+        // about those still listed, which may have been bound again.
+        let listed = loopdev::listed_devices();
+        pending.retain(|(n, b, _)| listed.contains(n) && loopdev::backing_file(*n).is_some_and(|now| &now == b));
         if start.elapsed() >= DETACH_GRACE {
             pending.retain(|(n, _, fs)| !loopdev::superblock_alive(*n, fs));
         }

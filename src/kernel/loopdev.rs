@@ -18,6 +18,7 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result};
 use crate::kernel::sys::{self, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY, LoopInfo64};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 const LOOP_CONTROL: &str = "/dev/loop-control";
@@ -43,6 +44,10 @@ pub struct LoopDevice {
     pub fd: OwnedFd,
     pub reused: bool,
     pub direct_io: bool,
+    /// The backing file as the kernel names it: the path we attached (the
+    /// canonical image path, which is what d_path gives back) or the one
+    /// the index found, so that nobody reads sysfs for it again.
+    pub backing: PathBuf,
 }
 
 impl LoopDevice {
@@ -123,24 +128,53 @@ fn attached_of(names: Vec<String>, backing: impl Fn(u32) -> Option<PathBuf>) -> 
         .collect()
 }
 
-/// Attached loop devices by backing file path, read once per mount. Only a
-/// hint: a candidate is confirmed with LOOP_GET_STATUS64 on an fd we hold.
+/// Attached loop devices by backing file path. Only hints: a candidate is
+/// confirmed with LOOP_GET_STATUS64 on an fd we hold.
+///
+/// Hints given by the caller (this node's mount records) are looked at
+/// first; the scan of the devices (/proc/partitions, then sysfs for each
+/// device listed) runs only if some layer is not found through them, at
+/// most once, and skips the devices the hints already name.
 #[derive(Debug, Default)]
 pub struct LoopIndex {
-    by_path: HashMap<PathBuf, Vec<u32>>,
+    hinted: HashMap<PathBuf, Vec<u32>>,
+    scanned: OnceLock<HashMap<PathBuf, Vec<u32>>>,
+}
+
+fn by_path(loops: impl IntoIterator<Item = (u32, PathBuf)>) -> HashMap<PathBuf, Vec<u32>> {
+    let mut m: HashMap<PathBuf, Vec<u32>> = HashMap::new();
+    for (n, backing) in loops {
+        let v = m.entry(backing).or_default();
+        if !v.contains(&n) {
+            v.push(n);
+        }
+    }
+    m
 }
 
 impl LoopIndex {
+    /// Every attached device, scanned now.
     pub fn scan() -> LoopIndex {
-        Self::from_attached(attached(Scan::Partitions))
+        let idx = LoopIndex::default();
+        let _ = idx.scanned.set(by_path(attached(Scan::Partitions).into_iter().map(|a| (a.number, a.backing))));
+        idx
     }
 
-    fn from_attached(loops: Vec<Attached>) -> LoopIndex {
-        let mut idx = LoopIndex::default();
-        for l in loops {
-            idx.by_path.entry(l.backing).or_default().push(l.number);
-        }
-        idx
+    /// `hints` first, a scan only when needed.
+    pub fn with_hints(hints: &[(u32, PathBuf)]) -> LoopIndex {
+        LoopIndex { hinted: by_path(hints.iter().cloned()), scanned: OnceLock::new() }
+    }
+
+    fn scanned(&self) -> &HashMap<PathBuf, Vec<u32>> {
+        self.scanned.get_or_init(|| {
+            let known: BTreeSet<u32> = self.hinted.values().flatten().copied().collect();
+            let names = partition_names(&std::fs::read_to_string("/proc/partitions").unwrap_or_default());
+            by_path(
+                attached_of(names, |n| if known.contains(&n) { None } else { backing_file(n) })
+                    .into_iter()
+                    .map(|a| (a.number, a.backing)),
+            )
+        })
     }
 
     /// An attached read-only autoclear device backed by exactly this file
@@ -150,32 +184,41 @@ impl LoopIndex {
     /// as backing_file; a path that differs (other mount namespace views)
     /// only costs the sharing, never correctness.
     pub fn find(&self, backing: impl AsFd, path: &Path) -> Result<Option<LoopDevice>> {
-        let Some(cands) = self.by_path.get(path) else { return Ok(None) };
         let st = rustix::fs::fstat(&backing).map_err(|e| Error::sys("stat", path, e))?;
-        for &n in cands {
-            // ENOENT/ENXIO: gone since the scan; not an error.
-            let Ok(fd) = rustix::fs::open(dev_path(n), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) else {
-                continue;
-            };
-            // Holding `fd` pins the device: autoclear waits for our close.
-            let Ok(info) = sys::loop_get_status64(&fd) else { continue };
-            let want = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
-            if info.lo_device == st.st_dev
-                && info.lo_inode == st.st_ino
-                && info.lo_offset == 0
-                && info.lo_sizelimit == 0
-                && info.lo_flags & want == want
-            {
-                return Ok(Some(LoopDevice {
-                    number: n,
-                    fd,
-                    reused: true,
-                    direct_io: info.lo_flags & LO_FLAGS_DIRECT_IO != 0,
-                }));
-            }
+        if let Some(dev) = self.hinted.get(path).and_then(|c| confirm(c, &st, path)) {
+            return Ok(Some(dev));
         }
-        Ok(None)
+        Ok(self.scanned().get(path).and_then(|c| confirm(c, &st, path)))
     }
+}
+
+/// The first of `cands` that is an attached read-only autoclear device
+/// backed by the file `st` describes, whole.
+fn confirm(cands: &[u32], st: &rustix::fs::Stat, path: &Path) -> Option<LoopDevice> {
+    for &n in cands {
+        // ENOENT/ENXIO: gone since the scan; not an error.
+        let Ok(fd) = rustix::fs::open(dev_path(n), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) else {
+            continue;
+        };
+        // Holding `fd` pins the device: autoclear waits for our close.
+        let Ok(info) = sys::loop_get_status64(&fd) else { continue };
+        let want = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
+        if info.lo_device == st.st_dev
+            && info.lo_inode == st.st_ino
+            && info.lo_offset == 0
+            && info.lo_sizelimit == 0
+            && info.lo_flags & want == want
+        {
+            return Some(LoopDevice {
+                number: n,
+                fd,
+                reused: true,
+                direct_io: info.lo_flags & LO_FLAGS_DIRECT_IO != 0,
+                backing: path.to_path_buf(),
+            });
+        }
+    }
+    None
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -190,21 +233,68 @@ pub struct AttachOptions {
 static IN_FLIGHT: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
 
 /// Releases a number from `IN_FLIGHT` however the attempt ends.
-struct Claim(u32);
+struct Claim {
+    n: u32,
+    /// Taken from [`FREE_HINTS`], not handed out by the kernel: losing it
+    /// means only that the hint was stale.
+    hinted: bool,
+}
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.0);
+        IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.n);
     }
 }
 
-/// A free device number no thread of ours is already configuring.
-/// LOOP_CTL_GET_FREE returns the lowest unbound device until a configure
-/// completes, so threads attaching in parallel would all get the same one
-/// and all but one lose: a thread skips the numbers its siblings hold and
-/// creates the next device itself. Other processes can still race us
-/// (EBUSY), which the caller retries.
+/// Devices that existed unbound when this process first attached one,
+/// lowest last (popped first). LOOP_CTL_GET_FREE returns the lowest
+/// unbound device until a configure completes, so threads attaching in
+/// parallel would all get the same one: with hints each takes a different
+/// device without asking the kernel or reading sysfs (whose lookups
+/// contend with the sysfs directories every attach and every mount
+/// creates). A hint may be stale (another process bound it since): the
+/// configure then fails with EBUSY and the next one is tried.
+static FREE_HINTS: Mutex<Option<Vec<u32>>> = Mutex::new(None);
+
+/// The loop devices /proc/partitions lists: those with a backing file (of
+/// non-zero size), by one read, without a sysfs lookup per device.
+pub fn listed_devices() -> BTreeSet<u32> {
+    partition_names(&std::fs::read_to_string("/proc/partitions").unwrap_or_default())
+        .iter()
+        .filter_map(|name| name.strip_prefix("loop")?.parse().ok())
+        .collect()
+}
+
+/// The loop devices that exist and are unbound: `/sys/block`'s loopN
+/// that /proc/partitions does not list, highest first.
+fn unbound_devices() -> Vec<u32> {
+    let bound = listed_devices();
+    let mut free: Vec<u32> = std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("loop")?.parse().ok())
+        .filter(|n| !bound.contains(n))
+        .collect();
+    free.sort_unstable_by(|a, b| b.cmp(a));
+    free
+}
+
+/// A free device number no thread of ours is already configuring: a hint
+/// while there are any, then LOOP_CTL_GET_FREE, skipping the numbers our
+/// siblings hold (the thread then creates the next device itself). Other
+/// processes can still race us (EBUSY), which the caller retries.
 fn claim_free(ctl: &OwnedFd) -> Result<Claim> {
+    {
+        let mut hints = FREE_HINTS.lock().unwrap_or_else(|p| p.into_inner());
+        let hints = hints.get_or_insert_with(unbound_devices);
+        let mut held = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(m) = hints.pop() {
+            if held.insert(m) {
+                return Ok(Claim { n: m, hinted: true });
+            }
+        }
+    }
     let n = sys::loop_ctl_get_free(ctl).map_err(|e| Error::sys("find a free loop device", LOOP_CONTROL, e))?;
     let mut held = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
     let mut m = n;
@@ -218,13 +308,26 @@ fn claim_free(ctl: &OwnedFd) -> Result<Claim> {
         }
     }
     held.insert(m);
-    Ok(Claim(m))
+    Ok(Claim { n: m, hinted: false })
+}
+
+/// /dev/loop-control, opened once per process and shared by the threads
+/// attaching layers.
+fn control() -> Result<&'static OwnedFd> {
+    static CONTROL: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = CONTROL.get() {
+        return Ok(fd);
+    }
+    let fd = rustix::fs::open(LOOP_CONTROL, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| Error::sys("open loop control", LOOP_CONTROL, e))?;
+    // Two threads may both have opened it: one fd is kept, the other closed.
+    let _ = CONTROL.set(fd);
+    Ok(CONTROL.get().expect("set just above"))
 }
 
 /// Attach `backing` to a free loop device with AUTOCLEAR set.
 pub fn attach(backing: impl AsFd, backing_path: &Path, opts: AttachOptions) -> Result<LoopDevice> {
-    let ctl = rustix::fs::open(LOOP_CONTROL, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| Error::sys("open loop control", LOOP_CONTROL, e))?;
+    let ctl = control()?;
     let mut dio = opts.direct_io;
     let start = std::time::Instant::now();
     let mut attempt: u32 = 0;
@@ -240,8 +343,8 @@ pub fn attach(backing: impl AsFd, backing_path: &Path, opts: AttachOptions) -> R
             ));
         }
         attempt += 1;
-        let claim = claim_free(&ctl)?;
-        let n = claim.0;
+        let claim = claim_free(ctl)?;
+        let n = claim.n;
         let path = dev_path(n);
         let mode = if opts.read_only { OFlags::RDONLY } else { OFlags::RDWR };
         let fd = match rustix::fs::open(&path, mode | OFlags::CLOEXEC, Mode::empty()) {
@@ -265,9 +368,14 @@ pub fn attach(backing: impl AsFd, backing_path: &Path, opts: AttachOptions) -> R
         };
         match r {
             Ok(()) => {
-                let direct_io = dio && dio_active(n);
-                return Ok(LoopDevice { number: n, fd, reused: false, direct_io });
+                // What the kernel made of the flags: direct I/O can be
+                // dropped silently (a backing file without O_DIRECT on
+                // some kernels), which `mounts` and status must not hide.
+                let direct_io = dio && sys::loop_get_status64(&fd).is_ok_and(|i| i.lo_flags & LO_FLAGS_DIRECT_IO != 0);
+                return Ok(LoopDevice { number: n, fd, reused: false, direct_io, backing: backing_path.to_path_buf() });
             }
+            // A stale hint: bound by someone since; try the next at once.
+            Err(Errno::BUSY) if claim.hinted => continue,
             Err(Errno::BUSY) => {
                 // Another process took it; back off a little, more each time.
                 drop(claim);
@@ -414,10 +522,6 @@ pub fn probe_configure() -> std::result::Result<bool, Errno> {
     sys::loop_configure_supported(&dev)
 }
 
-fn dio_active(n: u32) -> bool {
-    std::fs::read_to_string(sys_dir(n).join("dio")).map(|s| s.trim() == "1").unwrap_or(false)
-}
-
 /// Is a filesystem of type `fstype` still mounted from /dev/loop`n`?
 /// ext4, xfs and erofs each keep a sysfs directory per live superblock.
 pub fn superblock_alive(n: u32, fstype: &str) -> bool {
@@ -463,9 +567,13 @@ mod tests {
             3 => Some("/s/a.img".into()),
             _ => None, // gone since /proc/partitions was read
         };
-        let idx = LoopIndex::from_attached(attached_of(partition_names(text), backing));
-        assert_eq!(idx.by_path.get(Path::new("/s/a.img")), Some(&vec![0, 3]));
-        assert_eq!(idx.by_path.len(), 1);
+        let idx = by_path(attached_of(partition_names(text), backing).into_iter().map(|a| (a.number, a.backing)));
+        assert_eq!(idx.get(Path::new("/s/a.img")), Some(&vec![0, 3]));
+        assert_eq!(idx.len(), 1);
+        // Hints name a device once, however many records list it.
+        let hinted = LoopIndex::with_hints(&[(5, "/s/b.img".into()), (5, "/s/b.img".into()), (6, "/s/b.img".into())]);
+        assert_eq!(hinted.hinted.get(Path::new("/s/b.img")), Some(&vec![5, 6]));
+        assert!(hinted.scanned.get().is_none(), "no scan before a layer misses the hints");
         // /sys/block names: whole devices only, detached ones without a backing file.
         let names = ["vda", "loop3", "loop12", "loop0", "loop-control"].map(String::from).to_vec();
         let numbers: Vec<u32> = attached_of(names, backing).iter().map(|l| l.number).collect();

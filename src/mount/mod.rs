@@ -62,6 +62,9 @@ pub struct Plan {
     pub flags: Flags,
     pub store: Store,
     pub state_dir: PathBuf,
+    /// (device, backing file) pairs believed attached, as this node's
+    /// mount records list them: looked at before any scan of the devices.
+    pub loop_hints: Vec<(u32, PathBuf)>,
 }
 
 /// The way a mount is made: the one asked for if the kernel can do it
@@ -160,7 +163,7 @@ pub struct Outcome<P> {
 fn loop_record(dev: &LoopDevice) -> LoopRecord {
     LoopRecord {
         number: dev.number,
-        backing: loopdev::backing_file(dev.number).unwrap_or_default(),
+        backing: dev.backing.clone(),
         reused: dev.reused,
     }
 }
@@ -201,6 +204,7 @@ impl Plan {
             flags: Flags { noexec: Some(true), nosuid: Some(true), nodev: Some(true), ..Flags::default() },
             store: store.clone(),
             state_dir: crate::mount::state::dir(),
+            loop_hints: Vec::new(),
         })
     }
 
@@ -218,7 +222,7 @@ impl Plan {
         let way = self.way(cache)?;
         let lock = AttachLock::take(&self.state_dir)?;
         self.still_stored()?;
-        let idx = LoopIndex::scan();
+        let idx = LoopIndex::with_hints(&self.loop_hints);
         log::debug!("lock and loop index: {:?}", t.elapsed());
         let ready = self.for_each_layer(&idx, |i, l, found| way.layer(self, i, l, found))?;
         drop(lock);
@@ -261,7 +265,7 @@ impl Plan {
         // The overlay (a detached mount's fd) first: it holds every layer,
         // and releasing it before the layers' fds makes their close cheap.
         drop(overlay);
-        drop(_ready);
+        release_in_parallel(_ready);
         drop(_upper);
         drop(way);
         Ok(Outcome { mounted, layers, upper, mnt_id, published })
@@ -464,6 +468,28 @@ impl Plan {
         ctx.create()?;
         ctx.mount(mount_attrs(&self.flags, read_only))
     }
+}
+
+/// Up to this many threads close the layers' detached mounts.
+const RELEASE_THREADS: usize = 8;
+
+/// Drop the layers' detached mounts from several threads at once. Closing
+/// the last fd of a detached mount dissolves it, and the kernel waits for
+/// an RCU grace period each time (namespace_unlock): one by one, 128 layers
+/// took 5-6 ms of a mount here, about 45 us each. Waits that overlap share
+/// their grace periods.
+fn release_in_parallel<T: Send>(mut items: Vec<T>) {
+    if items.len() < 2 * RELEASE_THREADS {
+        drop(items);
+        return;
+    }
+    let per = items.len().div_ceil(RELEASE_THREADS);
+    std::thread::scope(|sc| {
+        while !items.is_empty() {
+            let chunk: Vec<T> = items.drain(..per.min(items.len())).collect();
+            sc.spawn(move || drop(chunk));
+        }
+    });
 }
 
 fn open_root(dir: &Path) -> Result<OwnedFd> {

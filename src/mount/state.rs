@@ -135,10 +135,20 @@ pub fn write(rec: &MountRecord) -> Result<PathBuf> {
     let dest = record_path(rec.mnt_id);
     let tmp = temp_path(rec.mnt_id);
     let data = serde_json::to_vec_pretty(rec).map_err(|e| Error::Internal(format!("mount record: {e}")))?;
-    crate::store::write_synced(&tmp, &data).map_err(|e| {
+    // Written whole then renamed, so a reader never sees half a record;
+    // not fsync'ed: a record describes a mount, which a crash takes with
+    // it, so there is nothing for it to survive into (and the state
+    // directory is normally /run, a tmpfs). On a disk, the flush cost a
+    // mount more than a millisecond.
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &data));
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        e.context("write mount record")
-    })?;
+        return Err(Error::io("write mount record", &tmp, &e));
+    }
     std::fs::rename(&tmp, &dest).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io("write mount record", &dest, &e)
@@ -265,13 +275,15 @@ pub fn live(mounts: &[MountInfo]) -> Vec<MountRecord> {
 
 /// Clean up after killed mounts and umounts (see the module
 /// documentation: stale records, their utab lines, scratch directories);
-/// what `live` does, for callers that need no records.
-pub fn reconcile() {
+/// what `live` does, for callers that have no mount table at hand. The
+/// live records, or none if the mount table cannot be read.
+pub fn reconcile() -> Vec<MountRecord> {
     match crate::kernel::mountinfo::read() {
-        Ok(m) => {
-            live(&m);
+        Ok(m) => live(&m),
+        Err(e) => {
+            log::warn!("{e}: mount records not reconciled");
+            Vec::new()
         }
-        Err(e) => log::warn!("{e}: mount records not reconciled"),
     }
 }
 

@@ -217,6 +217,20 @@ pub fn openat_beneath(
     flags: OFlags,
     mode: Mode,
 ) -> Result<OwnedFd> {
+    openat_beneath_stat(dfd, dir, rel, flags, mode).map(|(fd, _)| fd)
+}
+
+/// [`openat_beneath`], also giving the opened file's stat (O_PATH and
+/// directory opens: a stat of their own) so that callers checking a size
+/// need not ask again: a mount resolves a chain of hundreds of layers this
+/// way, and every syscall per layer counts there.
+pub fn openat_beneath_stat(
+    dfd: &OwnedFd,
+    dir: &Path,
+    rel: &str,
+    flags: OFlags,
+    mode: Mode,
+) -> Result<(OwnedFd, rustix::fs::Stat)> {
     let path = dir.join(rel);
     let open = |flags: OFlags| {
         crate::kernel::beneath::open(dfd, rel, flags, mode, crate::kernel::beneath::Mounts::Cross).map_err(|e| {
@@ -228,22 +242,35 @@ pub fn openat_beneath(
             Error::sys(what, &path, e)
         })
     };
+    let stat = |fd: &OwnedFd| rustix::fs::fstat(fd).map_err(|e| Error::sys("stat", &path, e));
     if flags.intersects(OFlags::PATH | OFlags::DIRECTORY) {
-        return open(flags);
+        let fd = open(flags)?;
+        let st = stat(&fd)?;
+        return Ok((fd, st));
     }
     if !flags.contains(OFlags::CREATE) {
-        let probe = open(OFlags::PATH)?;
-        let st = rustix::fs::fstat(&probe).map_err(|e| Error::sys("stat", &path, e))?;
-        regular_or_refuse(&path, st.st_mode)?;
+        // The type before any open, by one stat of the name. It may follow
+        // a symlink on the way (statat has no RESOLVE_BENEATH), which only
+        // reads attributes; the open below refuses such a path anyway.
+        // Anything but a regular file goes the slower way, an O_PATH open,
+        // whose errors say exactly what is wrong.
+        let regular = rustix::fs::statat(dfd, rel, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile);
+        if !regular {
+            let probe = open(OFlags::PATH)?;
+            regular_or_refuse(&path, stat(&probe)?.st_mode)?;
+        }
     }
     let fd = open(flags | OFlags::NONBLOCK | OFlags::NOCTTY)?;
-    let st = rustix::fs::fstat(&fd).map_err(|e| Error::sys("stat", &path, e))?;
+    let st = stat(&fd)?;
     regular_or_refuse(&path, st.st_mode)?;
     if !flags.contains(OFlags::NONBLOCK) {
-        let fl = rustix::fs::fcntl_getfl(&fd).map_err(|e| Error::sys("fcntl F_GETFL", &path, e))?;
-        rustix::fs::fcntl_setfl(&fd, fl - OFlags::NONBLOCK).map_err(|e| Error::sys("fcntl F_SETFL", &path, e))?;
+        // F_SETFL changes only these of the open flags: what was asked of
+        // them, without O_NONBLOCK (no F_GETFL needed).
+        let settable = OFlags::APPEND | OFlags::DIRECT | OFlags::NOATIME;
+        rustix::fs::fcntl_setfl(&fd, flags & settable).map_err(|e| Error::sys("fcntl F_SETFL", &path, e))?;
     }
-    Ok(fd)
+    Ok((fd, st))
 }
 
 /// What a file of mode `mode` is, in words, for a refusal.
@@ -274,6 +301,12 @@ fn regular_or_refuse(path: &Path, mode: u32) -> Result<()> {
 
 /// A small file in as few reads as possible (one, for metadata).
 pub(crate) fn read_small(fd: OwnedFd, path: &Path, limit: u64) -> Result<String> {
+    let size = rustix::fs::fstat(&fd).map(|st| st.st_size.max(0) as u64).unwrap_or(0);
+    read_small_sized(fd, path, limit, size)
+}
+
+/// [`read_small`] of a file whose size the caller has just stat'ed.
+pub(crate) fn read_small_sized(fd: OwnedFd, path: &Path, limit: u64, size: u64) -> Result<String> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
     // Stop at the size the file has (metadata and name records never
@@ -281,7 +314,6 @@ pub(crate) fn read_small(fd: OwnedFd, path: &Path, limit: u64) -> Result<String>
     // filesystem that last empty read is one more round trip per layer.
     // The attributes come from the lookup just made; size 0 (a FIFO, a
     // file of /proc) reads to EOF as before.
-    let size = rustix::fs::fstat(&fd).map(|st| st.st_size.max(0) as u64).unwrap_or(0);
     loop {
         let n = rustix::io::read(&fd, &mut buf[len..]).map_err(|e| Error::sys("read", path, e))?;
         len += n;
@@ -549,9 +581,9 @@ impl Store {
 
     fn read_meta_once(h: &DirHandle, id: &Digest) -> Result<LayerMeta> {
         let rel = Self::meta_rel(id);
-        let fd = openat_beneath(&h.fd, &h.path, &rel, OFlags::RDONLY, Mode::empty())?;
+        let (fd, st) = openat_beneath_stat(&h.fd, &h.path, &rel, OFlags::RDONLY, Mode::empty())?;
         let path = h.path.join(&rel);
-        let text = read_small(fd, &path, 1 << 16)?;
+        let text = read_small_sized(fd, &path, 1 << 16, st.st_size.max(0) as u64)?;
         let meta: LayerMeta = serde_json::from_str(&text).map_err(|e| {
             Error::damaged(&path, format!("corrupt metadata: {e}"))
         })?;
@@ -565,7 +597,7 @@ impl Store {
             let dir = &h.path;
             let meta = Self::read_meta_once(h, id)?;
             let rel = format!("layers/{}/layer.img", id.hex());
-            let image = openat_beneath(&h.fd, dir, &rel, OFlags::RDONLY, Mode::empty()).map_err(|e| match e.errno() {
+            let (image, st) = openat_beneath_stat(&h.fd, dir, &rel, OFlags::RDONLY, Mode::empty()).map_err(|e| match e.errno() {
                 // Publishing is atomic, so metadata without its image is damage,
                 // not "not here": say so instead of looking in the fallback.
                 Some(Errno::NOENT) => Error::damaged(dir.join(&rel), "image missing beside its metadata (damaged store?)"),
@@ -573,7 +605,6 @@ impl Store {
             })?;
             // A truncated or replaced image must not be mounted: the
             // filesystem in it would fail later, on some read, on every node.
-            let st = rustix::fs::fstat(&image).map_err(|e| Error::sys("stat", dir.join(&rel), e))?;
             if st.st_size as u64 != meta.size {
                 return Err(Error::damaged(
                     dir.join(&rel),
