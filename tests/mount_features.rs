@@ -405,6 +405,47 @@ fn umount_does_not_wait_for_layers_another_mount_holds() {
 }
 
 #[test]
+fn a_record_naming_the_wrong_devices_is_only_a_hint() {
+    // A mount finds the devices of a chain in use through this node's mount
+    // records before it scans the loop devices. A record that names another
+    // layer's device (edited, or written by a bug) must neither make the
+    // mount use that device nor stop the layers from being shared.
+    let env = Env::new("badhint");
+    let (ids, top) = chain(&env, 3);
+    let other = env.add(None, None, &[("other.txt", E::File("other\n"))]);
+    let (m1, m2, m3) = (env.mnt("m1"), env.mnt("m2"), env.mnt("m3"));
+    mount(&env, &top, &m1, "").ok();
+    mount(&env, &other, &m2, "").ok();
+    let chain_loops = loops_for(&env, &ids);
+    let other_loop = loops_for(&env, std::slice::from_ref(&other));
+    assert_eq!((chain_loops.len(), other_loop.len()), (3, 1));
+    let records: Vec<std::path::PathBuf> = std::fs::read_dir(env.state.join("mounts")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut edited = 0;
+    for p in &records {
+        let mut rec: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+        if rec["target"].as_str() != m1.to_str() {
+            continue;
+        }
+        for l in rec["chain"].as_array_mut().unwrap() {
+            l["loop_dev"]["number"] = serde_json::json!(other_loop[0]);
+            edited += 1;
+        }
+        std::fs::write(p, serde_json::to_vec(&rec).unwrap()).unwrap();
+    }
+    assert_eq!(edited, 3, "m1's record: {records:?}");
+    mount(&env, &top, &m3, "").ok();
+    assert_eq!(loops_for(&env, &ids), chain_loops, "m3 shares m1's devices, found by the scan");
+    assert_eq!(loops_for(&env, std::slice::from_ref(&other)), other_loop);
+    assert_eq!(read_in(&env, &m3.join("f0.txt")).as_deref(), Some("layer 0\n"));
+    assert_eq!(read_in(&env, &m3.join("top.txt")).as_deref(), Some("layer 2\n"));
+    assert_eq!(read_in(&env, &m3.join("other.txt")), None, "nothing of the layer the record named");
+    for m in [&m1, &m3, &m2] {
+        umount(&env, m);
+    }
+    env.assert_clean();
+}
+
+#[test]
 fn attached_layers_carry_an_in_use_lock() {
     // What `rm`/`gc` on any node sharing the store look at: a layer image
     // is read-locked exactly while a loop device holds it.
