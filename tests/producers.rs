@@ -15,6 +15,7 @@
 mod common;
 use common::tree::assert_same_tree;
 use common::*;
+use common::registry::*;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -204,7 +205,8 @@ fn check_content(v: &Path) {
 }
 
 fn import_compare(env: &Env, source: &str, name: &str, want: &Path, fstype: &str) {
-    import_ok(env, source, &["--name", name]);
+    let tls = if source.starts_with("docker://") { vec!["--tls-verify=false"] } else { vec![] };
+    import_ok(env, source, &[&["--name", name][..], &tls].concat());
     let m = mount(env, name, "m");
     assert_same_tree(&view(env, &m), want);
     umount(env, &m);
@@ -213,7 +215,7 @@ fn import_compare(env: &Env, source: &str, name: &str, want: &Path, fstype: &str
 }
 
 #[test]
-fn buildah_image_through_every_file_transport() {
+fn buildah_image_through_every_transport() {
     let env = Env::new("prod-buildah");
     let t = Tools::new(&env);
     let img = buildah_image(&t);
@@ -235,6 +237,15 @@ fn buildah_image_through_every_file_transport() {
     import_compare(&env, &format!("oci-archive:{d}/img.oci.tar"), "ociarch", &want, &fstype);
     import_compare(&env, &format!("docker-archive:{d}/img.docker.tar"), "dockarch", &want, &fstype);
     env.assert_clean();
+
+    // docker://: pushed by buildah to the registry on 127.0.0.1.
+    let mut reg_env = Env::new("prod-buildah-reg");
+    isolate(&mut reg_env, "");
+    let reg = Registry::start(&reg_env, "open", false);
+    t.sh(&format!("$B push $Q -q --tls-verify=false {img} docker://{}/prod/img:1", reg.host()));
+    import_compare(&reg_env, &format!("docker://{}/prod/img:1", reg.host()), "reg", &want, &fstype);
+    drop(reg);
+    reg_env.assert_clean();
 
     // The same image with ext4 pinned.
     let mut e4 = Env::new("prod-buildah-ext4");
