@@ -253,3 +253,42 @@ fn buildah_image_through_every_transport() {
     import_compare(&e4, &format!("oci:{d}/layout:t"), "oci", &want, "ext4");
     e4.assert_clean();
 }
+
+/// `podman build` of a Containerfile FROM scratch (no RUN, so nothing is
+/// run and nothing fetched): two COPY layers of a generated tree, a LABEL
+/// and an ENV; pushed by podman to oci-archive: and docker-archive:,
+/// compared with `podman image mount`.
+#[test]
+fn podman_build_through_archives() {
+    let env = Env::new("prod-podman");
+    let t = Tools::new(&env);
+    let long = "n".repeat(255);
+    t.sh(&format!(
+        r#"
+mkdir -p ctx/tree/a/b; cd ctx
+printf 'hi\n' > tree/a/f; ln tree/a/f tree/a/h; ln -s f tree/a/l; chmod 0640 tree/a/f
+printf 'x' > "tree/a/{long}"; printf 'y' > "$(printf 'tree/a/odd\351')"
+chown 70000:80000 tree/a/b; chmod 0753 tree/a/b; mkfifo tree/fifo
+setfattr -n user.k -v v tree/a/f
+touch -d '{T}' tree/a/f tree/a/b tree/a
+printf 'FROM scratch\nLABEL org.example.k=v\nENV A=1\nCOPY tree/ /\nCOPY tree/a /second\n' > Containerfile
+$P build -q -t localhost/pimg:1 -f Containerfile . >/dev/null
+$P image inspect localhost/pimg:1 --format '{{{{index .Config.Labels "org.example.k"}}}} {{{{len .RootFS.Layers}}}}' > ../inspect
+"#
+    ));
+    assert_eq!(std::fs::read_to_string(t.dir.join("inspect")).unwrap().trim(), "v 2");
+    let want = PathBuf::from(t.sh("$P image mount localhost/pimg:1").trim());
+    assert!(want.join("second/h").exists() && want.join("fifo").exists());
+    // No root entry in podman's layers either (see the buildah test).
+    assert_eq!(std::fs::metadata(&want).unwrap().permissions().mode() & 0o7777, 0o555);
+    std::fs::set_permissions(&want, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = t.dir.display();
+    t.sh(&format!(
+        "$P push -q localhost/pimg:1 oci-archive:{d}/p.oci.tar; $P push -q localhost/pimg:1 docker-archive:{d}/p.docker.tar"
+    ));
+    let fstype = default_layer_fstype(&env);
+    import_compare(&env, &format!("oci-archive:{d}/p.oci.tar"), "ociarch", &want, &fstype);
+    import_compare(&env, &format!("docker-archive:{d}/p.docker.tar"), "dockarch", &want, &fstype);
+    t.sh("$P image unmount localhost/pimg:1 >/dev/null");
+    env.assert_clean();
+}
