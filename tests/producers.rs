@@ -256,10 +256,11 @@ fn buildah_image_through_every_transport() {
 
 /// `podman build` of a Containerfile FROM scratch (no RUN, so nothing is
 /// run and nothing fetched): two COPY layers of a generated tree, a LABEL
-/// and an ENV; pushed by podman to oci-archive: and docker-archive:,
+/// and an ENV; pushed by podman to oci:, oci-archive:, docker-archive:
+/// and the test registry (docker://),
 /// compared with `podman image mount`.
 #[test]
-fn podman_build_through_archives() {
+fn podman_build_through_every_transport() {
     let env = Env::new("prod-podman");
     let t = Tools::new(&env);
     let long = "n".repeat(255);
@@ -289,6 +290,16 @@ $P image inspect localhost/pimg:1 --format '{{{{index .Config.Labels "org.exampl
     let fstype = default_layer_fstype(&env);
     import_compare(&env, &format!("oci-archive:{d}/p.oci.tar"), "ociarch", &want, &fstype);
     import_compare(&env, &format!("docker-archive:{d}/p.docker.tar"), "dockarch", &want, &fstype);
-    t.sh("$P image unmount localhost/pimg:1 >/dev/null");
+    t.sh(&format!("$P push -q localhost/pimg:1 oci:{d}/playout:t"));
+    import_compare(&env, &format!("oci:{d}/playout:t"), "oci", &want, &fstype);
     env.assert_clean();
+
+    let mut reg_env = Env::new("prod-podman-reg");
+    isolate(&mut reg_env, "");
+    let reg = Registry::start(&reg_env, "open", false);
+    t.sh(&format!("$P push -q --tls-verify=false localhost/pimg:1 docker://{}/prod/pimg:1", reg.host()));
+    import_compare(&reg_env, &format!("docker://{}/prod/pimg:1", reg.host()), "reg", &want, &fstype);
+    drop(reg);
+    reg_env.assert_clean();
+    t.sh("$P image unmount localhost/pimg:1 >/dev/null");
 }
