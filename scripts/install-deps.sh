@@ -42,6 +42,11 @@ have cc         || need="$need gcc"
 # without a daemon, skopeo converts them (oci-archive, docker-archive, zstd).
 have umoci      || need="$need umoci"
 have skopeo     || need="$need skopeo"
+# Producer tests (tests/producers.rs) build images with buildah (from
+# scratch, private vfs storage) and import what it pushes through every
+# transport; podman builds one image from a Containerfile.
+have buildah    || need="$need buildah"
+have podman     || need="$need podman"
 # Bundle tests (tests/bundle.rs) run a real busybox image with runc (crun
 # refuses hybrid cgroup layouts); its rootfs is busybox-static's binary.
 have runc       || need="$need runc"

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod cluster;
+pub mod registry;
 pub mod tree;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sharedloop");
