@@ -14,10 +14,11 @@
 //!
 //! Then the same for erofs: `sharedloop import --fstype erofs` (the image
 //! written straight from the tar stream, no unpacked tree) against
-//! `tar -x` + `mkfs.erofs` (uncompressed) per layer.
+//! `tar -x` + `mkfs.erofs` (uncompressed) per layer, and `erofs-lz4`:
+//! `--fstype erofs --compress lz4` against `mkfs.erofs -zlz4`.
 //!
 //! Run as root: `cargo bench --bench import` (`-- --quick` for 1 round,
-//! `-- ext4` or `-- erofs` for one format's rounds).
+//! `-- ext4`, `-- erofs` or `-- erofs-lz4` for one format's rounds).
 //! The binary under test is the `bench`-profile (release) build.
 
 use std::path::{Path, PathBuf};
@@ -41,7 +42,8 @@ fn layers(layout: &Path, tag: &str) -> (Vec<PathBuf>, u64) {
         .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
         .unwrap();
     let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
-    let man: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(m["digest"].as_str().unwrap())).unwrap()).unwrap();
+    let man: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(m["digest"].as_str().unwrap())).unwrap()).unwrap();
     let mut paths = vec![];
     let mut size = 0;
     for l in man["layers"].as_array().unwrap() {
@@ -55,8 +57,15 @@ fn layers(layout: &Path, tag: &str) -> (Vec<PathBuf>, u64) {
 
 fn import(layout: &Path, tag: &str, store: &Path, fstype: &str) -> f64 {
     let t = Instant::now();
+    // `erofs-lz4`: erofs with --compress lz4.
+    let (fs, compress) = match fstype {
+        "erofs-lz4" => ("erofs", "lz4"),
+        f => (f, "none"),
+    };
+    let compress: &[&str] = if fs == "erofs" { &["--compress", compress] } else { &[] };
     run(Command::new(BIN)
-        .args(["import", "--quiet", "--fstype", fstype, &format!("oci:{}:{tag}", layout.display())])
+        .args(["import", "--quiet", "--fstype", fs, &format!("oci:{}:{tag}", layout.display())])
+        .args(compress)
         .arg("--loopback-root")
         .arg(store.join("root"))
         .arg("--loopback-fallback")
@@ -74,11 +83,17 @@ fn baseline(blobs: &[PathBuf], dir: &Path, fstype: &str) -> f64 {
         std::fs::create_dir_all(&d).unwrap();
         let mkfs = if fstype == "erofs" {
             "mkfs.erofs --quiet {d}.img {d}"
+        } else if fstype == "erofs-lz4" {
+            "mkfs.erofs --quiet -zlz4 {d}.img {d}"
         } else {
             "kb=$(du -sk {d} | cut -f1); truncate -s $(( (kb * 13 / 10 + 16384) * 1024 )) {d}.img; \
              mkfs.ext4 -q -F -O ^has_journal -d {d} {d}.img"
         };
-        let tar = format!("tar --numeric-owner --xattrs --xattrs-include='*' -xzf {b} -C {d}; ", b = b.display(), d = d.display());
+        let tar = format!(
+            "tar --numeric-owner --xattrs --xattrs-include='*' -xzf {b} -C {d}; ",
+            b = b.display(),
+            d = d.display()
+        );
         sh(&(tar + &mkfs.replace("{d}", &d.display().to_string())));
     }
     t.elapsed().as_secs_f64()
@@ -125,13 +140,17 @@ fn main() {
     );
     let small: Vec<String> = (0..12).map(|i| format!("small{i}")).collect();
     for s in &small {
-        umoci_image(&layout, s, &[&format!("mkdir etc app && for f in $(seq 1 40); do echo {s}-$f > app/$f; done && echo {s} > etc/id")]);
+        umoci_image(
+            &layout,
+            s,
+            &[&format!("mkdir etc app && for f in $(seq 1 40); do echo {s}-$f > app/$f; done && echo {s} > etc/id")],
+        );
     }
 
     let rounds = |fstype: &str| bench(&w, &layout, &small, reps, fstype);
     // `-- ext4` or `-- erofs`: that round only.
-    let only: Vec<String> = std::env::args().filter(|a| a == "ext4" || a == "erofs").collect();
-    for f in ["ext4", "erofs"] {
+    let only: Vec<String> = std::env::args().filter(|a| a == "ext4" || a == "erofs" || a == "erofs-lz4").collect();
+    for f in ["ext4", "erofs", "erofs-lz4"] {
         if only.is_empty() || only.iter().any(|o| o == f) {
             rounds(f);
         }
@@ -180,10 +199,22 @@ fn bench(w: &Work, layout: &Path, small: &[String], reps: usize, fstype: &str) {
     let per_min = |secs: f64| small.len() as f64 * 60.0 / secs;
     let (ss, bs) = (median(sl_small), median(base_small));
 
-    let mkfs = if fstype == "erofs" { "mkfs.erofs" } else { "mkfs.ext4 -d" };
+    let mkfs = if fstype == "erofs" {
+        "mkfs.erofs"
+    } else if fstype == "erofs-lz4" {
+        "mkfs.erofs -zlz4"
+    } else {
+        "mkfs.ext4 -d"
+    };
     println!("### import throughput ({fstype}): sharedloop import vs tar -x + {mkfs} per layer\n");
-    println!("kernel {}, {} rounds, medians; images built with umoci (gzip layers)\n", std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(), reps);
-    println!("| image | content | sharedloop import --fstype {fstype} | tar -x + {mkfs} | umoci unpack (merged rootfs only) | speed-up vs tar+mkfs |");
+    println!(
+        "kernel {}, {} rounds, medians; images built with umoci (gzip layers)\n",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        reps
+    );
+    println!(
+        "| image | content | sharedloop import --fstype {fstype} | tar -x + {mkfs} | umoci unpack (merged rootfs only) | speed-up vs tar+mkfs |"
+    );
     println!("|---|---:|---:|---:|---:|---:|");
     println!(
         "| large (3 layers: 64 MiB file, 5,000 small files, 16 MiB) | {mb:.1} MB | {s:.2} s ({:.0} MB/s) | {b:.2} s ({:.0} MB/s) | {u:.2} s | {:.2}x |",

@@ -395,7 +395,7 @@ fn build_store(work: &Path, n: usize, fstype: FsType) -> Chain {
             // As `add` writes them: sharedloop's own writer (owners are
             // the bench's, root).
             FsType::Erofs => {
-                sharedloop::image::erofs_writer::write_dir(&src, &img, sharedloop::image::uuid_for(&id.to_string()))
+                sharedloop::image::erofs_writer::write_dir(&src, &img, sharedloop::image::uuid_for(&id.to_string()), false)
                     .unwrap_or_else(|e| panic!("writing {}: {e}", img.display()));
             }
             _ => {

@@ -138,6 +138,10 @@ _sharedloop()
             _sharedloop_reply_pre "$value_pre" ext4 xfs erofs auto
             return
             ;;
+        --compress)
+            _sharedloop_reply_pre "$value_pre" none lz4
+            return
+            ;;
         --parent | --name)
             mapfile -t names < <(_sharedloop_names)
             _sharedloop_reply_pre "$value_pre" "${names[@]}"
@@ -161,7 +165,7 @@ _sharedloop()
     for ((i = 1; i < ${#_sl_words[@]}; i++)); do
         w=${_sl_words[i]}
         case $w in
-            --loopback-root | --loopback-fallback | --parent | --name | --fstype | --min-age | --staging-dir | -o | --options | \
+            --loopback-root | --loopback-fallback | --parent | --name | --fstype | --compress | --min-age | --staging-dir | -o | --options | \
                 --creds | --authfile | --cert-dir | --platform | --registries-conf)
                 ((i++))
                 ;;
@@ -191,8 +195,8 @@ _sharedloop()
 
     local -a opts=()
     case $cmd in
-        add) opts=(--parent --name --fstype --staging-dir) ;;
-        import) opts=(--name --fstype --staging-dir -q --quiet --creds --authfile --tls-verify --cert-dir --platform --registries-conf) ;;
+        add) opts=(--parent --name --fstype --compress --staging-dir) ;;
+        import) opts=(--name --fstype --compress --staging-dir -q --quiet --creds --authfile --tls-verify --cert-dir --platform --registries-conf) ;;
         ls | status | mounts) opts=(--json) ;;
         rm) opts=(--name-only --dry-run --json) ;;
         gc) opts=(--dry-run --min-age --json) ;;

@@ -11,8 +11,8 @@
 //! own unpacked rootfs.
 
 mod common;
-use common::*;
 use common::tree::{assert_same_tree, sha256_hex, xattrs_of};
+use common::*;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -22,8 +22,6 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-
 
 // ================================================================ running
 
@@ -73,20 +71,20 @@ fn names(store: &Path) -> BTreeMap<String, String> {
         .map(|r| {
             r.flatten()
                 .map(|e| {
-                    (e.file_name().to_string_lossy().into_owned(), std::fs::read_to_string(e.path()).unwrap().trim().to_string())
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        std::fs::read_to_string(e.path()).unwrap().trim().to_string(),
+                    )
                 })
                 .collect()
         })
         .unwrap_or_default()
 }
 
-
-
 fn skopeo(dir: &Path, from: &str, to: &str, extra: &str) {
     need("skopeo");
     sh(&format!("skopeo --insecure-policy copy -q {extra} {from} {to}"), dir);
 }
-
 
 /// The chain ID of the top layer, computed here from the config's diff IDs
 /// (independently of the code under test).
@@ -116,7 +114,8 @@ fn oci_docs(layout: &Path) -> (serde_json::Value, serde_json::Value) {
 
 fn oci_chain(layout: &Path) -> String {
     let (_, c) = oci_docs(layout);
-    let ids: Vec<String> = c["rootfs"]["diff_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> =
+        c["rootfs"]["diff_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     chain_of(&ids)
 }
 
@@ -148,6 +147,7 @@ mkfifo $r/fifo; mknod $r/null c 1 3; mknod $r/loopx b 7 200
 long=$(printf 'n%.0s' $(seq 1 250)); mkdir -p $r/long/$long; printf long > $r/long/$long/$long
 printf 'x' > "$r/$(printf 'caf\351')"
 head -c 300000 /dev/urandom > $r/random.bin
+yes 'compressible text for lz4 layers' | head -c 300000 > $r/text.txt
 truncate -s 10M $r/sparse.bin; printf 'end' >> $r/sparse.bin
 printf 1 > $r/del/file; printf 2 > $r/del/sub/keep; printf 3 > $r/deldir/x
 printf o1 > $r/opq/old1; printf o2 > $r/opq/old2
@@ -196,7 +196,12 @@ impl UmociImage {
 fn import_and_compare(env: &Env, img: &UmociImage, source: &str, extra: &[&str], name: &str) {
     let id = import_ok(env, source, extra);
     assert_eq!(id, img.chain, "chain ID through {source}");
-    assert_eq!(names(&env.root).get(&name.replace('/', "%2F")), Some(&img.chain), "name {name}: {:?}", names(&env.root));
+    assert_eq!(
+        names(&env.root).get(&name.replace('/', "%2F")),
+        Some(&img.chain),
+        "name {name}: {:?}",
+        names(&env.root)
+    );
     let m = mount(env, name, "m");
     assert_same_tree(&view(env, &m), &img.expected());
     umount(env, &m);
@@ -400,7 +405,8 @@ fn write_oci(dir: &Path, tars: &[Vec<u8>], compress: &[bool], tag: Option<&str>,
     for (t, &z) in tars.iter().zip(compress) {
         diffs.push(format!("sha256:{}", sha256_hex(t)));
         let (d, s) = if z { put(&gzip(t)) } else { put(t) };
-        let mt = if z { "application/vnd.oci.image.layer.v1.tar+gzip" } else { "application/vnd.oci.image.layer.v1.tar" };
+        let mt =
+            if z { "application/vnd.oci.image.layer.v1.tar+gzip" } else { "application/vnd.oci.image.layer.v1.tar" };
         layers.push(serde_json::json!({"mediaType": mt, "digest": d, "size": s}));
     }
     let config = serde_json::json!({
@@ -415,7 +421,8 @@ fn write_oci(dir: &Path, tars: &[Vec<u8>], compress: &[bool], tag: Option<&str>,
         "layers": layers,
     });
     let (md, ms) = put(&serde_json::to_vec(&manifest).unwrap());
-    let mut desc = serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms});
+    let mut desc =
+        serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms});
     if let Some(t) = tag {
         desc["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": t});
     }
@@ -506,7 +513,13 @@ fn semantics_layers() -> Vec<Vec<u8>> {
         .add(Ent {
             data: b"ping",
             uid: 9,
-            pax: vec![(b"SCHILY.xattr.security.capability", b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"), (b"SCHILY.xattr.security.selinux", b"ignored")],
+            pax: vec![
+                (
+                    b"SCHILY.xattr.security.capability",
+                    b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+                ),
+                (b"SCHILY.xattr.security.selinux", b"ignored"),
+            ],
             ..ent(b"bin/ping", b'0', 0o755)
         });
     let mut l3 = Tar::default();
@@ -530,7 +543,11 @@ fn check_semantics(v: &Path) {
     };
     let ino = |p: &str| meta(&v.join(p)).ino();
     let ls = |p: &str| {
-        let mut k: Vec<String> = std::fs::read_dir(v.join(p)).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut k: Vec<String> = std::fs::read_dir(v.join(p))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         k.sort();
         k
     };
@@ -608,7 +625,11 @@ fn layer_semantics_through_oci_and_docker_archive() {
     // same tree, as erofs.
     skopeo(&env.dir, &format!("oci:{}:v1", dir.display()), "docker-archive:sem.tar:sem:1", "");
     let other = Env::new("imp-sem2");
-    let id2 = import_ok(&other, &format!("docker-archive:{}:sem:1", env.dir.join("sem.tar").display()), &["--fstype", "erofs"]);
+    let id2 = import_ok(
+        &other,
+        &format!("docker-archive:{}:sem:1", env.dir.join("sem.tar").display()),
+        &["--fstype", "erofs"],
+    );
     assert_eq!(id2, chain);
     let m2 = mount(&other, "sem:1", "m");
     check_semantics(&view(&other, &m2));
@@ -697,7 +718,11 @@ fn corrupted_blobs_round(fstype: &str) {
     r.fails(32, &format!("layer 2/2 ({}): blob {}: digest mismatch", digests[1], digests[1]));
     assert_eq!(layer_dirs(&env.root).len(), 1);
     for l in layer_dirs(&env.root) {
-        assert_eq!(json_file(&env.root.join("layers").join(&l).join("meta.json"))["fstype"], fstype, "the path under test");
+        assert_eq!(
+            json_file(&env.root.join("layers").join(&l).join("meta.json"))["fstype"],
+            fstype,
+            "the path under test"
+        );
     }
     assert!(names(&env.root).is_empty());
     assert!(tmp_entries(&env.root).is_empty() && tmp_entries(&env.fallback).is_empty());
@@ -735,7 +760,14 @@ fn wrong_diff_id_round(fstype: &str) {
     write_oci(&dir, &tars, &[true, false], Some("t"), Some(ids));
     let r = import(&env, &format!("oci:{}:t", dir.display()), &[]);
     r.fails(32, "layer 2/2");
-    assert!(r.stderr.contains(&format!("diff ID mismatch: the config says {wrong}, the uncompressed layer has sha256:{}", sha256_hex(&tars[1]))), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "diff ID mismatch: the config says {wrong}, the uncompressed layer has sha256:{}",
+            sha256_hex(&tars[1])
+        )),
+        "{}",
+        r.stderr
+    );
     assert_eq!(layer_dirs(&env.root).len(), 1, "the good bottom layer is kept");
     assert!(names(&env.root).is_empty());
     assert!(tmp_entries(&env.root).is_empty() && tmp_entries(&env.fallback).is_empty());
@@ -781,7 +813,12 @@ fn truncated_archives_are_refused() {
         let cut = env.sh(&format!("head -c 3000 {} | {BIN} import {t}:/dev/stdin {store}", p.display()));
         assert_eq!(cut.code, 32, "{cut:?}");
         // Compressed archives (docker save | gzip), from a file or a pipe.
-        let gz = env.sh(&format!("gzip -c {} > {}.gz && {BIN} import {t}:{}.gz {store}", p.display(), p.display(), p.display()));
+        let gz = env.sh(&format!(
+            "gzip -c {} > {}.gz && {BIN} import {t}:{}.gz {store}",
+            p.display(),
+            p.display(),
+            p.display()
+        ));
         gz.ok();
         assert_eq!(gz.stdout.trim(), id);
         let gz = env.sh(&format!("gzip -c {} | {BIN} import {t}:/dev/stdin {store}", p.display()));
@@ -813,10 +850,22 @@ fn path_traversal_is_refused_as(fstype: &str) {
     let cases: Vec<(&str, Vec<Vec<u8>>, &str)> = vec![
         ("dotdot", vec![Tar::default().file("../evil", b"x").done()], "'..'"),
         ("inner-dotdot", vec![Tar::default().dir("a/", 0o755).file("a/../../evil", b"x").done()], "'..'"),
-        ("symlinked-parent", vec![Tar::default().symlink("ln", &out).file("ln/evil", b"x").done()], "is a symlink in this layer"),
-        ("symlinked-grandparent", vec![Tar::default().symlink("ln", &out).file("ln/sub/evil", b"x").done()], "is a symlink in this layer"),
+        (
+            "symlinked-parent",
+            vec![Tar::default().symlink("ln", &out).file("ln/evil", b"x").done()],
+            "is a symlink in this layer",
+        ),
+        (
+            "symlinked-grandparent",
+            vec![Tar::default().symlink("ln", &out).file("ln/sub/evil", b"x").done()],
+            "is a symlink in this layer",
+        ),
         ("hardlink-dotdot", vec![Tar::default().hardlink("h", "../../../etc/passwd").done()], "'..'"),
-        ("hardlink-via-symlink", vec![Tar::default().symlink("ln", "/etc").hardlink("h", "ln/passwd").done()], "below a symlink"),
+        (
+            "hardlink-via-symlink",
+            vec![Tar::default().symlink("ln", "/etc").hardlink("h", "ln/passwd").done()],
+            "below a symlink",
+        ),
         ("whiteout-dotdot", vec![Tar::default().whiteout("../.wh.evil").done()], "'..'"),
         (
             "symlink-in-lower-layer",
@@ -825,7 +874,10 @@ fn path_traversal_is_refused_as(fstype: &str) {
         ),
         (
             "symlink-in-lower-layer-via-hardlink",
-            vec![Tar::default().symlink("ln", &format!("{out}/")).done(), Tar::default().hardlink("h", "ln/evil").done()],
+            vec![
+                Tar::default().symlink("ln", &format!("{out}/")).done(),
+                Tar::default().hardlink("h", "ln/evil").done(),
+            ],
             "symlink in the layers below",
         ),
     ];
@@ -838,7 +890,10 @@ fn path_traversal_is_refused_as(fstype: &str) {
         assert_eq!(r.code, 32, "{fstype} {name}: {r:?}");
         assert!(r.stderr.contains("refusing") && r.stderr.contains(msg), "{fstype} {name}: {}", r.stderr);
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "{name} wrote outside");
-        assert!(!env.dir.join("evil").exists() && !env.root.join("evil").exists() && !env.root.join("tmp/evil").exists(), "{name}");
+        assert!(
+            !env.dir.join("evil").exists() && !env.root.join("evil").exists() && !env.root.join("tmp/evil").exists(),
+            "{name}"
+        );
         assert_eq!(layer_dirs(&env.root).len(), before + n - 1, "{name}: only the good lower layer is stored");
         assert!(tmp_entries(&env.root).is_empty(), "{name}: staging left: {:?}", tmp_entries(&env.root));
     }
@@ -1002,14 +1057,19 @@ fn sigkill_leaves_only_staging_that_later_imports_ignore() {
         }
         k.kill().unwrap();
         k.wait().unwrap();
-        assert!(wait_no_loops(&env.dir, Duration::from_secs(10)), "loop devices left by the killed import: {:?}", env.my_loops());
+        assert!(
+            wait_no_loops(&env.dir, Duration::from_secs(10)),
+            "loop devices left by the killed import: {:?}",
+            env.my_loops()
+        );
         assert!(env.my_mounts().is_empty());
     }
     let left = tmp_entries(&env.root);
     // Staging, and the killed imports' claims (stale: they protect nothing,
     // and gc removes them).
     assert!(
-        !left.is_empty() && left.iter().all(|n| n.starts_with("import-") || n.starts_with("layer-") || n.starts_with("claim.")),
+        !left.is_empty()
+            && left.iter().all(|n| n.starts_with("import-") || n.starts_with("layer-") || n.starts_with("claim.")),
         "{left:?}"
     );
     assert_eq!(left.iter().filter(|n| n.starts_with("claim.")).count(), 2, "{left:?}");
@@ -1027,10 +1087,22 @@ fn sigkill_leaves_only_staging_that_later_imports_ignore() {
     check_semantics(&view(&env, &m));
     umount(&env, &m);
     // gc removes the dead imports' staging and claims, and nothing else.
-    let r = env.run(&[BIN, "gc", "--loopback-root", env.root.to_str().unwrap(), "--loopback-fallback", env.fallback.to_str().unwrap()]);
+    let r = env.run(&[
+        BIN,
+        "gc",
+        "--loopback-root",
+        env.root.to_str().unwrap(),
+        "--loopback-fallback",
+        env.fallback.to_str().unwrap(),
+    ]);
     r.ok();
-    assert!(tmp_entries(&env.root).is_empty(), "{:?}
-{}", tmp_entries(&env.root), r.stdout);
+    assert!(
+        tmp_entries(&env.root).is_empty(),
+        "{:?}
+{}",
+        tmp_entries(&env.root),
+        r.stdout
+    );
     assert_eq!(layer_dirs(&env.root).len(), 3);
     env.assert_clean();
 }
@@ -1057,14 +1129,17 @@ fn sigterm_undoes_everything() {
     let env = Env::new("imp-term");
     let (dir, _) = semantics_image(&env);
     let (mut k, _err) = spawn_paused_import(&env, &dir);
-    rustix::process::kill_process(rustix::process::Pid::from_raw(k.id() as i32).unwrap(), rustix::process::Signal::TERM).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(k.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
     let st = k.wait().unwrap();
     assert_eq!(st.code(), Some(8), "interrupted");
     assert!(tmp_entries(&env.root).is_empty(), "{:?}", tmp_entries(&env.root));
     assert_eq!(layer_dirs(&env.root).len(), 1);
     env.assert_clean();
 }
-
 
 #[test]
 fn staging_is_private_while_an_image_is_unpacked() {
@@ -1109,7 +1184,11 @@ fn staging_is_private_while_an_image_is_unpacked() {
         .output()
         .unwrap();
     assert!(!r.status.success(), "nobody can list {}", p.display());
-    rustix::process::kill_process(rustix::process::Pid::from_raw(k.id() as i32).unwrap(), rustix::process::Signal::TERM).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(k.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
     assert_eq!(k.wait().unwrap().code(), Some(8));
     env.assert_clean();
 }
@@ -1118,7 +1197,12 @@ fn staging_is_private_while_an_image_is_unpacked() {
 
 /// A `sharedloop` command (full argv) started with a failpoint, read up to
 /// its "paused at"/"stopped at" line; its stderr stays open.
-fn spawn_at(env: &Env, argv: &[String], extra: &[(&str, &str)], failpoint: &str) -> (std::process::Child, BufReader<std::process::ChildStderr>) {
+fn spawn_at(
+    env: &Env,
+    argv: &[String],
+    extra: &[(&str, &str)],
+    failpoint: &str,
+) -> (std::process::Child, BufReader<std::process::ChildStderr>) {
     let a: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut c = env.command(&a);
     for (k, v) in extra {
@@ -1144,7 +1228,9 @@ fn signal(k: &std::process::Child, sig: rustix::process::Signal) {
 /// Entries of `dir` whose name starts with `prefix`.
 fn entries_with(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|r| r.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(prefix)).map(|e| e.path()).collect())
+        .map(|r| {
+            r.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(prefix)).map(|e| e.path()).collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -1159,7 +1245,8 @@ fn store_tmp_has_no_work(store: &Path) {
             continue;
         }
         assert!(e.starts_with("layer-"), "unexpected {e} in {}/tmp", store.display());
-        let inside: Vec<_> = std::fs::read_dir(store.join("tmp").join(&e)).unwrap().flatten().map(|x| x.file_name()).collect();
+        let inside: Vec<_> =
+            std::fs::read_dir(store.join("tmp").join(&e)).unwrap().flatten().map(|x| x.file_name()).collect();
         assert!(inside.is_empty(), "{e} in {}/tmp holds {inside:?} while the work is elsewhere", store.display());
     }
 }
@@ -1171,7 +1258,9 @@ fn data_map(p: &Path) -> Vec<(u64, u64)> {
     let len = f.metadata().unwrap().len();
     let (mut out, mut off) = (vec![], 0);
     while off < len {
-        let Ok(d) = rustix::fs::seek(&f, SeekFrom::Data(off)) else { break };
+        let Ok(d) = rustix::fs::seek(&f, SeekFrom::Data(off)) else {
+            break;
+        };
         let h = rustix::fs::seek(&f, SeekFrom::Hole(d)).unwrap().min(len);
         out.push((d, h - d));
         off = h;
@@ -1205,7 +1294,12 @@ fn import_unpacks_and_builds_in_local_staging_never_in_the_store() {
         assert_eq!(std::fs::metadata(&work[0]).unwrap().mode() & 0o777, 0o700);
         signal(&k, rustix::process::Signal::TERM);
         assert_eq!(k.wait().unwrap().code(), Some(8), "{point}");
-        assert!(tmp_entries(&env.root).is_empty() && tmp_entries(&env.fallback).is_empty(), "{point}: left {:?} {:?}", tmp_entries(&env.root), tmp_entries(&env.fallback));
+        assert!(
+            tmp_entries(&env.root).is_empty() && tmp_entries(&env.fallback).is_empty(),
+            "{point}: left {:?} {:?}",
+            tmp_entries(&env.root),
+            tmp_entries(&env.fallback)
+        );
     }
     // The whole import, hardlinks into lower layers included (the lower
     // view is mounted from the store while the tree is local).
@@ -1232,7 +1326,15 @@ fn staging_dir_option_and_configuration_key_are_honoured() {
     let layer_src = env.dir.join("layer-src");
     make_tree(&layer_src, &[("f", E::File("content")), ("d/g", E::File("g"))]);
     let add_argv = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = vec![BIN.into(), "add".into(), layer_src.to_string_lossy().into(), "--loopback-root".into(), env.root.to_string_lossy().into(), "--loopback-fallback".into(), env.fallback.to_string_lossy().into()];
+        let mut a: Vec<String> = vec![
+            BIN.into(),
+            "add".into(),
+            layer_src.to_string_lossy().into(),
+            "--loopback-root".into(),
+            env.root.to_string_lossy().into(),
+            "--loopback-fallback".into(),
+            env.fallback.to_string_lossy().into(),
+        ];
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
@@ -1240,7 +1342,13 @@ fn staging_dir_option_and_configuration_key_are_honoured() {
     // (argv, environment, failpoint, where the work must be, its label)
     type Case<'a> = (Vec<String>, &'a [(&'a str, &'a str)], &'a str, &'a Path, &'a str);
     let cases: Vec<Case> = vec![
-        (import_args(&env, &src, &["--staging-dir", &opt_s, "--fstype", "ext4"]), &[], "pause:import-build@0", &opt, "import-"),
+        (
+            import_args(&env, &src, &["--staging-dir", &opt_s, "--fstype", "ext4"]),
+            &[],
+            "pause:import-build@0",
+            &opt,
+            "import-",
+        ),
         (import_args(&env, &src, &[]), &conf_env, "pause:import-build@0", &cfg, "import-"),
         (import_args(&env, &src, &["--staging-dir", &opt_s]), &conf_env, "pause:import-build@0", &opt, "import-"),
         (add_argv(&["--staging-dir", &opt_s]), &[], "pause:add-publish", &opt, "add-"),
@@ -1276,12 +1384,21 @@ fn staging_dir_option_and_configuration_key_are_honoured() {
     std::fs::write(env.dir.join("afile"), b"").unwrap();
     let bad = env.dir.join("afile/sub");
     make_tree(&layer_src, &[("new", E::File("a layer not stored yet"))]);
-    let r = env.run(&add_argv(&["--staging-dir", bad.to_str().unwrap()]).iter().map(String::as_str).collect::<Vec<_>>());
+    let r =
+        env.run(&add_argv(&["--staging-dir", bad.to_str().unwrap()]).iter().map(String::as_str).collect::<Vec<_>>());
     r.fails(32, &format!("staging directory: create directory: {}: Not a directory", bad.display()));
     // mount -o has no use for it.
     let m = env.mnt("m");
-    env.run(&["mount", "-t", "sharedloop", "v1", m.to_str().unwrap(), "-o", &format!("{},staging_dir=/x", env.store_opts())])
-        .fails(1, "staging_dir: not a mount option");
+    env.run(&[
+        "mount",
+        "-t",
+        "sharedloop",
+        "v1",
+        m.to_str().unwrap(),
+        "-o",
+        &format!("{},staging_dir=/x", env.store_opts()),
+    ])
+    .fails(1, "staging_dir: not a mount option");
     // The default place unusable (a read-only fallback): the store's own
     // tmp/, with a warning.
     let other = Env::new("stage-rofb");
@@ -1296,7 +1413,11 @@ fn staging_dir_option_and_configuration_key_are_honoured() {
     assert_eq!(k.wait().unwrap().code(), Some(8));
     let r = import(&other, &src, &["-q"]);
     r.ok();
-    assert!(r.stderr.contains("warning: node-local staging unusable") && r.stderr.contains("Read-only file system"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("warning: node-local staging unusable") && r.stderr.contains("Read-only file system"),
+        "{}",
+        r.stderr
+    );
     assert!(tmp_entries(&other.root).is_empty());
     other.sh(&format!("umount {fb}")).ok();
     other.assert_clean();
@@ -1330,18 +1451,40 @@ fn a_store_on_another_filesystem_gets_a_sparse_identical_copy() {
         std::fs::write(src.join("d").join(i.to_string()), format!("small {i}")).unwrap();
     }
     let add = |root: &Path| -> Run {
-        env.run(&[BIN, "add", src.to_str().unwrap(), "--loopback-root", root.to_str().unwrap(), "--loopback-fallback", env.fallback.to_str().unwrap(), "-v"])
+        env.run(&[
+            BIN,
+            "add",
+            src.to_str().unwrap(),
+            "--loopback-root",
+            root.to_str().unwrap(),
+            "--loopback-fallback",
+            env.fallback.to_str().unwrap(),
+            "-v",
+        ])
     };
     // Same filesystem: renamed. Another one: copied (ext4 to tmpfs is not
     // a copy_file_range pair: reads and writes).
     // A failure (or signal) in the middle of the copy leaves nothing, here
     // or there.
     let r = env.run_env(
-        &[BIN, "add", src.to_str().unwrap(), "--loopback-root", troot.to_str().unwrap(), "--loopback-fallback", env.fallback.to_str().unwrap()],
+        &[
+            BIN,
+            "add",
+            src.to_str().unwrap(),
+            "--loopback-root",
+            troot.to_str().unwrap(),
+            "--loopback-fallback",
+            env.fallback.to_str().unwrap(),
+        ],
         &[("SHAREDLOOP_FAILPOINT", "stage-copy")],
     );
     r.fails(32, "injected failure at stage-copy");
-    assert!(tmp_entries(&tview).is_empty() && tmp_entries(&env.fallback).is_empty(), "{:?} {:?}", tmp_entries(&tview), tmp_entries(&env.fallback));
+    assert!(
+        tmp_entries(&tview).is_empty() && tmp_entries(&env.fallback).is_empty(),
+        "{:?} {:?}",
+        tmp_entries(&tview),
+        tmp_entries(&env.fallback)
+    );
     assert!(layer_dirs(&tview).is_empty());
     let same = add(&env.root);
     same.ok();
@@ -1363,20 +1506,36 @@ fn a_store_on_another_filesystem_gets_a_sparse_identical_copy() {
         assert!(ma.contains(r), "copy region {r:?} is not a source region: {ma:?} vs {mb:?}");
     }
     for (at, n) in ma.iter().filter(|r| !mb.contains(r)) {
-        assert!(bytes[*at as usize..(at + n) as usize].iter().all(|&x| x == 0), "data region {at}+{n} lost: {ma:?} vs {mb:?}");
+        assert!(
+            bytes[*at as usize..(at + n) as usize].iter().all(|&x| x == 0),
+            "data region {at}+{n} lost: {ma:?} vs {mb:?}"
+        );
     }
     assert!(mb.iter().map(|r| r.1).sum::<u64>() >= 6 << 20, "{mb:?}");
     let (sa, sb) = (std::fs::metadata(&a).unwrap(), std::fs::metadata(&b).unwrap());
     let data: u64 = mb.iter().map(|r| r.1).sum();
     assert!(data < sa.len() / 2, "the image is sparse: {data} of {} bytes", sa.len());
     // Allocation: the data regions, give or take ext4's extent blocks.
-    assert!(sb.blocks() * 512 <= sa.blocks() * 512 + 64 * 1024 && sb.blocks() * 512 >= data, "{} vs {} allocated", sb.blocks() * 512, sa.blocks() * 512);
+    assert!(
+        sb.blocks() * 512 <= sa.blocks() * 512 + 64 * 1024 && sb.blocks() * 512 >= data,
+        "{} vs {} allocated",
+        sb.blocks() * 512,
+        sa.blocks() * 512
+    );
     let size = |store: &Path| json_file(&store.join(format!("layers/{}/meta.json", &id[7..])))["size"].as_u64();
     assert_eq!((size(&env.root), size(&tview)), (Some(sa.len()), Some(sb.len())));
     // A whole image through the copy path, its lower view read from the
     // tmpfs store: mounted and checked.
     let (dir, _) = semantics_image(&env);
-    let args = [BIN, "import", &format!("oci:{}:v1", dir.display()), "--loopback-root", troot.to_str().unwrap(), "--loopback-fallback", env.fallback.to_str().unwrap()];
+    let args = [
+        BIN,
+        "import",
+        &format!("oci:{}:v1", dir.display()),
+        "--loopback-root",
+        troot.to_str().unwrap(),
+        "--loopback-fallback",
+        env.fallback.to_str().unwrap(),
+    ];
     let r = env.run(&args);
     r.ok();
     assert_eq!(r.stderr.matches("copied in").count(), 3, "{}", r.stderr);
@@ -1398,13 +1557,25 @@ fn publish_keeps_the_layer_another_import_published_first() {
     // A stops with its first image built, before it publishes ...
     let (k, mut err) = spawn_at(&env, &import_args(&env, &src, &["-v"]), &[], "stop:import-publish@0");
     let stopped = Instant::now();
-    while !std::fs::read_to_string(format!("/proc/{}/stat", k.id())).unwrap().rsplit_once(')').unwrap().1.trim_start().starts_with('T') {
+    while !std::fs::read_to_string(format!("/proc/{}/stat", k.id()))
+        .unwrap()
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .trim_start()
+        .starts_with('T')
+    {
         assert!(stopped.elapsed() < Duration::from_secs(10), "importer did not stop");
         std::thread::sleep(Duration::from_millis(10));
     }
     // ... B imports the whole image meanwhile ...
     assert_eq!(import_ok(&env, &src, &["-q"]), chain);
-    let inodes = |f: &str| -> Vec<u64> { layer_dirs(&env.root).iter().map(|l| std::fs::metadata(env.root.join("layers").join(l).join(f)).unwrap().ino()).collect() };
+    let inodes = |f: &str| -> Vec<u64> {
+        layer_dirs(&env.root)
+            .iter()
+            .map(|l| std::fs::metadata(env.root.join("layers").join(l).join(f)).unwrap().ino())
+            .collect()
+    };
     let (metas, images) = (inodes("meta.json"), inodes("layer.img"));
     assert_eq!(metas.len(), 3);
     // ... and A goes on: its rename meets B's layer, which it keeps.
@@ -1443,7 +1614,18 @@ fn publish_refuses_a_damaged_layer_directory_in_the_way() {
     make_tree(&src, &[("f", E::File("x"))]);
     let scratch = env.dir.join("scratch-store");
     let argv = |root: &Path| -> Vec<String> {
-        [BIN, "add", src.to_str().unwrap(), "--loopback-root", root.to_str().unwrap(), "--loopback-fallback", env.fallback.to_str().unwrap()].iter().map(|s| s.to_string()).collect()
+        [
+            BIN,
+            "add",
+            src.to_str().unwrap(),
+            "--loopback-root",
+            root.to_str().unwrap(),
+            "--loopback-fallback",
+            env.fallback.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     let run = |root: &Path| env.run(&argv(root).iter().map(String::as_str).collect::<Vec<_>>());
     let r = run(&scratch);
@@ -1470,7 +1652,8 @@ fn reimport_in_another_format_says_why_not() {
     import_ok(&env, &src, &["--fstype", "ext4"]);
     let r = import(&env, &src, &["--fstype", "erofs"]);
     r.ok();
-    let note = "as ext4 (one image per layer: not stored again as erofs; `sharedloop rm` it first to change its format)";
+    let note =
+        "as ext4 (one image per layer: not stored again as erofs; `sharedloop rm` it first to change its format)";
     assert_eq!(r.stderr.matches(note).count(), 2, "{}", r.stderr);
     // Both layers still ext4, and no second copy anywhere.
     let mut stored = 0;
@@ -1518,7 +1701,12 @@ fn erofs_import_streams_the_tar_into_the_image_with_no_staging_tree() {
         assert_eq!(all_names(&work[0]), vec!["layer.img".to_string()], "{point}: no staging tree");
         signal(&k, rustix::process::Signal::TERM);
         assert_eq!(k.wait().unwrap().code(), Some(8), "{point}");
-        assert!(tmp_entries(&env.root).is_empty() && tmp_entries(&env.fallback).is_empty(), "{point}: left {:?} {:?}", tmp_entries(&env.root), tmp_entries(&env.fallback));
+        assert!(
+            tmp_entries(&env.root).is_empty() && tmp_entries(&env.fallback).is_empty(),
+            "{point}: left {:?} {:?}",
+            tmp_entries(&env.root),
+            tmp_entries(&env.fallback)
+        );
     }
     let r = import(&env, &src, &["--fstype", "erofs"]);
     r.ok();
@@ -1561,4 +1749,111 @@ fn dropping_the_env_ends_a_paused_import_and_its_loop_device() {
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
     assert_eq!(loops_under(&envdir), vec![], "loop devices left");
+}
+
+/// The lz4 incompat features of a stored layer image (0 if uncompressed).
+fn incompat(store: &Path, hexid: &str) -> u32 {
+    let b = std::fs::read(store.join("layers").join(hexid).join("layer.img")).unwrap();
+    u32::from_le_bytes(b[1024 + 80..1024 + 84].try_into().unwrap())
+}
+
+#[test]
+fn umoci_lz4_layers_match_umoci_unpack() {
+    let env = Env::new("imp-lz4");
+    let img = UmociImage::build(&env);
+    let src = format!("oci:{}:t", img.layout());
+    import_and_compare(&env, &img, &src, &["--fstype", "erofs", "--compress", "lz4", "--quiet"], "t");
+    // The first layer holds text.txt: compressed (zero padding, big
+    // pclusters); every layer is erofs.
+    let mut lz4 = 0;
+    for hexid in layer_dirs(&env.root) {
+        let meta = json_file(&env.root.join("layers").join(&hexid).join("meta.json"));
+        assert_eq!(meta["fstype"], "erofs", "{hexid}");
+        if incompat(&env.root, &hexid) == 0x3 {
+            lz4 += 1;
+        }
+    }
+    assert!(lz4 >= 1, "no layer stored compressed");
+    // Asked again uncompressed: kept as it is, and said so.
+    let r = import(&env, &src, &["--fstype", "erofs", "--compress", "none"]);
+    r.ok();
+    let note = "with compression lz4 (one image per layer: not stored again with compression none; `sharedloop rm` it first to change it)";
+    assert_eq!(r.stderr.matches(note).count(), lz4, "{}", r.stderr);
+    env.assert_clean();
+}
+
+#[test]
+fn add_compress_lz4_and_bad_compression_values() {
+    let mut env = Env::new("imp-lz4-add");
+    let src = env.dir.join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    let text: Vec<u8> = b"lz4 add test line\n".iter().copied().cycle().take(500_000).collect();
+    std::fs::write(src.join("d/text"), &text).unwrap();
+    std::fs::write(src.join("one"), b"1").unwrap();
+    let add = |env: &Env, extra: &[&str]| {
+        let mut a = vec![
+            BIN.to_string(),
+            "add".into(),
+            src.to_string_lossy().into(),
+            "--loopback-root".into(),
+            env.root.to_string_lossy().into(),
+            "--loopback-fallback".into(),
+            env.fallback.to_string_lossy().into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        env.run(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    add(&env, &["--fstype", "ext4", "--compress", "lz4"])
+        .fails(1, "lz4 compression needs erofs layers, not ext4 (--compress none, or --fstype erofs)");
+    add(&env, &["--compress", "zstd"]).fails(1, "invalid value 'zstd' for '--compress <COMPRESS>'");
+    let r = add(&env, &["--fstype", "erofs", "--compress", "lz4"]);
+    r.ok();
+    let id = r.stdout.trim().strip_prefix("sha256:").unwrap().to_string();
+    assert_eq!(incompat(&env.root, &id), 0x3);
+    // ls says so, in the table and the JSON.
+    let ls = env.run(&[
+        BIN,
+        "ls",
+        "--loopback-root",
+        env.root.to_str().unwrap(),
+        "--loopback-fallback",
+        env.fallback.to_str().unwrap(),
+    ]);
+    assert!(ls.ok().stdout.contains("erofs+lz4"), "{}", ls.stdout);
+    let ls = env.run(&[
+        BIN,
+        "ls",
+        "--json",
+        "--loopback-root",
+        env.root.to_str().unwrap(),
+        "--loopback-fallback",
+        env.fallback.to_str().unwrap(),
+    ]);
+    assert!(ls.ok().stdout.contains("\"compression\": \"lz4\""), "{}", ls.stdout);
+    // fsck.erofs reads it back, byte for byte.
+    let out = env.dir.join("x");
+    let img = env.root.join("layers").join(&id).join("layer.img");
+    sh(&format!("fsck.erofs --extract={} {}", out.display(), img.display()), &env.dir);
+    assert!(std::fs::read(out.join("d/text")).unwrap() == text);
+    std::fs::remove_dir_all(&out).unwrap();
+    let cfg = env.dir.join("bogus.conf");
+    std::fs::write(&cfg, "layer_compression=bogus\n").unwrap();
+    env.envs.push(("SHAREDLOOP_CONFIG".into(), cfg.to_string_lossy().into()));
+    add(&env, &["--fstype", "erofs"]).fails(1, "layer_compression=bogus: want none or lz4");
+    // layer_compression=lz4 is the default --compress gives way to.
+    std::fs::write(&cfg, "layer_compression=lz4\n").unwrap();
+    std::fs::write(src.join("two"), b"2").unwrap();
+    let r = add(&env, &["--fstype", "erofs"]);
+    r.ok();
+    let id2 = r.stdout.trim().strip_prefix("sha256:").unwrap().to_string();
+    assert_eq!(incompat(&env.root, &id2), 0x3);
+    std::fs::write(src.join("three"), b"3").unwrap();
+    let r = add(&env, &["--fstype", "erofs", "--compress", "none"]);
+    r.ok();
+    let id3 = r.stdout.trim().strip_prefix("sha256:").unwrap().to_string();
+    assert_eq!(incompat(&env.root, &id3), 0);
+    // The configured default only applies to erofs layers.
+    std::fs::write(src.join("four"), b"4").unwrap();
+    add(&env, &["--fstype", "ext4"]).ok();
+    env.assert_clean();
 }

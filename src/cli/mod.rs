@@ -9,12 +9,16 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::error::{Error, Result};
 use crate::cli::helper::{effective_options, store_of};
+use crate::error::{Error, Result};
 use crate::store::FsType;
 
 #[derive(Parser)]
-#[command(name = "sharedloop", version, about = "Layered images from filesystem image files, mounted with loop devices and overlayfs")]
+#[command(
+    name = "sharedloop",
+    version,
+    about = "Layered images from filesystem image files, mounted with loop devices and overlayfs"
+)]
 struct Cli {
     /// Store root (default from the configuration file, else /var/lib/sharedloop/root)
     #[arg(long, global = true)]
@@ -43,12 +47,17 @@ enum Cmd {
         /// Filesystem of the layer image (default: layer_fstype from the configuration file, else auto: erofs where the kernel has it, else ext4)
         #[arg(long, value_parser = ["ext4", "xfs", "erofs", "auto"])]
         fstype: Option<String>,
+        /// Compression of erofs layer files: none or lz4 (default: layer_compression from the configuration file, else none)
+        #[arg(long, value_parser = ["none", "lz4"])]
+        compress: Option<String>,
         /// Node-local directory to build the image in (default: staging_dir from the configuration file, else tmp/ of the fallback store)
         #[arg(long, value_name = "DIR")]
         staging_dir: Option<PathBuf>,
     },
     /// Import an OCI or Docker image, layer by layer; prints the top chain ID
-    #[command(after_help = "SOURCE is oci:DIR[:TAG] (OCI image layout), oci-archive:FILE[:TAG] (a tar of one), docker-archive:FILE[:REF] (docker save, podman save) or docker://[HOST[:PORT]/]PATH[:TAG][@DIGEST] (pulled from a registry with skopeo; layers already in the store are not downloaded), as skopeo spells them.")]
+    #[command(
+        after_help = "SOURCE is oci:DIR[:TAG] (OCI image layout), oci-archive:FILE[:TAG] (a tar of one), docker-archive:FILE[:REF] (docker save, podman save) or docker://[HOST[:PORT]/]PATH[:TAG][@DIGEST] (pulled from a registry with skopeo; layers already in the store are not downloaded), as skopeo spells them."
+    )]
     Import {
         /// oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:REF] or docker://REF
         source: String,
@@ -58,6 +67,9 @@ enum Cmd {
         /// Filesystem of the layer images (default: layer_fstype from the configuration file, else auto: erofs where the kernel has it, else ext4)
         #[arg(long, value_parser = ["ext4", "xfs", "erofs", "auto"])]
         fstype: Option<String>,
+        /// Compression of erofs layer files: none or lz4 (default: layer_compression from the configuration file, else none)
+        #[arg(long, value_parser = ["none", "lz4"])]
+        compress: Option<String>,
         /// No progress output
         #[arg(short, long)]
         quiet: bool,
@@ -84,7 +96,9 @@ enum Cmd {
         registries_conf: Option<PathBuf>,
     },
     /// Make an OCI runtime bundle in DIR: the image mounted at DIR/rootfs, DIR/config.json from its image config
-    #[command(after_help = "Run it with `runc run --bundle DIR ID`, `crun run --bundle DIR ID` or `podman run --rootfs DIR/rootfs`; remove it with `sharedloop unbundle DIR`.")]
+    #[command(
+        after_help = "Run it with `runc run --bundle DIR ID`, `crun run --bundle DIR ID` or `podman run --rootfs DIR/rootfs`; remove it with `sharedloop unbundle DIR`."
+    )]
     Bundle {
         /// Image name, layer chain ID or unique ID prefix
         image: String,
@@ -190,7 +204,11 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
     crate::interrupt::install();
     let given = crate::mount::opts::MountOptions {
         loopback_root: cli.loopback_root.as_deref().map(|p| store_dir_arg("--loopback-root", p)).transpose()?,
-        loopback_fallback: cli.loopback_fallback.as_deref().map(|p| store_dir_arg("--loopback-fallback", p)).transpose()?,
+        loopback_fallback: cli
+            .loopback_fallback
+            .as_deref()
+            .map(|p| store_dir_arg("--loopback-fallback", p))
+            .transpose()?,
         ..Default::default()
     };
     // The store given on the command line, for mounts made in this process.
@@ -216,17 +234,55 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
         }
         Ok(t)
     };
+    // --compress, else layer_compression= from the configuration file,
+    // else none. Only erofs layers can be compressed: --compress lz4 with
+    // another format is refused, the configured default only applies to
+    // erofs (a node that falls back to ext4 still imports).
+    let layer_compression = |given: Option<String>, fstype: FsType| -> Result<bool> {
+        let lz4 = match given {
+            Some(s) => crate::store::parse_layer_compression(&s)?,
+            None => fstype == FsType::Erofs && opts.layer_compression.unwrap_or(false),
+        };
+        if lz4 && fstype != FsType::Erofs {
+            return Err(Error::Usage(format!(
+                "lz4 compression needs erofs layers, not {fstype} (--compress none, or --fstype erofs)"
+            )));
+        }
+        Ok(lz4)
+    };
     match cli.cmd {
-        Cmd::Import { source, name, fstype, quiet, staging_dir, creds, authfile, tls_verify, cert_dir, platform, registries_conf } => {
+        Cmd::Import {
+            source,
+            name,
+            fstype,
+            compress,
+            quiet,
+            staging_dir,
+            creds,
+            authfile,
+            tls_verify,
+            cert_dir,
+            platform,
+            registries_conf,
+        } => {
             let name = name.map(|n| crate::store::ids::Name::parse(&n)).transpose()?;
             let staging_dir = staging(staging_dir)?;
+            let fstype = layer_fstype(fstype)?;
             let opts = crate::import::ImportOptions {
                 source: &source,
                 name: name.as_ref(),
-                fstype: layer_fstype(fstype)?,
+                fstype,
+                compress: layer_compression(compress, fstype)?,
                 quiet,
                 staging_dir: staging_dir.as_deref(),
-                registry: crate::import::registry::RegistryOptions { creds, authfile, tls_verify, cert_dir, platform, registries_conf },
+                registry: crate::import::registry::RegistryOptions {
+                    creds,
+                    authfile,
+                    tls_verify,
+                    cert_dir,
+                    platform,
+                    registries_conf,
+                },
             };
             println!("{}", crate::import::import(&store, &opts)?);
             Ok(())
@@ -275,10 +331,11 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
         Cmd::Verify { targets, deep, json } => {
             crate::manage::verify(&store, &targets, &crate::manage::VerifyOptions { deep, json })
         }
-        Cmd::Add { dir, parent, name, fstype, staging_dir } => {
+        Cmd::Add { dir, parent, name, fstype, compress, staging_dir } => {
             let parent = parent.map(|p| store.resolve(&crate::store::ids::LayerRef::parse(&p)?)).transpose()?;
             let name = name.map(|n| crate::store::ids::Name::parse(&n)).transpose()?;
             let fstype = layer_fstype(fstype)?;
+            let compress = layer_compression(compress, fstype)?;
             let staging_dir = staging(staging_dir)?;
             let id = crate::image::add_layer(
                 &store,
@@ -287,6 +344,7 @@ pub fn main(args: &[std::ffi::OsString]) -> Result<()> {
                     parent,
                     name: name.as_ref(),
                     fstype,
+                    compress,
                     quiet: !cli.verbose,
                     staging_dir: staging_dir.as_deref(),
                 },

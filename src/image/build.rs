@@ -17,16 +17,22 @@ pub(super) const LABEL: &str = "sl-layer";
 /// Build a read-only filesystem image of `dir` at `out` (a new file path that does not exist yet),
 /// right-sized for the content. Returns the image size in bytes.
 pub fn build_image(dir: &Path, fstype: FsType, out: &Path) -> Result<u64> {
-    let plan = plan(dir)?;
-    build_image_with(dir, fstype, out, &plan)
+    build_image_compressed(dir, fstype, false, out)
 }
 
-fn build_image_with(dir: &Path, fstype: FsType, out: &Path, plan: &Plan) -> Result<u64> {
+/// `build_image`, erofs files LZ4-compressed if `lz4` (the caller has
+/// refused it for other formats).
+pub fn build_image_compressed(dir: &Path, fstype: FsType, lz4: bool, out: &Path) -> Result<u64> {
+    let plan = plan(dir)?;
+    build_image_with(dir, fstype, lz4, out, &plan)
+}
+
+fn build_image_with(dir: &Path, fstype: FsType, lz4: bool, out: &Path, plan: &Plan) -> Result<u64> {
     let guard = OutFile::create(out)?;
     match fstype {
         FsType::Ext4 => retry_on_no_space(plan, |p| ext4::build(dir, out, p))?,
         FsType::Xfs => retry_on_no_space(plan, |p| xfs::build(dir, out, p))?,
-        FsType::Erofs => erofs::build(dir, out, plan)?,
+        FsType::Erofs => erofs::build(dir, out, plan, lz4)?,
     }
     let size = std::fs::metadata(out)
         .map_err(|e| Error::io("stat image", out, &e))?
@@ -163,13 +169,13 @@ mod tests {
         p.bytes = 16 * MIB;
         let img = d.join("retry.img");
         assert_eq!(
-            build_image_with(&src, FsType::Ext4, &img, &p).unwrap(),
+            build_image_with(&src, FsType::Ext4, false, &img, &p).unwrap(),
             32 * MIB
         );
 
         p.bytes = 8 * MIB;
         let img = d.join("fail.img");
-        let e = build_image_with(&src, FsType::Ext4, &img, &p).unwrap_err();
+        let e = build_image_with(&src, FsType::Ext4, false, &img, &p).unwrap_err();
         match &e {
             Error::Command {
                 cmd,

@@ -14,8 +14,8 @@ use super::erofs_writer::write_dir;
 use super::size::Plan;
 use crate::error::Result;
 
-pub(super) fn build(dir: &Path, out: &Path, plan: &Plan) -> Result<()> {
-    write_dir(dir, out, uuid_bytes(&plan.fingerprint[..16]))?;
+pub(super) fn build(dir: &Path, out: &Path, plan: &Plan, lz4: bool) -> Result<()> {
+    write_dir(dir, out, uuid_bytes(&plan.fingerprint[..16]), lz4)?;
     Ok(())
 }
 

@@ -33,7 +33,7 @@ use crate::store::staging::Workspace;
 use crate::store::{self, FsType, LayerMeta, Staging, Store};
 use walk::check_dir;
 
-pub use build::build_image;
+pub use build::{build_image, build_image_compressed};
 
 /// A UUID (RFC 4122 variant, version 8) made from `key` (a diff ID):
 /// the same layer gives the same image bytes.
@@ -49,6 +49,8 @@ pub struct AddOptions<'a> {
     pub parent: Option<Digest>,
     pub name: Option<&'a Name>,
     pub fstype: FsType,
+    /// LZ4-compress erofs files (`--compress lz4`).
+    pub compress: bool,
     pub quiet: bool,
     /// Node-local staging directory (`--staging-dir`, `staging_dir=`);
     /// `None`: `tmp/` of the fallback store.
@@ -97,7 +99,7 @@ pub fn add_layer(store: &Store, opts: &AddOptions) -> Result<Digest> {
     let store_dir = staging.store_dir.clone();
     let work = Workspace::new(store, opts.staging_dir).create(&format!("add-{}", chain.hex()))?;
     let img = work.path.join("layer.img");
-    let size = build_image(opts.dir, opts.fstype, &img).map_err(|e| e.context(&format!("layer {chain}")))?;
+    let size = build_image_compressed(opts.dir, opts.fstype, opts.compress, &img).map_err(|e| e.context(&format!("layer {chain}")))?;
     step("add-publish", None)?;
     staging.put_image(&img)?;
     drop(work);
@@ -194,6 +196,7 @@ mod tests {
             parent,
             name,
             fstype,
+            compress: false,
             quiet: true,
             staging_dir: None,
         }

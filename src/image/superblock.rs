@@ -40,6 +40,15 @@ pub fn detect(head: &[u8]) -> Option<FsType> {
     [FsType::Ext4, FsType::Xfs, FsType::Erofs].into_iter().find(|&f| has_magic(head, f))
 }
 
+/// Whether an erofs image's superblock (in `head`, 1152 bytes at least)
+/// declares LZ4-compressed inodes: the `ZERO_PADDING` incompat bit sharedloop's writer sets only
+/// when some file was kept compressed (mkfs.erofs sets it on every image
+/// it writes with `-z lz4`).
+pub fn erofs_lz4(head: &[u8]) -> bool {
+    has_magic(head, FsType::Erofs)
+        && head.get(1024 + 80..1024 + 84).is_some_and(|b| u32::from_le_bytes(b.try_into().unwrap()) & 0x1 != 0)
+}
+
 /// The first bytes of the image open at `fd` (fewer if it is shorter).
 pub fn read_head(fd: impl AsFd) -> rustix::io::Result<Vec<u8>> {
     read_at(fd, 0, HEAD)

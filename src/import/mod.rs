@@ -35,8 +35,8 @@ use std::fs::File;
 use std::path::Path;
 
 use crate::error::{Error, Missing, Result, StoreError};
-use crate::store::ids::{Digest, Name, chain_id};
 use crate::interrupt::step;
+use crate::store::ids::{Digest, Name, chain_id};
 use crate::store::staging::{WorkDir, Workspace};
 use crate::store::{self, FsType, LayerMeta, MAX_LAYERS, Staging, Store, Which};
 
@@ -53,6 +53,8 @@ pub struct ImportOptions<'a> {
     /// The name to record; default the TAG or REF the image was picked by.
     pub name: Option<&'a Name>,
     pub fstype: FsType,
+    /// LZ4-compress erofs files (`--compress lz4`).
+    pub compress: bool,
     pub quiet: bool,
     /// Node-local staging directory (`--staging-dir`, `staging_dir=`);
     /// `None`: `tmp/` of the fallback store.
@@ -75,7 +77,11 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
     } else {
         let given = opts.registry.given();
         if !given.is_empty() {
-            return Err(Error::Usage(format!("{}: only for a docker:// source, not {}", given.join(", "), opts.source)));
+            return Err(Error::Usage(format!(
+                "{}: only for a docker:// source, not {}",
+                given.join(", "),
+                opts.source
+            )));
         }
         let src = SourceRef::parse(opts.source)?;
         let (image, spool) = open_image(&work, &src)?;
@@ -86,7 +92,10 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
         return Err(Error::bad_image(what, "the image has no layers"));
     }
     if n > MAX_LAYERS {
-        return Err(Error::bad_image(what, format!("{n} layers; overlayfs mounts at most {MAX_LAYERS}, so the image could never be mounted")));
+        return Err(Error::bad_image(
+            what,
+            format!("{n} layers; overlayfs mounts at most {MAX_LAYERS}, so the image could never be mounted"),
+        ));
     }
     // Claim the whole chain first: gc and rm keep what a live import needs.
     let chain_ids: Vec<Digest> = image
@@ -114,13 +123,44 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
                     .ok()
                     .filter(|m| m.fstype != opts.fstype)
                     .map(|m| format!(" as {} (one image per layer: not stored again as {}; `sharedloop rm` it first to change its format)", m.fstype, opts.fstype))
-                    .unwrap_or_default();
+                    .unwrap_or_else(|| {
+                        // Same format, erofs: the compression may differ.
+                        let img = store.dir(which).join("layers").join(chain.hex()).join("layer.img");
+                        let stored = std::fs::File::open(&img)
+                            .ok()
+                            .and_then(|f| crate::image::superblock::read_at(&f, 0, 1024 + 128).ok())
+                            .map(|h| crate::image::superblock::erofs_lz4(&h));
+                        let name = |lz4: bool| if lz4 { "lz4" } else { "none" };
+                        match stored {
+                            Some(lz4) if opts.fstype == FsType::Erofs && lz4 != opts.compress => format!(
+                                " with compression {} (one image per layer: not stored again with compression {}; `sharedloop rm` it first to change it)",
+                                name(lz4),
+                                name(opts.compress)
+                            ),
+                            _ => String::new(),
+                        }
+                    });
                 log::info!("layer {}/{n} {chain}: already in the {which} store{other}", i + 1);
                 progress.done(i, &chain, l.size, &format!("already in the {which} store{other}"));
             }
             None => {
-                let ctx = format!("layer {}/{n} ({})", i + 1, l.digest.map(|d| d.to_string()).unwrap_or_else(|| l.rel.clone()));
-                let job = Job { store, work: &work, image: &image, index: i, layer: l, parent, chain, fstype: opts.fstype, progress: &progress };
+                let ctx = format!(
+                    "layer {}/{n} ({})",
+                    i + 1,
+                    l.digest.map(|d| d.to_string()).unwrap_or_else(|| l.rel.clone())
+                );
+                let job = Job {
+                    store,
+                    work: &work,
+                    image: &image,
+                    index: i,
+                    layer: l,
+                    parent,
+                    chain,
+                    fstype: opts.fstype,
+                    compress: opts.compress,
+                    progress: &progress,
+                };
                 let (bytes, note) = job.run(&mut mounts).map_err(|e| match e {
                     Error::Interrupted => e,
                     e => e.context(&ctx),
@@ -148,19 +188,17 @@ pub fn import(store: &Store, opts: &ImportOptions) -> Result<Digest> {
     };
     // A layer we skipped as already stored may have been removed (rm, gc)
     // while we worked: never name a chain that cannot be mounted.
-    store
-        .chain(&top)
-        .map_err(|e| {
-            Error::Store(StoreError::Vanished {
-                what: "the imported chain is not whole, a layer vanished during the import (rm or gc?)".into(),
-                source: Box::new(e),
-            })
-        })?;
+    store.chain(&top).map_err(|e| {
+        Error::Store(StoreError::Vanished {
+            what: "the imported chain is not whole, a layer vanished during the import (rm or gc?)".into(),
+            source: Box::new(e),
+        })
+    })?;
     if let Some(name) = name {
         // Beside the top layer, where mount looks first for it.
-        let which = store
-            .has_layer(&top)?
-            .ok_or_else(|| Error::not_found(Missing::Layer, top, format!("{} right after the import", store.searched())))?;
+        let which = store.has_layer(&top)?.ok_or_else(|| {
+            Error::not_found(Missing::Layer, top, format!("{} right after the import", store.searched()))
+        })?;
         let dir = store.dir(which);
         // The config first, its pointer after the name: a reader that
         // finds the pointer finds the config, and checks it against the
@@ -208,7 +246,10 @@ fn open_archive(work: &Workspace, path: &Path) -> Result<(File, Option<WorkDir>)
     let f = File::open(path).map_err(|e| Error::io("open archive", path, &e))?;
     let m = f.metadata().map_err(|e| Error::io("stat", path, &e))?;
     if m.is_dir() {
-        return Err(Error::bad_image(path.display().to_string(), "is a directory (an OCI layout directory is oci:DIR)"));
+        return Err(Error::bad_image(
+            path.display().to_string(),
+            "is a directory (an OCI layout directory is oci:DIR)",
+        ));
     }
     if m.is_file() {
         let mut head = [0u8; 4];
@@ -239,6 +280,7 @@ struct Job<'a> {
     parent: Option<Digest>,
     chain: Digest,
     fstype: FsType,
+    compress: bool,
     progress: &'a Progress,
 }
 
@@ -262,7 +304,8 @@ impl Job<'_> {
         // others: a tree, then mkfs from it.
         let (stats, size, tree) = if self.fstype == FsType::Erofs {
             let uuid = crate::image::uuid_for(&l.diff_id.to_string());
-            let (stats, size) = stream_erofs(reader, &img, uuid, &mut lower, &expect, &|n| progress.bytes(n))?;
+            let (stats, size) =
+                stream_erofs(reader, &img, uuid, self.compress, &mut lower, &expect, &|n| progress.bytes(n))?;
             (stats, Some(size), None)
         } else {
             let tree = work.path.join("rootfs");
@@ -281,7 +324,11 @@ impl Job<'_> {
             stats.compression.unwrap_or("?"),
             mib(stats.tar_bytes),
             if stats.lower_used { ", read the layers below" } else { "" },
-            if stats.ignored_xattrs > 0 { format!(", {} xattrs of other namespaces ignored", stats.ignored_xattrs) } else { String::new() },
+            if stats.ignored_xattrs > 0 {
+                format!(", {} xattrs of other namespaces ignored", stats.ignored_xattrs)
+            } else {
+                String::new()
+            },
             if tree.is_none() { ", erofs image written from the stream" } else { "" }
         );
         // A concurrent import may have finished this layer meanwhile.

@@ -23,8 +23,8 @@ use rustix::fs::FileType;
 
 use super::lower::{Found, Lower};
 use super::unpack::{
-    Counters, Expect, Meta, OPAQUE_XATTR, Op, Parsed, Sink, Stats, hidden_below, join, lower_dir_meta, read_xattrs, show, split_last,
-    stream_layer, ts,
+    Counters, Expect, Meta, OPAQUE_XATTR, Op, Parsed, Sink, Stats, hidden_below, join, lower_dir_meta, read_xattrs,
+    show, split_last, stream_layer, ts,
 };
 use crate::error::{Error, Result};
 use crate::image::erofs_writer::{self as ew, Entry, Kind, Writer};
@@ -49,10 +49,20 @@ struct ErofsSink {
 /// Streams the layer blob `raw` into the erofs image `out`; returns the
 /// stats and the image's size. `uuid`: the image's (from the diff ID, so
 /// that the same tar gives the same bytes).
-pub fn stream_erofs(raw: impl Read, out: &Path, uuid: [u8; 16], lower: &mut Lower, expect: &Expect, tick: &dyn Fn(u64)) -> Result<(Stats, u64)> {
+pub fn stream_erofs(
+    raw: impl Read,
+    out: &Path,
+    uuid: [u8; 16],
+    lz4: bool,
+    lower: &mut Lower,
+    expect: &Expect,
+    tick: &dyn Fn(u64),
+) -> Result<(Stats, u64)> {
     let mut paths = HashMap::new();
     paths.insert(Vec::new(), St::Dir(Meta::default_dir(ts(0, 0))));
-    let mut sink = ErofsSink { w: Writer::create(out, uuid)?, paths, opaque: HashSet::new(), root_listed: false };
+    let mut w = Writer::create(out, uuid)?;
+    w.compress_lz4(lz4);
+    let mut sink = ErofsSink { w, paths, opaque: HashSet::new(), root_listed: false };
     let stats = stream_layer(raw, out, &mut sink, lower, expect, tick)?;
     // Both digests matched: only now is the image made whole.
     let size = sink.w.finish()?;
@@ -134,7 +144,10 @@ impl ErofsSink {
                     self.opaque.insert(prefix.clone());
                 }
                 Some(St::Symlink) => {
-                    return Err(Error::refused(format!("layer entry below {:?}", show(&prefix)), "it is a symlink in this layer"));
+                    return Err(Error::refused(
+                        format!("layer entry below {:?}", show(&prefix)),
+                        "it is a symlink in this layer",
+                    ));
                 }
                 Some(St::Other) => return Ok(None),
                 None => {
@@ -149,7 +162,10 @@ impl ErofsSink {
 
     fn dir(&mut self, rel: &[u8], lower: &mut Lower, hint: rustix::fs::Timespec) -> Result<()> {
         self.dir_opt(rel, lower, hint)?.ok_or_else(|| {
-            Error::refused(format!("layer entry below {:?}", show(rel)), "a part of it is not a directory in this layer")
+            Error::refused(
+                format!("layer entry below {:?}", show(rel)),
+                "a part of it is not a directory in this layer",
+            )
         })
     }
 
@@ -162,7 +178,8 @@ impl ErofsSink {
         };
         self.clear(rel);
         self.add(rel, kind, meta, &mut std::io::empty())?;
-        self.paths.insert(rel.to_vec(), if ft == FileType::CharacterDevice && dev == 0 { St::Whiteout } else { St::Other });
+        self.paths
+            .insert(rel.to_vec(), if ft == FileType::CharacterDevice && dev == 0 { St::Whiteout } else { St::Other });
         Ok(())
     }
 
@@ -185,15 +202,27 @@ impl ErofsSink {
                     break;
                 }
                 Some(St::Symlink) => {
-                    return Err(Error::refused(format!("hardlink {:?}", show(rel)), format!("its target {:?} is below a symlink", show(target))));
+                    return Err(Error::refused(
+                        format!("hardlink {:?}", show(rel)),
+                        format!("its target {:?} is below a symlink", show(target)),
+                    ));
                 }
-                Some(_) => return Err(bad(format!("hardlink target {:?} is below a non-directory of this layer", show(target)))),
+                Some(_) => {
+                    return Err(bad(format!(
+                        "hardlink target {:?} is below a non-directory of this layer",
+                        show(target)
+                    )));
+                }
             }
         }
         let here = if here_dir { self.paths.get(target).cloned() } else { None };
         let st = match here {
-            Some(St::Dir(_)) => return Err(bad(format!("hardlink to a directory {:?}", show(target)))),
-            Some(St::Whiteout) => return Err(bad(format!("hardlink to {:?}, which this layer deletes", show(target)))),
+            Some(St::Dir(_)) => {
+                return Err(bad(format!("hardlink to a directory {:?}", show(target))));
+            }
+            Some(St::Whiteout) => {
+                return Err(bad(format!("hardlink to {:?}, which this layer deletes", show(target))));
+            }
             Some(st) => st,
             None => self.copy_up(target, rel, lower)?,
         };
@@ -208,11 +237,20 @@ impl ErofsSink {
         let tp = split_last(target).0;
         let found: Option<Found> = if hidden_below(&self.opaque, tp) { None } else { lower.lookup(target)? };
         let Some(f) = found else {
-            return Err(Error::bad_image(format!("layer entry {:?}", show(rel)), format!("hardlink target {:?} is neither in this layer nor in the layers below", show(target))));
+            return Err(Error::bad_image(
+                format!("layer entry {:?}", show(rel)),
+                format!("hardlink target {:?} is neither in this layer nor in the layers below", show(target)),
+            ));
         };
         let st = f.stat;
         let ft = FileType::from_raw_mode(st.st_mode);
-        let meta = Meta { mode: st.st_mode & 0o7777, uid: st.st_uid, gid: st.st_gid, mtime: ts(st.st_mtime, st.st_mtime_nsec as i64), xattrs: Vec::new() };
+        let meta = Meta {
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mtime: ts(st.st_mtime, st.st_mtime_nsec as i64),
+            xattrs: Vec::new(),
+        };
         self.dir(tp, lower, meta.mtime)?;
         let state = match ft {
             FileType::RegularFile => {
@@ -232,7 +270,10 @@ impl ErofsSink {
                 St::Other
             }
             _ => {
-                return Err(Error::bad_image(format!("layer entry {:?}", show(rel)), format!("hardlink to {:?}, which is not a file in the layers below", show(target))));
+                return Err(Error::bad_image(
+                    format!("layer entry {:?}", show(rel)),
+                    format!("hardlink to {:?}, which is not a file in the layers below", show(target)),
+                ));
             }
         };
         log::debug!("hardlink {:?}: copied {:?} up from the lower layers", show(rel), show(target));

@@ -42,6 +42,7 @@ use crate::store::{FsType, LayerMeta, Store, Which};
 ///       "diff_id": "sha256:…",
 ///       "parent": "sha256:…" | null,
 ///       "fstype": "ext4" | "xfs" | "erofs",
+///       "compression": "lz4",                only for an LZ4-compressed erofs image
 ///       "size": 4194304,                     bytes of layer.img as the metadata records it
 ///       "created": 1700000000,               seconds since the epoch
 ///       "store": "root" | "fallback",
@@ -92,6 +93,10 @@ pub struct LayerEntry {
     pub mounts: usize,
     pub loop_devices: Vec<u32>,
     pub held_elsewhere: bool,
+    /// `Some("lz4")` for an erofs image with LZ4-compressed files (its
+    /// superblock's incompat bits, read here: 1152 bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<&'static str>,
 }
 
 pub fn listing(store: &Store) -> Result<Listing> {
@@ -151,6 +156,11 @@ pub fn listing(store: &Store) -> Result<Listing> {
             mounts: users.mounts_of(&l.id).len(),
             held_elsewhere: loop_devices.is_empty() && users.held_elsewhere(&inv, &l.id),
             loop_devices,
+            compression: std::fs::File::open(l.path.join("layer.img"))
+                .ok()
+                .and_then(|f| crate::image::superblock::read_at(&f, 0, 1024 + 128).ok())
+                .filter(|h| crate::image::superblock::erofs_lz4(h))
+                .map(|_| "lz4"),
         });
     }
     layers.sort_by(|a, b| a.meta.chain_id.cmp(&b.meta.chain_id).then((a.store as u8).cmp(&(b.store as u8))));
@@ -182,7 +192,10 @@ pub fn render(l: &Listing) -> String {
                 x.meta.chain_id.short(),
                 x.meta.diff_id.short(),
                 opt(&x.meta.parent),
-                x.meta.fstype.to_string(),
+                match x.compression {
+                    Some(c) => format!("{}+{c}", x.meta.fstype),
+                    None => x.meta.fstype.to_string(),
+                },
                 human_size(x.usage.allocated_bytes),
                 human_size(x.usage.apparent_bytes),
                 x.store.to_string(),

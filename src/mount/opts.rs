@@ -104,6 +104,9 @@ pub struct MountOptions {
     /// `layer_fstype=` (configuration file only): the format `add` and
     /// `import` write by default; `Some(None)` is auto.
     pub layer_fstype: Option<Option<FsType>>,
+    /// `layer_compression=` (configuration file only): whether `add` and
+    /// `import` LZ4-compress erofs layers by default.
+    pub layer_compression: Option<bool>,
 }
 
 /// ext4 multi-mount protection (MMP) for a new upper image: the kernel
@@ -302,7 +305,9 @@ impl MountOptions {
                 None => None,
                 Some(Ok(t)) => Some(t),
                 Some(Err(_)) if takes_bytes(&key) => None, // read from `raw` below
-                Some(Err(_)) => return Err(Error::Usage(format!("{}: the value is not valid UTF-8", shown()))),
+                Some(Err(_)) => {
+                    return Err(Error::Usage(format!("{}: the value is not valid UTF-8", shown())));
+                }
             };
             let config_ok = matches!(
                 key.as_str(),
@@ -322,6 +327,7 @@ impl MountOptions {
                     | "xino"
                     | "staging_dir"
                     | "layer_fstype"
+                    | "layer_compression"
             );
             if origin == Origin::Config && !config_ok {
                 return Err(Error::Usage(format!(
@@ -330,8 +336,13 @@ impl MountOptions {
             }
             // For `sharedloop add` and `import` only, which take it from the
             // configuration file (or --staging-dir); mount has no use for it.
-            if key == "staging_dir" || key == "layer_fstype" {
-                if origin == Origin::Config && key == "layer_fstype" {
+            if key == "staging_dir" || key == "layer_fstype" || key == "layer_compression" {
+                if origin == Origin::Config && key == "layer_compression" {
+                    o.layer_compression =
+                        Some(crate::store::parse_layer_compression(need(&key, v)?).map_err(|_| {
+                            Error::Usage(format!("layer_compression={}: want none or lz4", v.unwrap_or("")))
+                        })?);
+                } else if origin == Origin::Config && key == "layer_fstype" {
                     o.layer_fstype = Some(crate::store::parse_layer_fstype(need(&key, v)?).map_err(|_| {
                         Error::Usage(format!("layer_fstype={}: want ext4, xfs, erofs or auto", v.unwrap_or("")))
                     })?);
@@ -387,7 +398,9 @@ impl MountOptions {
                     o.upper_fstype = Some(match need(&key, v)? {
                         "ext4" => FsType::Ext4,
                         "xfs" => FsType::Xfs,
-                        x => return Err(Error::Usage(format!("upper_fstype={x}: want ext4 or xfs"))),
+                        x => {
+                            return Err(Error::Usage(format!("upper_fstype={x}: want ext4 or xfs")));
+                        }
                     })
                 }
                 "upper_mmp" => {
@@ -529,6 +542,7 @@ impl MountOptions {
             userspace: self.userspace,
             staging_dir: self.staging_dir.or(defaults.staging_dir),
             layer_fstype: self.layer_fstype.or(defaults.layer_fstype),
+            layer_compression: self.layer_compression.or(defaults.layer_compression),
         }
     }
 

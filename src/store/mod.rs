@@ -75,6 +75,18 @@ pub fn parse_layer_fstype(s: &str) -> Result<Option<FsType>> {
     }
 }
 
+/// `--compress` or `layer_compression=`: whether erofs layers are written
+/// LZ4-compressed (`lz4`) or not (`none`).
+pub fn parse_layer_compression(s: &str) -> Result<bool> {
+    match s {
+        "none" => Ok(false),
+        "lz4" => Ok(true),
+        _ => Err(Error::Usage(format!(
+            "{s:?}: unsupported layer compression (none or lz4)"
+        ))),
+    }
+}
+
 impl FsType {
     pub fn parse(s: &str) -> Result<Self> {
         match s {

@@ -13,8 +13,9 @@ use crate::image::walk::walk;
 use crate::image::xattr::read_xattrs;
 
 /// Writes the erofs image of `dir` to `out`; returns its size in bytes.
-pub fn write_dir(dir: &Path, out: &Path, uuid: [u8; 16]) -> Result<u64> {
+pub fn write_dir(dir: &Path, out: &Path, uuid: [u8; 16], lz4: bool) -> Result<u64> {
     let mut w = Writer::create(out, uuid)?;
+    w.compress_lz4(lz4);
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     walk(dir, |e| {
         e.refuse_socket()?;

@@ -27,6 +27,67 @@ pub enum Layout {
     /// Full blocks from `raw_blkaddr`, the last partial block right after
     /// the inode and its xattrs (tail packing).
     FlatInline = 2,
+    /// Compressed, with one full 8-byte index per 4 KiB lcluster after a
+    /// map header (`EROFS_INODE_COMPRESSED_FULL`).
+    CompressedFull = 1,
+}
+
+/// `feature_incompat` bits a compressed image sets: LZ4 input ends at the
+/// end of its pcluster with zeros before it (`ZERO_PADDING`), and a
+/// pcluster may span several blocks with the lz4 configuration record
+/// after the superblock (`BIG_PCLUSTER`, the same bit as `COMPR_CFGS`).
+pub const INCOMPAT_ZERO_PADDING: u32 = 0x1;
+pub const INCOMPAT_BIG_PCLUSTER: u32 = 0x2;
+/// Logical clusters per pcluster at most: 64 KiB of input, so a pcluster
+/// is at most 15 blocks once kept (it must save one).
+pub const PCLUSTER_LCLUSTERS: u64 = 16;
+/// `z_erofs_map_header.h_advise`: HEAD1 pclusters may span blocks, their
+/// block count in the first NONHEAD index.
+pub const ADVISE_BIG_PCLUSTER_1: u16 = 0x2;
+/// The first NONHEAD index's `delta[0]` holds the pcluster's block count.
+pub const LI_D0_CBLKCNT: u16 = 1 << 11;
+/// Map header (8 bytes) and the 8 reserved bytes before the first full
+/// index (`Z_EROFS_FULL_INDEX_ALIGN`).
+pub const ZMAP_HEADER: usize = 16;
+
+/// One `z_erofs_lcluster_index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lcluster {
+    /// Stored as is in one block.
+    Plain { blkaddr: u32 },
+    /// The first lcluster of an LZ4 pcluster starting at `blkaddr`.
+    Head { blkaddr: u32 },
+    /// A later lcluster of a pcluster: `back` lclusters after its head
+    /// (or, the first one, the pcluster's block count with
+    /// `LI_D0_CBLKCNT`), `next` before the next head (or the file's end).
+    NonHead { d0: u16, next: u16 },
+}
+
+/// The 8-byte index: advise (type in bits 0..2), clusterofs (always 0:
+/// pclusters start on lcluster boundaries), then blkaddr or the deltas.
+pub fn lcluster_index(l: Lcluster) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    match l {
+        Lcluster::Plain { blkaddr } => put32(&mut b, 4, blkaddr),
+        Lcluster::Head { blkaddr } => {
+            put16(&mut b, 0, 1);
+            put32(&mut b, 4, blkaddr);
+        }
+        Lcluster::NonHead { d0, next } => {
+            put16(&mut b, 0, 2);
+            put16(&mut b, 4, d0);
+            put16(&mut b, 6, next);
+        }
+    }
+    b
+}
+
+/// The map header and its reserved 8 bytes: no inline data, big HEAD1
+/// pclusters, LZ4 (algorithm 0) for both heads, 4 KiB lclusters.
+pub fn zmap_header() -> [u8; ZMAP_HEADER] {
+    let mut b = [0u8; ZMAP_HEADER];
+    put16(&mut b, 4, ADVISE_BIG_PCLUSTER_1);
+    b
 }
 
 /// Directory entry file types (`EROFS_FT_*`).
@@ -79,7 +140,15 @@ pub struct Superblock {
     pub blocks: u32,
     pub meta_blkaddr: u32,
     pub uuid: [u8; 16],
+    /// Some inode is LZ4-compressed: the incompat features and the lz4
+    /// configuration record are set.
+    pub lz4: bool,
 }
+
+/// Bytes 80.. of the superblock with compression: what the kernel checks
+/// before it reads a compressed inode.
+const SB_FEATURE_INCOMPAT: usize = 80;
+const SB_COMPR_ALGS: usize = 84;
 
 /// Block 0 in full: zeros, and the superblock at 1024 with its checksum
 /// over bytes 1024..4096 (taken with the checksum field zero, seed ~0).
@@ -101,6 +170,22 @@ pub fn superblock_block(sb: &Superblock) -> Vec<u8> {
     // volume_name, feature_incompat (none: plain, uncompressed), the
     // compression fields, extra devices, dirblkbits (0: the block size),
     // long xattr prefixes and the packed inode all stay zero.
+    if sb.lz4 {
+        put32(
+            s,
+            SB_FEATURE_INCOMPAT,
+            INCOMPAT_ZERO_PADDING | INCOMPAT_BIG_PCLUSTER,
+        );
+        put16(s, SB_COMPR_ALGS, 1); // available_compr_algs: LZ4 only
+        // The configuration records follow the 128-byte superblock, each
+        // a 16-bit length and its body: lz4's is max_distance (0: LZ4's
+        // 64 KiB window, what lz4_flex uses), max_pclusterblks and 10
+        // reserved bytes.
+        let c = &mut b[SUPER_OFFSET as usize + 128..SUPER_OFFSET as usize + 128 + 16];
+        put16(c, 0, 14);
+        put16(c, 2, 0);
+        put16(c, 4, PCLUSTER_LCLUSTERS as u16);
+    }
     let crc = crc32c_raw(!0, &b[SUPER_OFFSET as usize..]);
     put32(&mut b[SUPER_OFFSET as usize..], 4, crc);
     b
@@ -109,6 +194,8 @@ pub fn superblock_block(sb: &Superblock) -> Vec<u8> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Inode {
     pub layout_inline: bool,
+    /// `CompressedFull` (then `i_u` is the count of data blocks).
+    pub compressed: bool,
     /// Length of the xattr body in bytes (0, or 12 + 4n).
     pub xattr_len: usize,
     /// Type and permission bits.
@@ -138,7 +225,9 @@ pub fn xattr_icount(len: usize) -> u16 {
 /// and nlink, the mtime with nanoseconds.
 pub fn extended_inode(i: &Inode) -> [u8; EXTENDED_INODE] {
     let mut b = [0u8; EXTENDED_INODE];
-    let layout = if i.layout_inline {
+    let layout = if i.compressed {
+        Layout::CompressedFull
+    } else if i.layout_inline {
         Layout::FlatInline
     } else {
         Layout::FlatPlain
@@ -173,7 +262,9 @@ pub fn fits_compact(i: &Inode, build_time: (u64, u32)) -> bool {
 /// The 32-byte compact inode (version bit 0), for an inode `fits_compact`.
 pub fn compact_inode(i: &Inode) -> [u8; COMPACT_INODE] {
     let mut b = [0u8; COMPACT_INODE];
-    let layout = if i.layout_inline {
+    let layout = if i.compressed {
+        Layout::CompressedFull
+    } else if i.layout_inline {
         Layout::FlatInline
     } else {
         Layout::FlatPlain
@@ -344,6 +435,7 @@ mod tests {
             blocks: 77,
             meta_blkaddr: 66,
             uuid: *b"0123456789abcdef",
+            lz4: false,
         };
         let b = superblock_block(&sb);
         assert_eq!(b.len(), 4096);
@@ -443,6 +535,7 @@ mod tests {
     fn compact_inode_fields_and_when_it_fits() {
         let i = Inode {
             layout_inline: true,
+            compressed: false,
             xattr_len: 12 + 8,
             mode: 0o100755,
             size: 0xffff_ffff,

@@ -150,6 +150,9 @@ enum Body {
         blkaddr: u32,
         /// (offset in the spill file, length) of an inline tail.
         tail: Option<(u64, u32)>,
+        /// LZ4-compressed: the full lcluster indexes (`blkaddr` is then
+        /// the count of data blocks, as `i_u` holds it).
+        zindex: Option<Vec<u8>>,
     },
     Symlink(Vec<u8>),
     Dev(u32),
@@ -170,6 +173,10 @@ pub struct Writer {
     next_block: u64,
     uuid: [u8; 16],
     buf: Vec<u8>,
+    /// Compress files with LZ4 where it saves blocks.
+    lz4: bool,
+    /// Some file was stored compressed: the superblock says so.
+    lz4_used: bool,
     finished: bool,
 }
 
@@ -181,6 +188,9 @@ struct Placed {
     blkaddr: u32,
     nlink: u32,
     inline_len: usize,
+    /// `CompressedFull`: `inline_len` is the map header and indexes (and
+    /// the padding that aligns them to 8 bytes).
+    compressed: bool,
 }
 
 impl Writer {
@@ -222,8 +232,15 @@ impl Writer {
             next_block: 1,
             uuid,
             buf: vec![0; COPY_BUF],
+            lz4: false,
+            lz4_used: false,
             finished: false,
         })
+    }
+
+    /// Compress regular files with LZ4 from now on (see "Compression").
+    pub fn compress_lz4(&mut self, on: bool) {
+        self.lz4 = on;
     }
 
     fn refused(&self, path: &[u8], why: impl Into<String>) -> Error {
@@ -412,6 +429,9 @@ impl Writer {
         xattr_len: usize,
         data: &mut dyn Read,
     ) -> Result<Body> {
+        if self.lz4 && size > BLOCK {
+            return self.stream_lz4(path, size, data);
+        }
         let full = size / BLOCK;
         let tail = (size % BLOCK) as usize;
         let inline = tail > 0 && EXTENDED_INODE + xattr_len + tail <= BLOCK as usize;
@@ -439,6 +459,92 @@ impl Writer {
             size,
             blkaddr: blkaddr as u32,
             tail: tail_at,
+            zindex: None,
+        })
+    }
+
+    /// A file in pclusters of up to 16 lclusters (64 KiB of input, aligned
+    /// so every clusterofs is 0), each LZ4-compressed and kept so only if
+    /// that saves a block, the compressed bytes at the end of its blocks
+    /// (zero padding before them); else, and for all-zero input (left as
+    /// holes, as uncompressed files keep them), its lclusters are PLAIN
+    /// blocks. If nothing was kept compressed the blocks are exactly a
+    /// `FLAT_PLAIN` file's and the file is stored as one.
+    fn stream_lz4(&mut self, path: &[u8], size: u64, data: &mut dyn Read) -> Result<Body> {
+        use format::Lcluster;
+        let nlc = size.div_ceil(BLOCK);
+        let start = self.next_block;
+        if start + nlc > u64::from(u32::MAX) {
+            return Err(self.refused(path, "the image would pass erofs' 2^32 blocks (16 TiB)"));
+        }
+        let mut index = Vec::with_capacity(nlc as usize * 8);
+        let mut any = false;
+        let mut buf = vec![0u8; (format::PCLUSTER_LCLUSTERS * BLOCK) as usize];
+        let mut lc = 0u64;
+        while lc < nlc {
+            let k = format::PCLUSTER_LCLUSTERS.min(nlc - lc);
+            let len = (k * BLOCK).min(size - lc * BLOCK) as usize;
+            self.read_exact(path, data, &mut buf[..len])?;
+            let at = self.next_block;
+            let c = if buf[..len].chunks(BLOCK as usize).all(is_zero) {
+                None
+            } else {
+                Some(lz4_flex::block::compress(&buf[..len]))
+            };
+            match c {
+                Some(c) if (c.len() as u64).div_ceil(BLOCK) < k => {
+                    let cb = (c.len() as u64).div_ceil(BLOCK);
+                    let mut out = vec![0u8; (cb * BLOCK) as usize];
+                    let pad = out.len() - c.len();
+                    out[pad..].copy_from_slice(&c);
+                    write_nonzero(&self.out, &out, at * BLOCK)
+                        .map_err(|e| Error::io("write erofs image", &self.out_path, &e))?;
+                    index.extend_from_slice(&format::lcluster_index(Lcluster::Head {
+                        blkaddr: at as u32,
+                    }));
+                    for j in 1..k {
+                        let d0 = if j == 1 {
+                            cb as u16 | format::LI_D0_CBLKCNT
+                        } else {
+                            j as u16
+                        };
+                        index.extend_from_slice(&format::lcluster_index(Lcluster::NonHead {
+                            d0,
+                            next: (k - j) as u16,
+                        }));
+                    }
+                    self.next_block += cb;
+                    any = true;
+                }
+                _ => {
+                    let padded = (k * BLOCK) as usize;
+                    buf[len..padded].fill(0);
+                    write_nonzero(&self.out, &buf[..padded], at * BLOCK)
+                        .map_err(|e| Error::io("write erofs image", &self.out_path, &e))?;
+                    for j in 0..k {
+                        index.extend_from_slice(&format::lcluster_index(Lcluster::Plain {
+                            blkaddr: (at + j) as u32,
+                        }));
+                    }
+                    self.next_block += k;
+                }
+            }
+            lc += k;
+        }
+        if !any {
+            return Ok(Body::File {
+                size,
+                blkaddr: start as u32,
+                tail: None,
+                zindex: None,
+            });
+        }
+        self.lz4_used = true;
+        Ok(Body::File {
+            size,
+            blkaddr: (self.next_block - start) as u32,
+            tail: None,
+            zindex: Some(index),
         })
     }
 
@@ -526,6 +632,7 @@ impl Writer {
                 blkaddr: 0,
                 nlink: nlink[id],
                 inline_len: 0,
+                compressed: false,
             };
             let mem_size = match &node.body {
                 Body::Dir(children) => {
@@ -541,9 +648,14 @@ impl Writer {
                     size,
                     blkaddr,
                     tail,
+                    zindex,
                 } => {
                     (p.size, p.blkaddr) = (*size, *blkaddr);
                     p.inline_len = tail.map_or(0, |t| t.1 as usize);
+                    if let Some(z) = zindex {
+                        p.compressed = true;
+                        p.inline_len = zmeta_pad(xlen) + format::ZMAP_HEADER + z.len();
+                    }
                     None
                 }
                 Body::Dev(rdev) => {
@@ -582,7 +694,8 @@ impl Writer {
         for (ino, p) in placed.iter_mut().enumerate() {
             let node = &self.nodes[p.id];
             let inode = format::Inode {
-                layout_inline: p.inline_len > 0,
+                layout_inline: p.inline_len > 0 && !p.compressed,
+                compressed: p.compressed,
                 xattr_len: node.xattrs.len(),
                 mode: node.mode,
                 size: p.size,
@@ -677,6 +790,13 @@ impl Writer {
             if p.inline_len > 0 {
                 match &node.body {
                     Body::File {
+                        zindex: Some(z), ..
+                    } => {
+                        meta.resize(meta.len() + zmeta_pad(node.xattrs.len()), 0);
+                        meta.extend_from_slice(&format::zmap_header());
+                        meta.extend_from_slice(z);
+                    }
+                    Body::File {
                         tail: Some((off, len)),
                         ..
                     } => {
@@ -724,6 +844,7 @@ impl Writer {
             blocks,
             meta_blkaddr: meta_blkaddr as u32,
             uuid: self.uuid,
+            lz4: self.lz4_used,
         };
         self.out
             .write_all_at(&format::superblock_block(&sb), 0)
@@ -814,6 +935,12 @@ fn write_nonzero(f: &File, buf: &[u8], at: u64) -> std::io::Result<()> {
         i = j;
     }
     Ok(())
+}
+
+/// Padding after an inode's xattrs to the 8-byte alignment the map header
+/// needs (inodes are 32 or 64 bytes at 32-byte slots; xattrs 12 + 4n).
+fn zmeta_pad(xattr_len: usize) -> usize {
+    (8 - xattr_len % 8) % 8
 }
 
 fn is_zero(b: &[u8]) -> bool {

@@ -124,7 +124,12 @@ fn spec(path: &[u8], kind: SKind, meta: Meta) -> Spec {
 }
 
 fn build(specs: &[Spec], out: &Path) -> Result<u64> {
+    build_with(specs, out, false)
+}
+
+fn build_with(specs: &[Spec], out: &Path, lz4: bool) -> Result<u64> {
     let mut w = Writer::create(out, UUID)?;
+    w.compress_lz4(lz4);
     for s in specs {
         let (kind, mut data): (Kind, Box<dyn Read>) = match &s.kind {
             SKind::Dir => (Kind::Dir, Box::new(std::io::empty())),
@@ -634,11 +639,15 @@ fn list(dir: &Path, rel: Vec<u8>, out: &mut BTreeSet<Vec<u8>>) {
 }
 
 fn build_check(d: &TestDir, name: &str, specs: &[Spec]) -> PathBuf {
+    build_check_with(d, name, specs, false)
+}
+
+fn build_check_with(d: &TestDir, name: &str, specs: &[Spec], lz4: bool) -> PathBuf {
     let huge = specs
         .iter()
         .any(|s| matches!(&s.kind, SKind::File(c) if content_reader(c).0 >= 2 << 30));
     let img = d.join(format!("{name}.img"));
-    let size = build(specs, &img).unwrap();
+    let size = build_with(specs, &img, lz4).unwrap();
     assert_eq!(size, std::fs::metadata(&img).unwrap().len());
     assert_eq!(size % 4096, 0);
     run_fsck(&img, !huge);
@@ -1252,7 +1261,7 @@ fn a_directory_tree_through_write_dir() {
         .unwrap();
     }
     let img = d.join("dir.img");
-    let size = write_dir(&src, &img, UUID).unwrap();
+    let size = write_dir(&src, &img, UUID, false).unwrap();
     assert_eq!(size, std::fs::metadata(&img).unwrap().len());
     run_fsck(&img, true);
     let m = mount_ro(&img, FsType::Erofs, &d.join("mnt"));
@@ -1261,7 +1270,161 @@ fn a_directory_tree_through_write_dir() {
     m.unmount();
     // A socket is refused, as `add` refuses it, and no image is left.
     let _l = std::os::unix::net::UnixListener::bind(src.join("sock")).unwrap();
-    let e = write_dir(&src, &img, UUID).unwrap_err();
+    let e = write_dir(&src, &img, UUID, false).unwrap_err();
     assert_eq!(e.errno(), Some(rustix::io::Errno::OPNOTSUPP), "{e}");
     assert!(!img.exists());
+}
+
+/// Deterministic incompressible bytes (xorshift64).
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn text_bytes(n: usize) -> Vec<u8> {
+    let line = b"sharedloop stores layers as erofs images; lz4 trades CPU for space.\n";
+    line.iter().copied().cycle().take(n).collect()
+}
+
+/// Every size and kind of content the LZ4 path splits differently, with
+/// xattrs and a hard link, and the tree every_case covers.
+fn lz4_cases() -> Vec<Spec> {
+    let mut specs = every_case();
+    let mut i = 0u32;
+    let mut file = |name: String, c: Content, specs: &mut Vec<Spec>| {
+        i += 1;
+        specs.push(spec(
+            format!("z/{name}").as_bytes(),
+            SKind::File(c),
+            meta(0o644, i),
+        ));
+    };
+    specs.push(spec(b"z", SKind::Dir, meta(0o755, 0)));
+    for n in [
+        1usize,
+        4095,
+        4096,
+        4097,
+        8192,
+        65535,
+        65536,
+        65537,
+        3 << 20,
+        70_001,
+    ] {
+        file(
+            format!("text-{n}"),
+            Content::Bytes(text_bytes(n)),
+            &mut specs,
+        );
+        file(format!("zero-{n}"), Content::Bytes(vec![0; n]), &mut specs);
+        file(
+            format!("rand-{n}"),
+            Content::Bytes(random_bytes(n, n as u64)),
+            &mut specs,
+        );
+        // Half random, half text, in 20 KiB runs: some pclusters kept
+        // compressed, some plain, in one file.
+        let mixed: Vec<u8> = (0..n)
+            .map(|k| {
+                if (k / 20_000) % 2 == 0 {
+                    (k % 7) as u8
+                } else {
+                    random_bytes(1, k as u64 + 9)[0]
+                }
+            })
+            .collect();
+        file(format!("mixed-{n}"), Content::Bytes(mixed), &mut specs);
+    }
+    file(
+        "sparse".into(),
+        Content::Pattern {
+            size: (8 << 20) + 123,
+            marks: vec![(0, text_bytes(100_000)), (5 << 20, b"mark".to_vec())],
+        },
+        &mut specs,
+    );
+    let mut x = meta(0o600, 99);
+    x.xattrs = vec![(b"user.a".to_vec(), b"value".to_vec())];
+    specs.push(spec(
+        b"z/xattr-text",
+        SKind::File(Content::Bytes(text_bytes(200_000))),
+        x.clone(),
+    ));
+    x.xattrs.push((b"user.bb".to_vec(), b"v2".to_vec()));
+    specs.push(spec(
+        b"z/xattr2-text",
+        SKind::File(Content::Bytes(text_bytes(9000))),
+        x,
+    ));
+    specs.push(spec(
+        b"z/link",
+        SKind::Link(b"z/text-65537".to_vec()),
+        meta(0o644, 0),
+    ));
+    specs
+}
+
+#[test]
+fn lz4_images_survive_fsck_and_the_kernel() {
+    let d = TestDir::new("erofsw-lz4");
+    let specs = lz4_cases();
+    let img = build_check_with(&d, "lz4", &specs, true);
+    let plain = d.join("plain.img");
+    build(&specs, &plain).unwrap();
+    let (z, p) = (
+        std::fs::metadata(&img).unwrap().len(),
+        std::fs::metadata(&plain).unwrap().len(),
+    );
+    assert!(z < p, "lz4 image {z} bytes, uncompressed {p}");
+    let sb = std::fs::read(&img).unwrap();
+    assert_eq!(
+        le32(&sb, 1024 + 80),
+        0x3,
+        "incompat: zero padding, big pcluster"
+    );
+}
+
+#[test]
+fn lz4_builds_are_reproducible() {
+    let d = TestDir::new("erofsw-lz4-repro");
+    let specs = lz4_cases();
+    let (a, b) = (d.join("a.img"), d.join("b.img"));
+    build_with(&specs, &a, true).unwrap();
+    build_with(&specs, &b, true).unwrap();
+    assert!(
+        std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+        "two builds differ"
+    );
+}
+
+/// Nothing compressible: a FLAT_PLAIN file (its tail in a block of its
+/// own, one block more than the inline tail of an uncompressed build at
+/// most) and a superblock that asks for no compression support.
+#[test]
+fn lz4_on_incompressible_files_keeps_a_plain_image() {
+    let d = TestDir::new("erofsw-lz4-rand");
+    let specs = vec![spec(
+        b"r",
+        SKind::File(Content::Bytes(random_bytes(300_000, 5))),
+        meta(0o644, 1),
+    )];
+    let (a, b) = (d.join("a.img"), d.join("b.img"));
+    build_with(&specs, &a, true).unwrap();
+    build(&specs, &b).unwrap();
+    let (a, b) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert_eq!(le32(&a, 1024 + 80), 0, "no incompat feature");
+    assert!(a.len() <= b.len() + 4096, "{} against {}", a.len(), b.len());
+    build_check_with(&d, "r", &specs, true);
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
 }
