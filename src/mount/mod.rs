@@ -265,7 +265,7 @@ impl Plan {
         // The overlay (a detached mount's fd) first: it holds every layer,
         // and releasing it before the layers' fds makes their close cheap.
         drop(overlay);
-        release_in_parallel(_ready);
+        drop(_ready);
         drop(_upper);
         drop(way);
         Ok(Outcome { mounted, layers, upper, mnt_id, published })
@@ -468,28 +468,6 @@ impl Plan {
         ctx.create()?;
         ctx.mount(mount_attrs(&self.flags, read_only))
     }
-}
-
-/// Up to this many threads close the layers' detached mounts.
-const RELEASE_THREADS: usize = 8;
-
-/// Drop the layers' detached mounts from several threads at once. Closing
-/// the last fd of a detached mount dissolves it, and the kernel waits for
-/// an RCU grace period each time (namespace_unlock): one by one, 128 layers
-/// took 5-6 ms of a mount here, about 45 us each. Waits that overlap share
-/// their grace periods.
-fn release_in_parallel<T: Send>(mut items: Vec<T>) {
-    if items.len() < 2 * RELEASE_THREADS {
-        drop(items);
-        return;
-    }
-    let per = items.len().div_ceil(RELEASE_THREADS);
-    std::thread::scope(|sc| {
-        while !items.is_empty() {
-            let chunk: Vec<T> = items.drain(..per.min(items.len())).collect();
-            sc.spawn(move || drop(chunk));
-        }
-    });
 }
 
 fn open_root(dir: &Path) -> Result<OwnedFd> {
