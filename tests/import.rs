@@ -29,31 +29,6 @@ fn import(env: &Env, source: &str, extra: &[&str]) -> Run {
     env.run(&import_args(env, source, extra).iter().map(String::as_str).collect::<Vec<_>>())
 }
 
-/// Import, expect success, return the printed chain ID.
-#[track_caller]
-fn import_ok(env: &Env, source: &str, extra: &[&str]) -> String {
-    let r = import(env, source, extra);
-    r.ok();
-    let id = r.stdout.trim().to_string();
-    assert!(id.starts_with("sha256:") && id.len() == 71, "import printed {id:?}");
-    id
-}
-
-fn mount(env: &Env, source: &str, name: &str) -> PathBuf {
-    let m = env.mnt(name);
-    env.run(&["mount", "-t", "sharedloop", source, m.to_str().unwrap(), "-o", &env.store_opts()]).ok();
-    m
-}
-
-fn umount(env: &Env, m: &Path) {
-    env.run(&["umount", m.to_str().unwrap()]).ok();
-}
-
-/// The mounted tree as seen from the host.
-fn view(env: &Env, m: &Path) -> PathBuf {
-    PathBuf::from(format!("/proc/{}/root{}", env.pid, m.display()))
-}
-
 fn layer_dirs(store: &Path) -> BTreeSet<String> {
     std::fs::read_dir(store.join("layers"))
         .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
@@ -202,9 +177,9 @@ fn import_and_compare(env: &Env, img: &UmociImage, source: &str, extra: &[&str],
         "name {name}: {:?}",
         names(&env.root)
     );
-    let m = mount(env, name, "m");
-    assert_same_tree(&view(env, &m), &img.expected());
-    umount(env, &m);
+    let m = mount_image(env, name, "m");
+    assert_same_tree(&host_view(env, &m), &img.expected());
+    umount_image(env, &m);
 }
 
 #[test]
@@ -219,9 +194,9 @@ fn umoci_oci_layout_matches_umoci_unpack() {
     }
     assert!(r.stderr.contains(&format!(" KiB (gzip, {} image, ", default_layer_fstype(&env))), "{}", r.stderr);
     assert_eq!(r.stdout.trim(), img.chain);
-    let m = mount(&env, "t", "m");
-    assert_same_tree(&view(&env, &m), &img.expected());
-    umount(&env, &m);
+    let m = mount_image(&env, "t", "m");
+    assert_same_tree(&host_view(&env, &m), &img.expected());
+    umount_image(&env, &m);
     assert_eq!(layer_dirs(&env.root).len(), 3);
 
     // Again: every layer is found, none converted, nothing left behind.
@@ -612,14 +587,14 @@ fn layer_semantics_through_oci_and_docker_archive() {
     let chain = layout_chain(&dir);
     let id = import_ok(&env, &format!("oci:{}:v1", dir.display()), &[]);
     assert_eq!(id, chain);
-    let m = mount(&env, "v1", "m");
-    check_semantics(&view(&env, &m));
+    let m = mount_image(&env, "v1", "m");
+    check_semantics(&host_view(&env, &m));
     // umoci applies layers onto one directory: a reference for the merged
     // result (it agrees on everything above).
     need("umoci");
     sh(&format!("umoci unpack --image {}:v1 {} >/dev/null", dir.display(), env.dir.join("ref").display()), &env.dir);
-    assert_same_tree(&view(&env, &m), &env.dir.join("ref/rootfs"));
-    umount(&env, &m);
+    assert_same_tree(&host_view(&env, &m), &env.dir.join("ref/rootfs"));
+    umount_image(&env, &m);
 
     // The same image through docker-archive, into a second store: same IDs,
     // same tree, as erofs.
@@ -631,9 +606,9 @@ fn layer_semantics_through_oci_and_docker_archive() {
         &["--fstype", "erofs"],
     );
     assert_eq!(id2, chain);
-    let m2 = mount(&other, "sem:1", "m");
-    check_semantics(&view(&other, &m2));
-    umount(&other, &m2);
+    let m2 = mount_image(&other, "sem:1", "m");
+    check_semantics(&host_view(&other, &m2));
+    umount_image(&other, &m2);
     other.assert_clean();
     env.assert_clean();
 }
@@ -943,8 +918,8 @@ fn slow_big_layer_64mib_file_and_20000_small_files() {
     let t1 = Instant::now();
     let id = import_ok(&env, &format!("oci:{}:big", dir.display()), &[]);
     let import_time = t1.elapsed();
-    let m = mount(&env, &id, "m");
-    let v = view(&env, &m);
+    let m = mount_image(&env, &id, "m");
+    let v = host_view(&env, &m);
     assert_eq!(sha256_hex(&std::fs::read(v.join("data/big.bin")).unwrap()), big_sha);
     let mut count = 0;
     for d in std::fs::read_dir(v.join("small")).unwrap().flatten() {
@@ -952,7 +927,7 @@ fn slow_big_layer_64mib_file_and_20000_small_files() {
     }
     assert_eq!(count, 20_000);
     assert_eq!(std::fs::read_to_string(v.join("small/042/f137")).unwrap(), "42/137\n");
-    umount(&env, &m);
+    umount_image(&env, &m);
     let img = env.root.join("layers").join(id.strip_prefix("sha256:").unwrap()).join("layer.img");
     let st = std::fs::metadata(&img).unwrap();
     let used = st.blocks() * 512;
@@ -990,13 +965,13 @@ fn four_hundred_layers() {
     eprintln!("400 layers imported in {:?}", t.elapsed());
     assert_eq!(id, layout_chain(&dir));
     assert_eq!(layer_dirs(&env.root).len(), 400);
-    let m = mount(&env, "many", "m");
+    let m = mount_image(&env, "many", "m");
     assert_eq!(list_in(&env, &m.join("f")).len(), 400);
     assert_eq!(read_in(&env, &m.join("top")).as_deref(), Some("399"));
     assert_eq!(read_in(&env, &m.join("f/000")).as_deref(), Some("0"));
-    let f = std::fs::metadata(view(&env, &m).join("f")).unwrap();
+    let f = std::fs::metadata(host_view(&env, &m).join("f")).unwrap();
     assert_eq!(f.mode() & 0o7777, 0o750);
-    umount(&env, &m);
+    umount_image(&env, &m);
     env.assert_clean();
 }
 
@@ -1027,9 +1002,9 @@ fn concurrent_imports_keep_one_copy_of_each_layer() {
     assert!(layer_dirs(&env.fallback).is_empty());
     assert_eq!(names(&env.root), BTreeMap::from([("v1".to_string(), chain.clone())]));
     assert!(tmp_entries(&env.root).is_empty(), "{:?}", tmp_entries(&env.root));
-    let m = mount(&env, "v1", "m");
-    check_semantics(&view(&env, &m));
-    umount(&env, &m);
+    let m = mount_image(&env, "v1", "m");
+    check_semantics(&host_view(&env, &m));
+    umount_image(&env, &m);
     other.assert_clean();
     env.assert_clean();
 }
@@ -1083,9 +1058,9 @@ fn sigkill_leaves_only_staging_that_later_imports_ignore() {
     import_ok(&env, &src, &["-q"]);
     assert_eq!(layer_dirs(&env.root).len(), 3);
     assert_eq!(tmp_entries(&env.root), left, "leftovers untouched, nothing new left");
-    let m = mount(&env, "v1", "m");
-    check_semantics(&view(&env, &m));
-    umount(&env, &m);
+    let m = mount_image(&env, "v1", "m");
+    check_semantics(&host_view(&env, &m));
+    umount_image(&env, &m);
     // gc removes the dead imports' staging and claims, and nothing else.
     let r = env.run(&[
         BIN,
@@ -1305,9 +1280,9 @@ fn import_unpacks_and_builds_in_local_staging_never_in_the_store() {
     // view is mounted from the store while the tree is local).
     let r = import(&env, &src, &[]);
     r.ok();
-    let m = mount(&env, "v1", "m");
-    check_semantics(&view(&env, &m));
-    umount(&env, &m);
+    let m = mount_image(&env, "v1", "m");
+    check_semantics(&host_view(&env, &m));
+    umount_image(&env, &m);
     assert_eq!(layer_dirs(&env.root).len(), 3);
     assert!(layer_dirs(&env.fallback).is_empty(), "the fallback holds staging, never layers");
     assert!(!r.stderr.contains("copied in"), "one filesystem: renamed, not copied: {}", r.stderr);
@@ -1542,8 +1517,8 @@ fn a_store_on_another_filesystem_gets_a_sparse_identical_copy() {
     let m = env.mnt("m");
     let opts = format!("loopback_root={},loopback_fallback={}", troot.display(), env.fallback.display());
     env.run(&["mount", "-t", "sharedloop", "v1", m.to_str().unwrap(), "-o", &opts]).ok();
-    check_semantics(&view(&env, &m));
-    umount(&env, &m);
+    check_semantics(&host_view(&env, &m));
+    umount_image(&env, &m);
     assert!(tmp_entries(&tview).is_empty(), "{:?}", tmp_entries(&tview));
     env.sh(&format!("umount {}", troot.display())).ok();
     env.assert_clean();
@@ -1588,9 +1563,9 @@ fn publish_keeps_the_layer_another_import_published_first() {
     assert!(rest.contains("already published, ours dropped"), "{rest}");
     assert_eq!((inodes("meta.json"), inodes("layer.img")), (metas, images), "theirs kept");
     assert_eq!(names(&env.root), BTreeMap::from([("v1".to_string(), chain.clone())]));
-    let m = mount(&env, "v1", "m");
-    check_semantics(&view(&env, &m));
-    umount(&env, &m);
+    let m = mount_image(&env, "v1", "m");
+    check_semantics(&host_view(&env, &m));
+    umount_image(&env, &m);
     env.assert_clean();
 }
 
@@ -1710,12 +1685,12 @@ fn erofs_import_streams_the_tar_into_the_image_with_no_staging_tree() {
     }
     let r = import(&env, &src, &["--fstype", "erofs"]);
     r.ok();
-    let m = mount(&env, "v1", "m");
-    check_semantics(&view(&env, &m));
+    let m = mount_image(&env, "v1", "m");
+    check_semantics(&host_view(&env, &m));
     need("umoci");
     sh(&format!("umoci unpack --image {}:v1 {} >/dev/null", dir.display(), env.dir.join("ref").display()), &env.dir);
-    assert_same_tree(&view(&env, &m), &env.dir.join("ref/rootfs"));
-    umount(&env, &m);
+    assert_same_tree(&host_view(&env, &m), &env.dir.join("ref/rootfs"));
+    umount_image(&env, &m);
     for l in layer_dirs(&env.root) {
         let meta = json_file(&env.root.join("layers").join(&l).join("meta.json"));
         assert_eq!(meta["fstype"], "erofs", "{l}");

@@ -20,28 +20,6 @@ use common::registry::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-fn import_ok(env: &Env, source: &str, extra: &[&str]) -> String {
-    let r = env.run(&import_args(env, source, extra).iter().map(String::as_str).collect::<Vec<_>>());
-    r.ok();
-    let id = r.stdout.trim().to_string();
-    assert!(id.starts_with("sha256:") && id.len() == 71, "import printed {id:?}");
-    id
-}
-
-fn mount(env: &Env, source: &str, name: &str) -> PathBuf {
-    let m = env.mnt(name);
-    env.run(&["mount", "-t", "sharedloop", source, m.to_str().unwrap(), "-o", &env.store_opts()]).ok();
-    m
-}
-
-fn umount(env: &Env, m: &Path) {
-    env.run(&["umount", m.to_str().unwrap()]).ok();
-}
-
-fn view(env: &Env, m: &Path) -> PathBuf {
-    PathBuf::from(format!("/proc/{}/root{}", env.pid, m.display()))
-}
-
 /// The layer formats of the layers in the store (their meta.json).
 fn layer_fstypes(store: &Path) -> Vec<String> {
     let mut v = vec![];
@@ -207,9 +185,9 @@ fn check_content(v: &Path) {
 fn import_compare(env: &Env, source: &str, name: &str, want: &Path, fstype: &str) {
     let tls = if source.starts_with("docker://") { vec!["--tls-verify=false"] } else { vec![] };
     import_ok(env, source, &[&["--name", name][..], &tls].concat());
-    let m = mount(env, name, "m");
-    assert_same_tree(&view(env, &m), want);
-    umount(env, &m);
+    let m = mount_image(env, name, "m");
+    assert_same_tree(&host_view(env, &m), want);
+    umount_image(env, &m);
     let f = layer_fstypes(&env.root);
     assert!(!f.is_empty() && f.iter().all(|x| x == fstype), "layers of {source}: {f:?}, want {fstype}");
 }

@@ -99,6 +99,18 @@ pub struct LayerEntry {
     pub compression: Option<&'static str>,
 }
 
+/// "lz4" if the erofs image in the layer directory `dir` has LZ4-compressed
+/// files, from its superblock. Opened the way every store file is (no
+/// symlink followed, nothing but a regular file opened, never blocking):
+/// a damaged or hostile store may hold a FIFO or a device there, which
+/// `ls` must list, not hang on.
+fn compression_of(dir: &std::path::Path) -> Option<&'static str> {
+    let dfd = crate::store::open_dir(dir).ok()?;
+    let fd = crate::store::openat_beneath(&dfd, dir, "layer.img", rustix::fs::OFlags::RDONLY, rustix::fs::Mode::empty()).ok()?;
+    let head = crate::image::superblock::read_at(&fd, 0, 1024 + 128).ok()?;
+    crate::image::superblock::erofs_lz4(&head).then_some("lz4")
+}
+
 pub fn listing(store: &Store) -> Result<Listing> {
     let inv = Inventory::scan(store)?;
     let users = Users::scan();
@@ -156,11 +168,7 @@ pub fn listing(store: &Store) -> Result<Listing> {
             mounts: users.mounts_of(&l.id).len(),
             held_elsewhere: loop_devices.is_empty() && users.held_elsewhere(&inv, &l.id),
             loop_devices,
-            compression: std::fs::File::open(l.path.join("layer.img"))
-                .ok()
-                .and_then(|f| crate::image::superblock::read_at(&f, 0, 1024 + 128).ok())
-                .filter(|h| crate::image::superblock::erofs_lz4(h))
-                .map(|_| "lz4"),
+            compression: if meta.fstype == FsType::Erofs { compression_of(&l.path) } else { None },
         });
     }
     layers.sort_by(|a, b| a.meta.chain_id.cmp(&b.meta.chain_id).then((a.store as u8).cmp(&(b.store as u8))));

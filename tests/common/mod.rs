@@ -686,6 +686,34 @@ pub fn stat_usage(path: &Path) -> (u64, u64) {
     u
 }
 
+/// Import, expect success, return the printed chain ID.
+#[track_caller]
+pub fn import_ok(env: &Env, source: &str, extra: &[&str]) -> String {
+    let r = env.run(&import_args(env, source, extra).iter().map(String::as_str).collect::<Vec<_>>());
+    r.ok();
+    let id = r.stdout.trim().to_string();
+    assert!(id.starts_with("sha256:") && id.len() == 71, "import printed {id:?}");
+    id
+}
+
+/// Mount image `source` at the new mount point `name` with the store's
+/// options (mount(8), default upper).
+pub fn mount_image(env: &Env, source: &str, name: &str) -> PathBuf {
+    let m = env.mnt(name);
+    env.run(&["mount", "-t", "sharedloop", source, m.to_str().unwrap(), "-o", &env.store_opts()]).ok();
+    m
+}
+
+/// umount(8) of `m`, expecting success.
+pub fn umount_image(env: &Env, m: &Path) {
+    env.run(&["umount", m.to_str().unwrap()]).ok();
+}
+
+/// The tree mounted at `m` in the test's namespace, as seen from the host.
+pub fn host_view(env: &Env, m: &Path) -> PathBuf {
+    PathBuf::from(format!("/proc/{}/root{}", env.pid, m.display()))
+}
+
 /// `sharedloop import SOURCE` with the test's store, and `extra` after.
 pub fn import_args(env: &Env, source: &str, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = vec![
