@@ -21,9 +21,9 @@ use std::path::Path;
 
 use rustix::fs::FileType;
 
-use super::lower::{Found, Lower};
+use super::lower::Lower;
 use super::unpack::{
-    Counters, Expect, Meta, OPAQUE_XATTR, Op, Parsed, Sink, Stats, hidden_below, join, lower_dir_meta, read_xattrs,
+    Counters, Expect, Meta, OPAQUE_XATTR, Op, Parsed, Sink, Stats, hidden_below, join, lower_dir_meta, lower_link_target, read_xattrs,
     show, split_last, stream_layer, ts,
 };
 use crate::error::{Error, Result};
@@ -235,22 +235,9 @@ impl ErofsSink {
     /// `TreeWriter::copy_up`: the lower file at `target` into this layer.
     fn copy_up(&mut self, target: &[u8], rel: &[u8], lower: &mut Lower) -> Result<St> {
         let tp = split_last(target).0;
-        let found: Option<Found> = if hidden_below(&self.opaque, tp) { None } else { lower.lookup(target)? };
-        let Some(f) = found else {
-            return Err(Error::bad_image(
-                format!("layer entry {:?}", show(rel)),
-                format!("hardlink target {:?} is neither in this layer nor in the layers below", show(target)),
-            ));
-        };
+        let (f, meta) = lower_link_target(target, rel, hidden_below(&self.opaque, tp), lower)?;
         let st = f.stat;
         let ft = FileType::from_raw_mode(st.st_mode);
-        let meta = Meta {
-            mode: st.st_mode & 0o7777,
-            uid: st.st_uid,
-            gid: st.st_gid,
-            mtime: ts(st.st_mtime, st.st_mtime_nsec as i64),
-            xattrs: Vec::new(),
-        };
         self.dir(tp, lower, meta.mtime)?;
         let state = match ft {
             FileType::RegularFile => {

@@ -590,6 +590,28 @@ pub(super) fn hidden_below(opaque: &HashSet<Vec<u8>>, rel: &[u8]) -> bool {
         .any(|p| opaque.contains(p))
 }
 
+/// The lower file a hard link `rel` of this layer names as `target` when
+/// the layer itself does not hold it (unless `hidden`: this layer hides
+/// the layers below there), and the metadata its copy gets. Both import
+/// paths copy it up, as overlayfs would, so that the link has a file.
+pub(super) fn lower_link_target(target: &[u8], rel: &[u8], hidden: bool, lower: &mut Lower) -> Result<(Found, Meta)> {
+    let found = if hidden { None } else { lower.lookup(target)? };
+    let Some(f) = found else {
+        return Err(Error::bad_image(
+            format!("layer entry {:?}", show(rel)),
+            format!("hardlink target {:?} is neither in this layer nor in the layers below", show(target)),
+        ));
+    };
+    let meta = Meta {
+        mode: f.stat.st_mode & 0o7777,
+        uid: f.stat.st_uid,
+        gid: f.stat.st_gid,
+        mtime: ts(f.stat.st_mtime, f.stat.st_mtime_nsec as i64),
+        xattrs: Vec::new(),
+    };
+    Ok((f, meta))
+}
+
 /// The metadata an unlisted parent directory `rel` gets: the lower
 /// layers' (unless `hidden`: this layer hides them above it), else 0755
 /// root with mtime `hint`, as an overlay copy-up would.
@@ -980,19 +1002,9 @@ impl TreeWriter {
     /// its own path (an overlay copy-up), so the link can point to it.
     fn copy_up(&mut self, target: &[u8], rel: &[u8], lower: &mut Lower) -> Result<rustix::fs::Stat> {
         let (tp, tn) = split_last(target);
-        let found: Option<Found> = if self.hidden_below(tp) { None } else { lower.lookup(target)? };
-        let Some(f) = found else {
-            return Err(Error::bad_image(format!("layer entry {:?}", show(rel)), format!("hardlink target {:?} is neither in this layer nor in the layers below", show(target))));
-        };
+        let (f, meta) = lower_link_target(target, rel, self.hidden_below(tp), lower)?;
         let st = f.stat;
         let ft = FileType::from_raw_mode(st.st_mode);
-        let meta = Meta {
-            mode: st.st_mode & 0o7777,
-            uid: st.st_uid,
-            gid: st.st_gid,
-            mtime: ts(st.st_mtime, st.st_mtime_nsec as i64),
-            xattrs: Vec::new(),
-        };
         let dir = self.dir(tp, lower, meta.mtime)?;
         match ft {
             FileType::RegularFile => {
